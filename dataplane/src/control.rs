@@ -1,0 +1,264 @@
+//! The client side of a control connection to the relay, as a sans-IO state machine.
+//!
+//! The shell feeds it UDP packets from the relay (`recv`), drains packets to send (`send`),
+//! calls `on_timeout` when `timeout` expires, and reads [`ControlEvent`]s. Relay forward
+//! DATAGRAMs (opaque end-to-end packets) are read with [`ControlClient::recv_forward`] straight
+//! into the caller's buffer, and sent with [`ControlClient::send_forward`].
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::identity::{identity_from_der, PeerId, Role};
+use crate::tls;
+use crate::wire::{
+    put_relay_forward_header, ControlDecoder, ControlMessage, Datagram, RELAY_FORWARD_OVERHEAD,
+};
+
+/// The control stream: the client's first bidirectional stream.
+pub const CONTROL_STREAM: u64 = 0;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEvent {
+    /// The handshake finished and the relay's certificate was checked.
+    Connected {
+        relay: String,
+    },
+    /// The relay saw us at this address (QUIC Address Discovery).
+    ObservedAddr(SocketAddr),
+    LookupReply {
+        name: String,
+        peer: Option<PeerId>,
+    },
+    /// The connection is gone; the reason in words.
+    Closed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("QUIC: {0}")]
+    Quic(#[from] quiche::Error),
+    #[error("control message: {0}")]
+    Wire(#[from] crate::wire::WireError),
+}
+
+pub struct ControlClient {
+    conn: quiche::Connection,
+    local: SocketAddr,
+    relay: SocketAddr,
+    decoder: ControlDecoder,
+    pending_out: Vec<u8>,
+    events: VecDeque<ControlEvent>,
+    connected: bool,
+    closed_reported: bool,
+    observed: Option<SocketAddr>,
+    scratch: Vec<u8>,
+}
+
+impl ControlClient {
+    pub fn connect(
+        config: &mut quiche::Config,
+        local: SocketAddr,
+        relay: SocketAddr,
+    ) -> Result<Self, ControlError> {
+        let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
+        rand::fill(&mut scid);
+        let scid = quiche::ConnectionId::from_ref(&scid);
+        let conn = quiche::connect(None, &scid, local, relay, config)?;
+        Ok(ControlClient {
+            conn,
+            local,
+            relay,
+            decoder: ControlDecoder::default(),
+            pending_out: Vec::new(),
+            events: VecDeque::new(),
+            connected: false,
+            closed_reported: false,
+            observed: None,
+            scratch: vec![0u8; 65_536],
+        })
+    }
+
+    pub fn relay_addr(&self) -> SocketAddr {
+        self.relay
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.connected && !self.conn.is_closed()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    pub fn observed_addr(&self) -> Option<SocketAddr> {
+        self.observed
+    }
+
+    pub fn poll_event(&mut self) -> Option<ControlEvent> {
+        self.events.pop_front()
+    }
+
+    /// Feeds one UDP packet received from the relay.
+    pub fn recv(&mut self, pkt: &mut [u8], from: SocketAddr) {
+        let info = quiche::RecvInfo {
+            from,
+            to: self.local,
+        };
+        if let Err(e) = self.conn.recv(pkt, info) {
+            tracing::debug!("control: dropped a packet from {from}: {e}");
+        }
+        self.after_io();
+    }
+
+    /// Receives the next relay forward DATAGRAM into `buf`: the source peer and the packet.
+    /// Other DATAGRAMs are dropped and logged.
+    pub fn recv_forward<'b>(&mut self, buf: &'b mut [u8]) -> Option<(PeerId, &'b mut [u8])> {
+        loop {
+            let n = self.conn.dgram_recv(buf).ok()?;
+            match Datagram::parse(&buf[..n]) {
+                Ok(Datagram::RelayForward { peer, .. }) => {
+                    return Some((peer, &mut buf[RELAY_FORWARD_OVERHEAD..n]));
+                }
+                Ok(_) => tracing::debug!("control: unexpected datagram type from the relay"),
+                Err(e) => tracing::debug!("control: bad datagram from the relay: {e}"),
+            }
+        }
+    }
+
+    /// The largest end-to-end packet that fits one relay forward DATAGRAM right now.
+    pub fn max_forward_len(&self) -> Option<usize> {
+        self.conn
+            .dgram_max_writable_len()
+            .and_then(|n| n.checked_sub(RELAY_FORWARD_OVERHEAD))
+    }
+
+    /// Sends `buf[RELAY_FORWARD_OVERHEAD..]` to `peer` through the relay. The first
+    /// [`RELAY_FORWARD_OVERHEAD`] bytes of `buf` are overwritten with the header, so the caller
+    /// can write the packet in place and nothing is copied.
+    pub fn send_forward(&mut self, peer: &PeerId, buf: &mut [u8]) -> Result<(), ControlError> {
+        put_relay_forward_header(buf, peer);
+        self.conn.dgram_send(buf)?;
+        Ok(())
+    }
+
+    /// Whether the DATAGRAM send queue has room (backpressure for the tunnels above it).
+    pub fn can_forward(&self) -> bool {
+        self.is_connected() && !self.conn.is_dgram_send_queue_full()
+    }
+
+    pub fn lookup(&mut self, name: &str) -> Result<(), ControlError> {
+        ControlMessage::Lookup { name: name.into() }.encode(&mut self.pending_out)?;
+        self.flush_stream();
+        Ok(())
+    }
+
+    /// Writes the next UDP packet to send into `out`.
+    pub fn send(&mut self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        match self.conn.send(out) {
+            Ok((n, info)) => Some((n, info.to)),
+            Err(quiche::Error::Done) => {
+                self.after_io();
+                None
+            }
+            Err(e) => {
+                tracing::debug!("control: send failed: {e}");
+                self.after_io();
+                None
+            }
+        }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.conn.timeout()
+    }
+
+    pub fn on_timeout(&mut self) {
+        self.conn.on_timeout();
+        self.after_io();
+    }
+
+    /// Sends an ack-eliciting packet: keeps NAT mappings and liveness fresh while idle.
+    pub fn keepalive(&mut self) {
+        let _ = self.conn.send_ack_eliciting();
+    }
+
+    /// Closes the connection (sent on the next `send`).
+    pub fn close(&mut self, reason: &str) {
+        let _ = self.conn.close(true, 0, reason.as_bytes());
+    }
+
+    pub fn stats(&self) -> quiche::Stats {
+        self.conn.stats()
+    }
+
+    fn flush_stream(&mut self) {
+        if self.pending_out.is_empty() || !self.conn.is_established() {
+            return;
+        }
+        match self
+            .conn
+            .stream_send(CONTROL_STREAM, &self.pending_out, false)
+        {
+            Ok(n) => {
+                self.pending_out.drain(..n);
+            }
+            Err(quiche::Error::Done) => {}
+            Err(e) => tracing::debug!("control: stream send failed: {e}"),
+        }
+    }
+
+    fn after_io(&mut self) {
+        if !self.connected && self.conn.is_established() {
+            match self.conn.peer_cert().map(identity_from_der) {
+                Some(Ok(id)) if id.role == Role::Relay => {
+                    self.connected = true;
+                    self.events.push_back(ControlEvent::Connected {
+                        relay: id.name.clone(),
+                    });
+                    // The first message opens the stream, so the relay can answer on it.
+                    let hello = ControlMessage::Hello {
+                        software: concat!("sluice ", env!("CARGO_PKG_VERSION")).into(),
+                    };
+                    let mut first = Vec::new();
+                    if hello.encode(&mut first).is_ok() {
+                        first.append(&mut self.pending_out);
+                        self.pending_out = first;
+                    }
+                }
+                other => {
+                    tracing::warn!("control: relay certificate unusable: {other:?}");
+                    let _ = self.conn.close(false, 0x100 + 46, b"not a relay");
+                }
+            }
+        }
+        self.flush_stream();
+        while let Ok((n, _fin)) = self.conn.stream_recv(CONTROL_STREAM, &mut self.scratch) {
+            self.decoder.push(&self.scratch[..n]);
+        }
+        while let Some(msg) = self.decoder.next_message() {
+            match msg {
+                Ok(ControlMessage::ObservedAddr(a)) => {
+                    if self.observed != Some(a) {
+                        self.observed = Some(a);
+                        self.events.push_back(ControlEvent::ObservedAddr(a));
+                    }
+                }
+                Ok(ControlMessage::LookupReply { name, peer }) => self
+                    .events
+                    .push_back(ControlEvent::LookupReply { name, peer }),
+                Ok(other) => tracing::debug!("control: unexpected message {other:?}"),
+                Err(e) => {
+                    tracing::warn!("control: closing, relay sent a bad message: {e}");
+                    let _ = self.conn.close(false, 0x1, b"bad control message");
+                    break;
+                }
+            }
+        }
+        if self.conn.is_closed() && !self.closed_reported {
+            self.closed_reported = true;
+            let why = tls::describe_close(&self.conn).unwrap_or_else(|| "closed".into());
+            self.events.push_back(ControlEvent::Closed(why));
+        }
+    }
+}

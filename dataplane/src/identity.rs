@@ -1,0 +1,348 @@
+//! Node identity: the organisation CA, node certificates and peer ids.
+//!
+//! A node certificate is an Ed25519 X.509 certificate signed by the organisation CA. The subject
+//! CN is the node's name; its role and groups are Subject Alternative Name URIs
+//! (`urn:sluice:role:agent`, `urn:sluice:group:eng`), readable with any X.509 tool. The peer id is
+//! the SHA-256 of the certificate's SubjectPublicKeyInfo, so it names a key, not a certificate:
+//! re-issuing a certificate for the same key keeps the id.
+
+use std::fmt;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, PKCS_ED25519,
+};
+use time::OffsetDateTime;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::FromDer;
+
+const ROLE_PREFIX: &str = "urn:sluice:role:";
+const GROUP_PREFIX: &str = "urn:sluice:group:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("invalid name {0:?}: use 1-64 characters from A-Z a-z 0-9 . _ @ -")]
+    InvalidName(String),
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("not a valid certificate: {0}")]
+    Parse(String),
+    #[error(
+        "certificate has no sluice role (expected a SAN URI {ROLE_PREFIX}agent|connector|relay)"
+    )]
+    NoRole,
+    #[error("certificate has an unknown role {0:?}")]
+    UnknownRole(String),
+    #[error("certificate has no subject common name")]
+    NoName,
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// What a node is allowed to be in the system.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    Agent,
+    Connector,
+    Relay,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Connector => "connector",
+            Role::Relay => "relay",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "agent" => Some(Role::Agent),
+            "connector" => Some(Role::Connector),
+            "relay" => Some(Role::Relay),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// SHA-256 of a node's public key (SubjectPublicKeyInfo DER).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub [u8; 32]);
+
+impl PeerId {
+    pub const LEN: usize = 32;
+
+    pub fn from_spki(spki_der: &[u8]) -> PeerId {
+        let digest = ring::digest::digest(&ring::digest::SHA256, spki_der);
+        let mut id = [0u8; 32];
+        id.copy_from_slice(digest.as_ref());
+        PeerId(id)
+    }
+
+    pub fn from_slice(b: &[u8]) -> Option<PeerId> {
+        <[u8; 32]>::try_from(b).ok().map(PeerId)
+    }
+
+    /// The first 8 bytes in hex: enough to tell peers apart in logs.
+    pub fn short(&self) -> String {
+        hex::encode(&self.0[..8])
+    }
+}
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PeerId({})", self.short())
+    }
+}
+
+/// What an authenticated certificate says about its holder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub name: String,
+    pub role: Role,
+    pub groups: Vec<String>,
+    pub peer_id: PeerId,
+    /// Expiry, seconds since the Unix epoch.
+    pub not_after: i64,
+}
+
+impl fmt::Display for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:?} (peer {})",
+            self.role,
+            self.name,
+            self.peer_id.short()
+        )
+    }
+}
+
+/// A PEM certificate and its PEM private key.
+#[derive(Debug, Clone)]
+pub struct PemPair {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn validate_name(name: &str) -> Result<(), IdentityError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(IdentityError::InvalidName(name.to_string()))
+    }
+}
+
+fn validity(params: &mut CertificateParams, valid: Duration) {
+    let now = OffsetDateTime::now_utc();
+    // Backdate a little so a peer whose clock is slightly behind still accepts a fresh cert.
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::seconds(valid.as_secs().min(i64::MAX as u64) as i64);
+}
+
+/// ring (behind rcgen) writes Ed25519 keys as PKCS#8 v2 (seed and public key); BoringSSL
+/// reads only v1 (RFC 8410). Both read v1, so keys are stored as v1.
+/// v2 after the outer SEQUENCE header: version 1, algorithm Ed25519, the 32-byte seed.
+const ED25519_PKCS8_V2_BODY: [u8; 14] = [
+    0x02, 0x01, 0x01, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+fn key_pem(key: &KeyPair) -> Result<String, IdentityError> {
+    let der = key.serialize_der();
+    let seed = der
+        .get(2..)
+        .filter(|_| der[0] == 0x30)
+        .and_then(|body| body.strip_prefix(&ED25519_PKCS8_V2_BODY[..]))
+        .and_then(|rest| rest.get(..32))
+        .ok_or_else(|| IdentityError::Parse("unexpected Ed25519 key encoding".into()))?;
+    let mut v1 = ED25519_PKCS8_V1_PREFIX.to_vec();
+    v1.extend_from_slice(seed);
+    Ok(pem::encode(&pem::Pem::new("PRIVATE KEY", v1)))
+}
+
+/// Creates an organisation CA: a self-signed Ed25519 certificate allowed to sign node certificates.
+pub fn create_ca(org: &str, valid: Duration) -> Result<PemPair, IdentityError> {
+    validate_name(org)?;
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, format!("{org} sluice CA"));
+    dn.push(DnType::OrganizationName, org);
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, valid);
+    let cert = params.self_signed(&key)?;
+    Ok(PemPair {
+        cert_pem: cert.pem(),
+        key_pem: key_pem(&key)?,
+    })
+}
+
+/// Issues a node certificate signed by the CA.
+pub fn issue(
+    ca: &PemPair,
+    role: Role,
+    name: &str,
+    groups: &[String],
+    valid: Duration,
+) -> Result<PemPair, IdentityError> {
+    validate_name(name)?;
+    for g in groups {
+        validate_name(g)?;
+    }
+    let ca_key = KeyPair::from_pem(&ca.key_pem)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let mut sans = vec![SanType::URI(format!("{ROLE_PREFIX}{role}").try_into()?)];
+    for g in groups {
+        sans.push(SanType::URI(format!("{GROUP_PREFIX}{g}").try_into()?));
+    }
+    params.subject_alt_names = sans;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, valid);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(PemPair {
+        cert_pem: cert.pem(),
+        key_pem: key_pem(&key)?,
+    })
+}
+
+/// Reads role, name, groups and peer id from a DER certificate. It does not verify the
+/// signature: call it on certificates the TLS stack has already verified against the CA.
+pub fn identity_from_der(der: &[u8]) -> Result<Identity, IdentityError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or(IdentityError::NoName)?
+        .to_string();
+    let mut role = None;
+    let mut groups = Vec::new();
+    for ext in cert.extensions() {
+        if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+            for gn in &san.general_names {
+                if let GeneralName::URI(uri) = gn {
+                    if let Some(r) = uri.strip_prefix(ROLE_PREFIX) {
+                        role = Some(
+                            Role::parse(r).ok_or_else(|| IdentityError::UnknownRole(r.into()))?,
+                        );
+                    } else if let Some(g) = uri.strip_prefix(GROUP_PREFIX) {
+                        groups.push(g.to_string());
+                    }
+                }
+            }
+        }
+    }
+    Ok(Identity {
+        name,
+        role: role.ok_or(IdentityError::NoRole)?,
+        groups,
+        peer_id: PeerId::from_spki(cert.tbs_certificate.subject_pki.raw),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// Reads the first certificate of a PEM file and returns its identity.
+pub fn identity_from_pem(pem: &str) -> Result<Identity, IdentityError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    identity_from_der(&p.contents)
+}
+
+/// Parses a duration such as `90s`, `45m`, `12h`, `30d` or `1y`.
+pub fn parse_validity(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        "y" => 365 * 86_400,
+        _ => return None,
+    };
+    (n > 0).then(|| Duration::from_secs(n.saturating_mul(secs)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_certificate_carries_identity() {
+        let ca = create_ca("acme", Duration::from_secs(3600)).unwrap();
+        let node = issue(
+            &ca,
+            Role::Agent,
+            "alice",
+            &["eng".into(), "ops".into()],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let id = identity_from_pem(&node.cert_pem).unwrap();
+        assert_eq!(id.name, "alice");
+        assert_eq!(id.role, Role::Agent);
+        assert_eq!(id.groups, vec!["eng".to_string(), "ops".to_string()]);
+        let ca_id = identity_from_pem(&ca.cert_pem);
+        assert!(matches!(ca_id, Err(IdentityError::NoRole)));
+        // Two issues make two keys, so two peer ids.
+        let other = issue(&ca, Role::Agent, "alice", &[], Duration::from_secs(600)).unwrap();
+        assert_ne!(
+            identity_from_pem(&other.cert_pem).unwrap().peer_id,
+            id.peer_id
+        );
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("conn-1.eu_west@x").is_ok());
+        for bad in ["", "a b", "ü", &"x".repeat(65), "a/b"] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn validity_parses() {
+        assert_eq!(parse_validity("12h"), Some(Duration::from_secs(43_200)));
+        assert_eq!(
+            parse_validity("30d"),
+            Some(Duration::from_secs(30 * 86_400))
+        );
+        for bad in ["", "h", "12", "0h", "-1h", "3w", "1.5h"] {
+            assert_eq!(parse_validity(bad), None, "{bad:?}");
+        }
+    }
+}

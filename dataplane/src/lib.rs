@@ -1,0 +1,9 @@
+//! The Sluice packet plane: identity and TLS, wire formats, IP packet handling, and the QUIC
+//! sessions (control connection to the relay, end-to-end tunnels) as sans-IO state machines.
+
+pub mod control;
+pub mod identity;
+pub mod packet;
+pub mod tls;
+pub mod tunnel;
+pub mod wire;

@@ -1,0 +1,258 @@
+//! QUIC configurations with mutual authentication against the organisation CA.
+//!
+//! BoringSSL verifies the chain (signature, expiry); a verify callback then checks the leaf's
+//! sluice role, so a certificate from another CA, an expired one, or one of the wrong role fails
+//! the handshake with a TLS alert. The refusing side logs why in one line; the refused side reads
+//! the alert from the peer's CONNECTION_CLOSE (see [`describe_close`]).
+
+use std::fs;
+use std::sync::Arc;
+
+use boring::pkey::PKey;
+use boring::ssl::{
+    SslContextBuilder, SslInfoCallbackMode, SslMethod, SslSignatureAlgorithm, SslVerifyMode,
+};
+use boring::x509::store::X509StoreBuilder;
+use boring::x509::{X509VerifyError, X509};
+
+use crate::identity::{identity_from_der, identity_from_pem, Identity, IdentityError, Role};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("TLS setup failed: {0}")]
+    Boring(#[from] boring::error::ErrorStack),
+    #[error("QUIC setup failed: {0}")]
+    Quic(#[from] quiche::Error),
+}
+
+/// A node's certificate, key and the CA it trusts, loaded from PEM files.
+#[derive(Clone)]
+pub struct Credentials {
+    cert_chain: Vec<X509>,
+    key: PKey<boring::pkey::Private>,
+    ca: X509,
+    pub identity: Identity,
+}
+
+fn read(path: &str) -> Result<Vec<u8>, IdentityError> {
+    fs::read(path).map_err(|e| IdentityError::File {
+        path: path.into(),
+        reason: e.to_string(),
+    })
+}
+
+fn bad(path: &str, what: &str) -> IdentityError {
+    IdentityError::File {
+        path: path.into(),
+        reason: format!("not a PEM {what}"),
+    }
+}
+
+impl Credentials {
+    pub fn load(cert_path: &str, key_path: &str, ca_path: &str) -> Result<Self, IdentityError> {
+        let cert_pem = read(cert_path)?;
+        let cert_chain =
+            X509::stack_from_pem(&cert_pem).map_err(|_| bad(cert_path, "certificate"))?;
+        if cert_chain.is_empty() {
+            return Err(bad(cert_path, "certificate"));
+        }
+        let key = PKey::private_key_from_pem(&read(key_path)?)
+            .map_err(|_| bad(key_path, "private key"))?;
+        let ca = X509::from_pem(&read(ca_path)?).map_err(|_| bad(ca_path, "CA certificate"))?;
+        let identity = identity_from_pem(&String::from_utf8_lossy(&cert_pem)).map_err(|e| {
+            IdentityError::File {
+                path: cert_path.into(),
+                reason: e.to_string(),
+            }
+        })?;
+        Ok(Credentials {
+            cert_chain,
+            key,
+            ca,
+            identity,
+        })
+    }
+}
+
+/// Transport settings shared by every sluice QUIC connection.
+#[derive(Debug, Clone)]
+pub struct QuicParams {
+    pub alpn: &'static [u8],
+    /// Largest UDP payload this side sends.
+    pub max_udp_payload: usize,
+    pub idle_timeout_ms: u64,
+    pub dgram_queue: usize,
+    /// Streams are used only by control connections.
+    pub streams: bool,
+}
+
+/// ALPN of control connections (agent or connector to relay).
+pub const ALPN_CONTROL: &[u8] = b"sluice-control/1";
+/// ALPN of end-to-end tunnels (agent to connector).
+pub const ALPN_TUNNEL: &[u8] = b"sluice-tunnel/1";
+
+/// Builds a quiche config presenting `creds` and accepting only peers of the `accept` roles.
+pub fn quic_config(
+    creds: &Credentials,
+    accept: &'static [Role],
+    params: &QuicParams,
+) -> Result<quiche::Config, TlsError> {
+    let mut b = SslContextBuilder::new(SslMethod::tls())?;
+    let mut chain = creds.cert_chain.iter();
+    if let Some(leaf) = chain.next() {
+        b.set_certificate(leaf)?;
+    }
+    for extra in chain {
+        b.add_extra_chain_cert(extra.clone())?;
+    }
+    b.set_private_key(&creds.key)?;
+    b.check_private_key()?;
+    // BoringSSL does not accept Ed25519 signatures unless asked to; sluice uses nothing else.
+    b.set_verify_algorithm_prefs(&[SslSignatureAlgorithm::ED25519])?;
+    let mut store = X509StoreBuilder::new()?;
+    store.add_cert(creds.ca.clone())?;
+    b.set_cert_store(store.build());
+
+    let me = Arc::new(creds.identity.name.clone());
+    b.set_verify_callback(
+        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+        move |preverify_ok, ctx| {
+            let subject = ctx
+                .current_cert()
+                .and_then(|c| {
+                    c.subject_name()
+                        .entries()
+                        .next()
+                        .and_then(|e| e.data().as_utf8().ok().map(|s| s.to_string()))
+                })
+                .unwrap_or_else(|| "?".into());
+            if !preverify_ok {
+                tracing::warn!(
+                    "refusing peer certificate {subject:?}: {} (depth {})",
+                    ctx.verify_result()
+                        .err()
+                        .map(|e| e.error_string())
+                        .unwrap_or("verification failed"),
+                    ctx.error_depth()
+                );
+                return false;
+            }
+            if ctx.error_depth() != 0 {
+                return true;
+            }
+            let der = match ctx.current_cert().map(|c| c.to_der()) {
+                Some(Ok(der)) => der,
+                _ => return false,
+            };
+            match identity_from_der(&der) {
+                Ok(id) if accept.contains(&id.role) => true,
+                Ok(id) => {
+                    tracing::warn!(
+                        "refusing peer certificate {subject:?}: role {}, but {me} accepts only {}",
+                        id.role,
+                        accept
+                            .iter()
+                            .map(|r| r.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    );
+                    ctx.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("refusing peer certificate {subject:?}: {e}");
+                    ctx.set_error(Err(X509VerifyError::APPLICATION_VERIFICATION));
+                    false
+                }
+            }
+        },
+    );
+    b.set_info_callback(|ssl, mode, _| {
+        if mode == SslInfoCallbackMode::HANDSHAKE_DONE {
+            let peer = ssl
+                .peer_certificate()
+                .and_then(|c| c.to_der().ok())
+                .and_then(|d| identity_from_der(&d).ok())
+                .map(|id| id.to_string())
+                .unwrap_or_else(|| "?".into());
+            tracing::info!(
+                "TLS handshake done with {peer}: key exchange {}, cipher {}",
+                ssl.curve_name().unwrap_or("unknown"),
+                ssl.current_cipher().map(|c| c.name()).unwrap_or("unknown"),
+            );
+        }
+    });
+
+    let mut cfg = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, b)?;
+    cfg.set_application_protos(&[params.alpn])?;
+    cfg.set_max_idle_timeout(params.idle_timeout_ms);
+    cfg.set_max_recv_udp_payload_size(params.max_udp_payload.max(1500));
+    cfg.set_max_send_udp_payload_size(params.max_udp_payload);
+    cfg.enable_dgram(true, params.dgram_queue, params.dgram_queue);
+    cfg.set_initial_max_data(if params.streams { 1 << 20 } else { 0 });
+    cfg.set_initial_max_stream_data_bidi_local(if params.streams { 1 << 18 } else { 0 });
+    cfg.set_initial_max_stream_data_bidi_remote(if params.streams { 1 << 18 } else { 0 });
+    cfg.set_initial_max_streams_bidi(if params.streams { 4 } else { 0 });
+    cfg.set_initial_max_streams_uni(0);
+    cfg.set_active_connection_id_limit(4);
+    cfg.set_initial_congestion_window_packets(64);
+    cfg.set_disable_active_migration(false);
+    Ok(cfg)
+}
+
+/// A TLS alert number in words (RFC 8446 §6).
+pub fn alert_name(alert: u64) -> &'static str {
+    match alert {
+        40 => "handshake failure",
+        42 => "bad certificate",
+        43 => "unsupported certificate",
+        44 => "certificate revoked",
+        45 => "certificate expired",
+        46 => "certificate unknown (wrong role or not a sluice certificate)",
+        48 => "unknown CA (certificate from another organisation)",
+        49 => "access denied",
+        116 => "certificate required",
+        120 => "no application protocol",
+        _ => "TLS alert",
+    }
+}
+
+/// Says why a connection closed, in words, or None when it closed without an error.
+pub fn describe_close(conn: &quiche::Connection) -> Option<String> {
+    if let Some(e) = conn.peer_error() {
+        return Some(describe_error("peer", e));
+    }
+    if let Some(e) = conn.local_error() {
+        return Some(describe_error("we", e));
+    }
+    if conn.is_timed_out() {
+        return Some("idle timeout: no answer from the peer".into());
+    }
+    None
+}
+
+fn describe_error(who: &str, e: &quiche::ConnectionError) -> String {
+    let reason = String::from_utf8_lossy(&e.reason);
+    if !e.is_app && (0x100..0x200).contains(&e.error_code) {
+        let alert = e.error_code - 0x100;
+        let whose = if who == "peer" {
+            "the peer refused us"
+        } else {
+            "we refused the peer"
+        };
+        return format!("{whose}: {} (TLS alert {alert})", alert_name(alert));
+    }
+    if e.is_app {
+        format!(
+            "{who} closed the connection: code {} {reason}",
+            e.error_code
+        )
+    } else {
+        format!(
+            "{who} closed the connection: QUIC error {:#x} {reason}",
+            e.error_code
+        )
+    }
+}

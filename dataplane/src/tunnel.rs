@@ -1,0 +1,309 @@
+//! One end-to-end tunnel: the mutually authenticated QUIC connection between an agent and a
+//! connector that carries IP packets in DATAGRAMs, as a sans-IO state machine.
+//!
+//! The relay is one *path* of this connection. It gets a virtual peer address (one per remote
+//! peer, see [`VirtualPaths`]): when quiche says a packet goes `to` that address, the shell wraps
+//! it in a relay forward DATAGRAM; a forward DATAGRAM from that peer is fed to `recv` with that
+//! address as `from`. A direct path is then just another address of the same connection, which
+//! quiche's own path validation and migration can move to without resetting a flow.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::time::Duration;
+
+use crate::identity::{identity_from_der, Identity, PeerId};
+use crate::tls;
+use crate::wire::{Datagram, DGRAM_TUNNEL_IP, TUNNEL_IP_OVERHEAD};
+
+/// The local address of every relayed path (it names no socket).
+pub const RELAY_PATH_LOCAL: SocketAddr = SocketAddr::new(
+    IpAddr::V6(Ipv6Addr::new(0xfd5c, 0x1ce0, 0, 0, 0, 0, 0, 1)),
+    1,
+);
+
+/// Application close code: the peer's certificate does not match who we meant to reach.
+pub const CLOSE_IDENTITY_MISMATCH: u64 = 0x51;
+
+/// Stable virtual addresses for the relayed paths to remote peers.
+#[derive(Default)]
+pub struct VirtualPaths {
+    by_peer: HashMap<PeerId, SocketAddr>,
+    by_addr: HashMap<SocketAddr, PeerId>,
+    next: u32,
+}
+
+impl VirtualPaths {
+    pub fn addr_of(&mut self, peer: PeerId) -> SocketAddr {
+        if let Some(a) = self.by_peer.get(&peer) {
+            return *a;
+        }
+        self.next = self.next.wrapping_add(1);
+        let n = self.next;
+        let ip = Ipv6Addr::new(0xfd5c, 0x1ce1, 0, 0, 0, 0, (n >> 16) as u16, n as u16);
+        let addr = SocketAddr::new(IpAddr::V6(ip), 1);
+        self.by_peer.insert(peer, addr);
+        self.by_addr.insert(addr, peer);
+        addr
+    }
+
+    pub fn peer_of(&self, addr: &SocketAddr) -> Option<PeerId> {
+        self.by_addr.get(addr).copied()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TunnelEvent {
+    /// Handshake done and the peer is who we expected.
+    Up(Identity),
+    Closed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error("QUIC: {0}")]
+    Quic(#[from] quiche::Error),
+    #[error("tunnel not established yet")]
+    NotReady,
+    #[error("packet of {len} bytes exceeds the tunnel's {max}")]
+    TooBig { len: usize, max: usize },
+}
+
+pub struct Tunnel {
+    conn: quiche::Connection,
+    peer: PeerId,
+    relay_path: SocketAddr,
+    expect_name: Option<String>,
+    remote: Option<Identity>,
+    closed_reported: bool,
+    events: VecDeque<TunnelEvent>,
+}
+
+fn random_cid() -> [u8; quiche::MAX_CONN_ID_LEN] {
+    let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
+    rand::fill(&mut scid);
+    scid
+}
+
+impl Tunnel {
+    /// Agent side: opens a tunnel to the connector `expect_name` whose key is `peer`.
+    pub fn connect(
+        config: &mut quiche::Config,
+        peer: PeerId,
+        expect_name: &str,
+        relay_path: SocketAddr,
+    ) -> Result<Self, TunnelError> {
+        let scid = random_cid();
+        let conn = quiche::connect(
+            None,
+            &quiche::ConnectionId::from_ref(&scid),
+            RELAY_PATH_LOCAL,
+            relay_path,
+            config,
+        )?;
+        Ok(Self::new(conn, peer, Some(expect_name.into()), relay_path))
+    }
+
+    /// Connector side: accepts a tunnel whose first packet came from `peer` via the relay.
+    pub fn accept(
+        config: &mut quiche::Config,
+        peer: PeerId,
+        relay_path: SocketAddr,
+    ) -> Result<Self, TunnelError> {
+        let scid = random_cid();
+        let conn = quiche::accept(
+            &quiche::ConnectionId::from_ref(&scid),
+            None,
+            RELAY_PATH_LOCAL,
+            relay_path,
+            config,
+        )?;
+        Ok(Self::new(conn, peer, None, relay_path))
+    }
+
+    fn new(
+        conn: quiche::Connection,
+        peer: PeerId,
+        expect: Option<String>,
+        path: SocketAddr,
+    ) -> Self {
+        Tunnel {
+            conn,
+            peer,
+            relay_path: path,
+            expect_name: expect,
+            remote: None,
+            closed_reported: false,
+            events: VecDeque::new(),
+        }
+    }
+
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    /// The authenticated remote identity, once up.
+    pub fn remote(&self) -> Option<&Identity> {
+        self.remote.as_ref()
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.remote.is_some() && !self.conn.is_closed()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.conn.is_closed()
+    }
+
+    /// Whether an Initial packet with this destination connection id belongs to this tunnel.
+    pub fn owns_cid(&self, dcid: &[u8]) -> bool {
+        self.conn.source_ids().any(|c| c.as_ref() == dcid)
+    }
+
+    pub fn poll_event(&mut self) -> Option<TunnelEvent> {
+        self.events.pop_front()
+    }
+
+    /// Feeds one end-to-end QUIC packet that arrived over the relay.
+    pub fn recv_relayed(&mut self, pkt: &mut [u8]) {
+        let info = quiche::RecvInfo {
+            from: self.relay_path,
+            to: RELAY_PATH_LOCAL,
+        };
+        if let Err(e) = self.conn.recv(pkt, info) {
+            tracing::debug!("tunnel {}: dropped a packet: {e}", self.peer.short());
+        }
+        self.after_io();
+    }
+
+    /// Writes the next QUIC packet into `out`: its length and whether it goes over the relay
+    /// (`None`) or to a direct address.
+    pub fn send(&mut self, out: &mut [u8]) -> Option<(usize, Option<SocketAddr>)> {
+        match self.conn.send(out) {
+            Ok((n, info)) => {
+                let direct = (info.to != self.relay_path).then_some(info.to);
+                Some((n, direct))
+            }
+            Err(quiche::Error::Done) => None,
+            Err(e) => {
+                tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
+                self.after_io();
+                None
+            }
+        }
+    }
+
+    /// Largest IP packet the tunnel carries right now.
+    pub fn max_ip_len(&self) -> Option<usize> {
+        self.conn
+            .dgram_max_writable_len()
+            .map(|n| n.saturating_sub(TUNNEL_IP_OVERHEAD))
+    }
+
+    /// Sends the IP packet in `buf[TUNNEL_IP_OVERHEAD..]`; the first byte is overwritten with
+    /// the tunnel header so the packet is not copied here.
+    pub fn send_ip(&mut self, buf: &mut [u8]) -> Result<(), TunnelError> {
+        if self.remote.is_none() {
+            return Err(TunnelError::NotReady);
+        }
+        let max = self.max_ip_len().unwrap_or(0);
+        let len = buf.len().saturating_sub(TUNNEL_IP_OVERHEAD);
+        if len > max {
+            return Err(TunnelError::TooBig { len, max });
+        }
+        buf[0] = DGRAM_TUNNEL_IP;
+        self.conn.dgram_send(buf)?;
+        Ok(())
+    }
+
+    pub fn can_send_ip(&self) -> bool {
+        !self.conn.is_dgram_send_queue_full()
+    }
+
+    /// Receives the next IP packet into `buf`; returns its range in `buf`.
+    pub fn recv_ip(&mut self, buf: &mut [u8]) -> Option<std::ops::Range<usize>> {
+        loop {
+            let n = self.conn.dgram_recv(buf).ok()?;
+            match Datagram::parse(&buf[..n]) {
+                Ok(Datagram::TunnelIp(_)) => return Some(TUNNEL_IP_OVERHEAD..n),
+                Ok(_) => tracing::debug!("tunnel {}: unexpected datagram type", self.peer.short()),
+                Err(e) => tracing::debug!("tunnel {}: bad datagram: {e}", self.peer.short()),
+            }
+        }
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.conn.timeout()
+    }
+
+    pub fn on_timeout(&mut self) {
+        self.conn.on_timeout();
+        self.after_io();
+    }
+
+    /// Sends an ack-eliciting packet: keeps NAT mappings and liveness fresh while idle.
+    pub fn keepalive(&mut self) {
+        let _ = self.conn.send_ack_eliciting();
+    }
+
+    pub fn close(&mut self, reason: &str) {
+        let _ = self.conn.close(true, 0, reason.as_bytes());
+    }
+
+    pub fn stats(&self) -> quiche::Stats {
+        self.conn.stats()
+    }
+
+    pub fn rtt(&self) -> Option<Duration> {
+        self.conn.path_stats().next().map(|p| p.rtt)
+    }
+
+    fn after_io(&mut self) {
+        if self.remote.is_none() && self.conn.is_established() {
+            self.check_identity();
+        }
+        if self.conn.is_closed() && !self.closed_reported {
+            self.closed_reported = true;
+            let why = tls::describe_close(&self.conn).unwrap_or_else(|| "closed".into());
+            self.events.push_back(TunnelEvent::Closed(why));
+        }
+    }
+
+    /// The certificate chain was verified by TLS; here we check it is the peer we meant: the
+    /// key the relay routed for, and (agent side) the connector name we asked for.
+    fn check_identity(&mut self) {
+        let id = match self.conn.peer_cert().map(identity_from_der) {
+            Some(Ok(id)) => id,
+            other => {
+                tracing::warn!(
+                    "tunnel {}: unusable peer certificate: {other:?}",
+                    self.peer.short()
+                );
+                let _ = self
+                    .conn
+                    .close(true, CLOSE_IDENTITY_MISMATCH, b"bad certificate");
+                return;
+            }
+        };
+        if id.peer_id != self.peer {
+            tracing::warn!(
+                "tunnel: refusing {id}: its key is not the peer {} the relay routed for",
+                self.peer.short()
+            );
+            let _ = self
+                .conn
+                .close(true, CLOSE_IDENTITY_MISMATCH, b"peer id mismatch");
+            return;
+        }
+        if let Some(want) = &self.expect_name {
+            if &id.name != want {
+                tracing::warn!("tunnel: refusing {id}: expected connector {want:?}");
+                let _ = self
+                    .conn
+                    .close(true, CLOSE_IDENTITY_MISMATCH, b"name mismatch");
+                return;
+            }
+        }
+        self.remote = Some(id.clone());
+        self.events.push_back(TunnelEvent::Up(id));
+    }
+}

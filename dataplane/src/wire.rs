@@ -1,0 +1,343 @@
+//! Sluice's own wire formats. Every DATAGRAM and every control message starts with one byte whose
+//! high nibble is the format version and low nibble the type, so a peer of another version is
+//! refused cleanly instead of misparsed.
+//!
+//! DATAGRAMs
+//! - `0x11` tunnel IP packet (end-to-end connection): `[0x11][IP packet]`
+//! - `0x12` relay forward (control connection): `[0x12][peer id: 32][opaque end-to-end QUIC packet]`.
+//!   From a client the peer id names the destination; from the relay it names the source.
+//!
+//! Control messages travel on the control connection's first bidirectional stream, each framed
+//! as `[length: u16 BE][version/type][body]`:
+//! - `0x21` observed address (relay → client): `[family 4|6][address][port u16]`
+//! - `0x22` lookup (client → relay): `[name len u8][name]`
+//! - `0x23` lookup reply: `[name len u8][name][found 0|1][peer id: 32 if found]`
+//! - `0x24` hello (client → relay, first message; opens the stream): `[software len u8][software]`
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use crate::identity::PeerId;
+
+pub const VERSION: u8 = 1;
+pub const DGRAM_TUNNEL_IP: u8 = 0x11;
+pub const DGRAM_RELAY_FORWARD: u8 = 0x12;
+pub const MSG_OBSERVED_ADDR: u8 = 0x21;
+pub const MSG_LOOKUP: u8 = 0x22;
+pub const MSG_LOOKUP_REPLY: u8 = 0x23;
+pub const MSG_HELLO: u8 = 0x24;
+
+/// Bytes a relay forward header adds in front of an end-to-end packet.
+pub const RELAY_FORWARD_OVERHEAD: usize = 1 + PeerId::LEN;
+/// Bytes the tunnel header adds in front of an IP packet.
+pub const TUNNEL_IP_OVERHEAD: usize = 1;
+/// Largest control message body.
+pub const MAX_CONTROL_MESSAGE: usize = 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("empty message")]
+    Empty,
+    #[error("unsupported wire version {0} (this build speaks version {VERSION})")]
+    Version(u8),
+    #[error("unknown message type {0:#04x}")]
+    UnknownType(u8),
+    #[error("message truncated")]
+    Truncated,
+    #[error("message has {0} trailing bytes")]
+    Trailing(usize),
+    #[error("bad field: {0}")]
+    BadField(&'static str),
+    #[error("message too large ({0} bytes)")]
+    TooLarge(usize),
+}
+
+fn check_type(b: u8) -> Result<u8, WireError> {
+    if b >> 4 == 0 || b & 0x0f == 0 {
+        return Err(WireError::UnknownType(b));
+    }
+    // Only version 1 exists; the type nibbles of v1 are 0x1? datagrams and 0x2? messages.
+    match b {
+        DGRAM_TUNNEL_IP | DGRAM_RELAY_FORWARD | MSG_OBSERVED_ADDR | MSG_LOOKUP
+        | MSG_LOOKUP_REPLY | MSG_HELLO => Ok(b),
+        _ if !(0x10..0x30).contains(&b) => Err(WireError::Version(b >> 4)),
+        _ => Err(WireError::UnknownType(b)),
+    }
+}
+
+/// A DATAGRAM as it arrives, borrowed from the receive buffer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Datagram<'a> {
+    TunnelIp(&'a [u8]),
+    RelayForward { peer: PeerId, packet: &'a [u8] },
+}
+
+impl<'a> Datagram<'a> {
+    pub fn parse(b: &'a [u8]) -> Result<Self, WireError> {
+        let (&t, rest) = b.split_first().ok_or(WireError::Empty)?;
+        match check_type(t)? {
+            DGRAM_TUNNEL_IP => Ok(Datagram::TunnelIp(rest)),
+            DGRAM_RELAY_FORWARD => {
+                if rest.len() < PeerId::LEN {
+                    return Err(WireError::Truncated);
+                }
+                let (id, packet) = rest.split_at(PeerId::LEN);
+                let peer = PeerId::from_slice(id).ok_or(WireError::Truncated)?;
+                Ok(Datagram::RelayForward { peer, packet })
+            }
+            other => Err(WireError::UnknownType(other)),
+        }
+    }
+}
+
+/// Writes a relay forward header into the first [`RELAY_FORWARD_OVERHEAD`] bytes of `buf`.
+pub fn put_relay_forward_header(buf: &mut [u8], peer: &PeerId) {
+    buf[0] = DGRAM_RELAY_FORWARD;
+    buf[1..RELAY_FORWARD_OVERHEAD].copy_from_slice(&peer.0);
+}
+
+/// A control message on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlMessage {
+    Hello { software: String },
+    ObservedAddr(SocketAddr),
+    Lookup { name: String },
+    LookupReply { name: String, peer: Option<PeerId> },
+}
+
+fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), WireError> {
+    let len = u8::try_from(name.len()).map_err(|_| WireError::BadField("name longer than 255"))?;
+    out.push(len);
+    out.extend_from_slice(name.as_bytes());
+    Ok(())
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.0.len() < n {
+            return Err(WireError::Truncated);
+        }
+        let (a, b) = self.0.split_at(n);
+        self.0 = b;
+        Ok(a)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn name(&mut self) -> Result<String, WireError> {
+        let n = self.u8()? as usize;
+        let raw = self.take(n)?;
+        String::from_utf8(raw.to_vec()).map_err(|_| WireError::BadField("name is not UTF-8"))
+    }
+    fn finish(self) -> Result<(), WireError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(WireError::Trailing(self.0.len()))
+        }
+    }
+}
+
+impl ControlMessage {
+    /// Appends the framed message (length prefix included) to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let start = out.len();
+        out.extend_from_slice(&[0, 0]);
+        match self {
+            ControlMessage::Hello { software } => {
+                out.push(MSG_HELLO);
+                put_name(out, software)?;
+            }
+            ControlMessage::ObservedAddr(addr) => {
+                out.push(MSG_OBSERVED_ADDR);
+                match addr.ip() {
+                    IpAddr::V4(ip) => {
+                        out.push(4);
+                        out.extend_from_slice(&ip.octets());
+                    }
+                    IpAddr::V6(ip) => {
+                        out.push(6);
+                        out.extend_from_slice(&ip.octets());
+                    }
+                }
+                out.extend_from_slice(&addr.port().to_be_bytes());
+            }
+            ControlMessage::Lookup { name } => {
+                out.push(MSG_LOOKUP);
+                put_name(out, name)?;
+            }
+            ControlMessage::LookupReply { name, peer } => {
+                out.push(MSG_LOOKUP_REPLY);
+                put_name(out, name)?;
+                match peer {
+                    Some(p) => {
+                        out.push(1);
+                        out.extend_from_slice(&p.0);
+                    }
+                    None => out.push(0),
+                }
+            }
+        }
+        let len = out.len() - start - 2;
+        if len > MAX_CONTROL_MESSAGE {
+            out.truncate(start);
+            return Err(WireError::TooLarge(len));
+        }
+        out[start..start + 2].copy_from_slice(&(len as u16).to_be_bytes());
+        Ok(())
+    }
+
+    /// Parses one message body (without its length prefix).
+    pub fn parse(b: &[u8]) -> Result<Self, WireError> {
+        let mut r = Reader(b);
+        let t = check_type(r.u8().map_err(|_| WireError::Empty)?)?;
+        let msg = match t {
+            MSG_OBSERVED_ADDR => {
+                let ip = match r.u8()? {
+                    4 => {
+                        let o: [u8; 4] = r.take(4)?.try_into().map_err(|_| WireError::Truncated)?;
+                        IpAddr::V4(Ipv4Addr::from(o))
+                    }
+                    6 => {
+                        let o: [u8; 16] =
+                            r.take(16)?.try_into().map_err(|_| WireError::Truncated)?;
+                        IpAddr::V6(Ipv6Addr::from(o))
+                    }
+                    _ => return Err(WireError::BadField("address family")),
+                };
+                let p = r.take(2)?;
+                ControlMessage::ObservedAddr(SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]])))
+            }
+            MSG_HELLO => ControlMessage::Hello {
+                software: r.name()?,
+            },
+            MSG_LOOKUP => ControlMessage::Lookup { name: r.name()? },
+            MSG_LOOKUP_REPLY => {
+                let name = r.name()?;
+                let peer = match r.u8()? {
+                    0 => None,
+                    1 => {
+                        Some(PeerId::from_slice(r.take(PeerId::LEN)?).ok_or(WireError::Truncated)?)
+                    }
+                    _ => return Err(WireError::BadField("found flag")),
+                };
+                ControlMessage::LookupReply { name, peer }
+            }
+            other => return Err(WireError::UnknownType(other)),
+        };
+        r.finish()?;
+        Ok(msg)
+    }
+}
+
+/// Reassembles length-prefixed control messages from a byte stream.
+#[derive(Debug, Default)]
+pub struct ControlDecoder {
+    buf: Vec<u8>,
+}
+
+impl ControlDecoder {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next whole message, if one has arrived. An error poisons the stream: the caller
+    /// should close the connection, since framing can no longer be trusted.
+    pub fn next_message(&mut self) -> Option<Result<ControlMessage, WireError>> {
+        if self.buf.len() < 2 {
+            return None;
+        }
+        let len = u16::from_be_bytes([self.buf[0], self.buf[1]]) as usize;
+        if len > MAX_CONTROL_MESSAGE {
+            return Some(Err(WireError::TooLarge(len)));
+        }
+        if self.buf.len() < 2 + len {
+            return None;
+        }
+        let msg = ControlMessage::parse(&self.buf[2..2 + len]);
+        self.buf.drain(..2 + len);
+        Some(msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(m: ControlMessage) {
+        let mut out = Vec::new();
+        m.encode(&mut out).unwrap();
+        let mut d = ControlDecoder::default();
+        // Byte by byte: framing must not depend on how the stream is chunked.
+        for b in &out {
+            assert!(d.next_message().is_none());
+            d.push(&[*b]);
+        }
+        assert_eq!(d.next_message(), Some(Ok(m)));
+        assert!(d.next_message().is_none());
+    }
+
+    #[test]
+    fn control_messages_roundtrip() {
+        roundtrip(ControlMessage::ObservedAddr(
+            "203.0.113.7:4433".parse().unwrap(),
+        ));
+        roundtrip(ControlMessage::ObservedAddr(
+            "[2001:db8::1]:1".parse().unwrap(),
+        ));
+        roundtrip(ControlMessage::Lookup {
+            name: "conn-eu".into(),
+        });
+        roundtrip(ControlMessage::Hello {
+            software: "sluice 0.1.0".into(),
+        });
+        roundtrip(ControlMessage::LookupReply {
+            name: "conn-eu".into(),
+            peer: Some(PeerId([7; 32])),
+        });
+        roundtrip(ControlMessage::LookupReply {
+            name: "x".into(),
+            peer: None,
+        });
+    }
+
+    #[test]
+    fn versions_and_types_are_checked() {
+        assert_eq!(Datagram::parse(&[]), Err(WireError::Empty));
+        assert_eq!(Datagram::parse(&[0x31, 1]), Err(WireError::Version(3)));
+        assert_eq!(Datagram::parse(&[0x1f]), Err(WireError::UnknownType(0x1f)));
+        assert_eq!(Datagram::parse(&[0x12, 0, 0]), Err(WireError::Truncated));
+        assert_eq!(
+            Datagram::parse(&[0x11, 0x45]),
+            Ok(Datagram::TunnelIp(&[0x45]))
+        );
+        assert_eq!(
+            ControlMessage::parse(&[MSG_LOOKUP, 1, b'a', 0]),
+            Err(WireError::Trailing(1))
+        );
+        let mut d = ControlDecoder::default();
+        d.push(&[0xff, 0xff]);
+        assert_eq!(d.next_message(), Some(Err(WireError::TooLarge(0xffff))));
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Datagram::parse(&b);
+            let _ = ControlMessage::parse(&b);
+            let mut d = ControlDecoder::default();
+            d.push(&b);
+            while let Some(Ok(_)) = d.next_message() {}
+        }
+
+        #[test]
+        fn relay_forward_roundtrip(id in any::<[u8; 32]>(), payload in proptest::collection::vec(any::<u8>(), 0..1500)) {
+            let mut buf = vec![0u8; RELAY_FORWARD_OVERHEAD + payload.len()];
+            put_relay_forward_header(&mut buf, &PeerId(id));
+            buf[RELAY_FORWARD_OVERHEAD..].copy_from_slice(&payload);
+            prop_assert_eq!(Datagram::parse(&buf), Ok(Datagram::RelayForward { peer: PeerId(id), packet: &payload[..] }));
+        }
+    }
+}

@@ -1,0 +1,448 @@
+//! `sluice agent`: TUN device → end-to-end tunnels to connectors, via the relay.
+//!
+//! One task owns everything (TUN, UDP socket, control link, tunnels), so packets of a flow keep
+//! their order and no locks sit on the packet path.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use ipnet::IpNet;
+use sluice_dataplane::control::ControlEvent;
+use sluice_dataplane::identity::{PeerId, Role};
+use sluice_dataplane::packet::{self, Unreachable};
+use sluice_dataplane::tls;
+use sluice_dataplane::tunnel::{Tunnel, TunnelError, TunnelEvent, VirtualPaths};
+use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;
+use tokio::net::UdpSocket;
+use tun_rs::AsyncDevice;
+
+use crate::config::{self, AgentConfig};
+use crate::node::{self, ControlLink};
+use crate::{tun, AgentArgs};
+
+/// Packets held per connector while its tunnel comes up.
+const QUEUE_MAX: usize = 256;
+/// After a failed lookup, packets to that connector are refused for this long.
+const UNAVAILABLE_FOR: Duration = Duration::from_secs(2);
+/// A lookup with no reply is sent again after this long.
+const LOOKUP_RETRY: Duration = Duration::from_secs(2);
+
+pub fn run(args: AgentArgs) -> Result<()> {
+    let origin = args.config.display().to_string();
+    let mut cfg: AgentConfig = config::load(&args.config)?;
+    if let Some(r) = args.relay {
+        cfg.relay = r;
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    if let Some(n) = args.tun_name {
+        cfg.tun.name = n;
+    }
+    if let Some(m) = args.mtu {
+        cfg.tun.mtu = m;
+    }
+    node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
+    cfg.validate(&origin)?;
+    let creds = node::credentials(&cfg.identity(), Role::Agent)?;
+    let control_cfg = tls::quic_config(&creds, &[Role::Relay], &node::control_params())?;
+    let tunnel_cfg = tls::quic_config(&creds, &[Role::Connector], &node::tunnel_params())?;
+    let rt = node::runtime()?;
+    rt.block_on(async move {
+        let dev = tun::create(&cfg.tun)?;
+        let nets: Vec<IpNet> = cfg
+            .resources
+            .iter()
+            .flat_map(|r| r.cidrs.iter().copied())
+            .collect();
+        tun::add_routes(&cfg.tun.name, &nets)?;
+        let socket =
+            node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
+        let local = socket.local_addr()?;
+        tracing::info!(
+            "agent {:?} (peer {}): TUN {} mtu {}, {} resource network(s), relay {}",
+            creds.identity.name,
+            creds.identity.peer_id.short(),
+            cfg.tun.name,
+            cfg.tun.mtu,
+            nets.len(),
+            cfg.relay
+        );
+        let link = ControlLink::new(control_cfg, local, cfg.relay);
+        let mut agent = Agent::new(&cfg, link, tunnel_cfg);
+        tokio::select! {
+            r = agent.run(&dev, &socket) => r,
+            _ = node::shutdown_signal() => {
+                tracing::info!("agent: shutting down ({})", agent.stats_line());
+                Ok(())
+            }
+        }
+    })
+}
+
+struct Slot {
+    name: String,
+    tunnel: Option<Tunnel>,
+    lookup_sent: Option<Instant>,
+    queue: VecDeque<Vec<u8>>,
+    unavailable_until: Option<Instant>,
+    next_keepalive: Instant,
+}
+
+#[derive(Default)]
+struct Stats {
+    tun_packets: u64,
+    tun_bad: u64,
+    no_route: u64,
+    too_big: u64,
+    dropped: u64,
+}
+
+struct Agent {
+    link: ControlLink,
+    tunnel_cfg: quiche::Config,
+    /// Resource networks, longest prefix first, with the index of their connector slot.
+    routes: Vec<(IpNet, usize)>,
+    slots: Vec<Slot>,
+    paths: VirtualPaths,
+    mtu: usize,
+    stats: Stats,
+    out: Vec<u8>,
+}
+
+impl Agent {
+    fn new(cfg: &AgentConfig, link: ControlLink, tunnel_cfg: quiche::Config) -> Self {
+        let mut slots: Vec<Slot> = Vec::new();
+        let mut routes = Vec::new();
+        for r in &cfg.resources {
+            let idx = match slots.iter().position(|s| s.name == r.connector) {
+                Some(i) => i,
+                None => {
+                    slots.push(Slot {
+                        name: r.connector.clone(),
+                        tunnel: None,
+                        lookup_sent: None,
+                        queue: VecDeque::new(),
+                        unavailable_until: None,
+                        next_keepalive: Instant::now(),
+                    });
+                    slots.len() - 1
+                }
+            };
+            for net in &r.cidrs {
+                routes.push((*net, idx));
+            }
+        }
+        routes.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
+        Agent {
+            link,
+            tunnel_cfg,
+            routes,
+            slots,
+            paths: VirtualPaths::default(),
+            mtu: usize::from(cfg.tun.mtu),
+            stats: Stats::default(),
+            out: vec![0u8; 65_536],
+        }
+    }
+
+    fn stats_line(&self) -> String {
+        let s = &self.stats;
+        format!(
+            "{} packets from TUN, {} malformed, {} without route, {} too big, {} dropped",
+            s.tun_packets, s.tun_bad, s.no_route, s.too_big, s.dropped
+        )
+    }
+
+    async fn run(&mut self, dev: &AsyncDevice, socket: &UdpSocket) -> Result<()> {
+        let mut udp_buf = vec![0u8; 65_536];
+        let mut tun_buf = vec![0u8; 65_536];
+        let mut to_tun: Vec<Vec<u8>> = Vec::new();
+        loop {
+            let now = Instant::now();
+            let sleep = self.timeout(now);
+            tokio::select! {
+                r = socket.recv_from(&mut udp_buf) => {
+                    let (n, from) = r.context("UDP receive failed")?;
+                    self.on_udp(&mut udp_buf[..n], from, &mut to_tun);
+                    while let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) {
+                        self.on_udp(&mut udp_buf[..n], from, &mut to_tun);
+                    }
+                }
+                r = dev.recv(&mut tun_buf[TUNNEL_IP_OVERHEAD..]) => {
+                    let n = r.context("TUN receive failed")?;
+                    self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
+                }
+                _ = tokio::time::sleep(sleep) => self.on_timeout(Instant::now(), &mut to_tun),
+            }
+            self.on_control_events(&mut to_tun);
+            for p in to_tun.drain(..) {
+                if let Err(e) = dev.send(&p).await {
+                    tracing::debug!("TUN write failed: {e}");
+                }
+            }
+            self.flush(socket).await;
+        }
+    }
+
+    fn timeout(&self, now: Instant) -> Duration {
+        let mut t = self.link.timeout(now).min(Duration::from_secs(1));
+        for s in &self.slots {
+            if let Some(tn) = &s.tunnel {
+                if let Some(d) = tn.timeout() {
+                    t = t.min(d);
+                }
+                t = t.min(s.next_keepalive.saturating_duration_since(now));
+            }
+        }
+        t
+    }
+
+    fn on_timeout(&mut self, now: Instant, to_tun: &mut Vec<Vec<u8>>) {
+        self.link.on_timeout(now);
+        for i in 0..self.slots.len() {
+            let slot = &mut self.slots[i];
+            if let Some(t) = &mut slot.tunnel {
+                if t.timeout() == Some(Duration::ZERO) {
+                    t.on_timeout();
+                }
+                if now >= slot.next_keepalive {
+                    slot.next_keepalive = now + node::TUNNEL_KEEPALIVE;
+                    if t.is_up() {
+                        t.keepalive();
+                    }
+                }
+            }
+            if slot.tunnel.is_none()
+                && !slot.queue.is_empty()
+                && slot
+                    .lookup_sent
+                    .is_none_or(|t| now.duration_since(t) > LOOKUP_RETRY)
+            {
+                self.start_lookup(i, now);
+            }
+            self.tunnel_events(i, to_tun);
+        }
+    }
+
+    fn on_udp(&mut self, pkt: &mut [u8], from: SocketAddr, to_tun: &mut Vec<Vec<u8>>) {
+        let now = Instant::now();
+        self.link.recv(pkt, from, now);
+        let mut buf = std::mem::take(&mut self.out);
+        loop {
+            let Some(client) = self.link.connected() else {
+                break;
+            };
+            let Some((peer, data)) = client.recv_forward(&mut buf) else {
+                break;
+            };
+            let Some(i) = self.slot_of_peer(&peer) else {
+                self.stats.dropped += 1;
+                continue;
+            };
+            if let Some(t) = &mut self.slots[i].tunnel {
+                t.recv_relayed(data);
+            }
+            self.deliver(i, to_tun);
+            self.tunnel_events(i, to_tun);
+        }
+        self.out = buf;
+    }
+
+    fn slot_of_peer(&self, peer: &PeerId) -> Option<usize> {
+        self.slots
+            .iter()
+            .position(|s| s.tunnel.as_ref().is_some_and(|t| t.peer() == *peer))
+    }
+
+    /// IP packets that came out of slot `i`'s tunnel, for the TUN device.
+    fn deliver(&mut self, i: usize, to_tun: &mut Vec<Vec<u8>>) {
+        let Some(t) = &mut self.slots[i].tunnel else {
+            return;
+        };
+        let mut buf = [0u8; 2048];
+        while let Some(range) = t.recv_ip(&mut buf) {
+            to_tun.push(buf[range].to_vec());
+        }
+    }
+
+    fn on_tun(&mut self, buf: &mut [u8], to_tun: &mut Vec<Vec<u8>>) {
+        self.stats.tun_packets += 1;
+        let pkt = &buf[TUNNEL_IP_OVERHEAD..];
+        let info = match packet::inspect(pkt) {
+            Ok(i) => i,
+            Err(e) => {
+                self.stats.tun_bad += 1;
+                tracing::debug!(
+                    "TUN: dropping a malformed packet ({} bytes): {e}",
+                    pkt.len()
+                );
+                return;
+            }
+        };
+        let Some(&(_, i)) = self.routes.iter().find(|(n, _)| n.contains(&info.dst)) else {
+            // The kernel only routes resource networks here; the rest is link chatter.
+            self.stats.no_route += 1;
+            return;
+        };
+        let now = Instant::now();
+        let max = self.slots[i]
+            .tunnel
+            .as_ref()
+            .and_then(|t| t.max_ip_len())
+            .map_or(self.mtu, |m| m.min(self.mtu));
+        if pkt.len() > max {
+            self.stats.too_big += 1;
+            if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
+                to_tun.push(icmp);
+            }
+            return;
+        }
+        let slot = &mut self.slots[i];
+        if let Some(t) = slot.tunnel.as_mut().filter(|t| t.is_up()) {
+            // send_ip writes the tunnel header into the headroom: the packet is not copied.
+            match t.send_ip(buf) {
+                Ok(()) => {}
+                Err(TunnelError::TooBig { max, .. }) => {
+                    self.stats.too_big += 1;
+                    let pkt = &buf[TUNNEL_IP_OVERHEAD..];
+                    if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
+                        to_tun.push(icmp);
+                    }
+                }
+                Err(e) => {
+                    self.stats.dropped += 1;
+                    tracing::debug!("tunnel to {}: dropping a packet: {e}", slot.name);
+                }
+            }
+            return;
+        }
+        if slot.unavailable_until.is_some_and(|u| now < u) {
+            if let Some(icmp) = packet::icmp_unreachable(pkt, &info, Unreachable::Host) {
+                to_tun.push(icmp);
+            }
+            return;
+        }
+        if slot.queue.len() >= QUEUE_MAX {
+            self.stats.dropped += 1;
+            return;
+        }
+        slot.queue.push_back(buf.to_vec());
+        if slot.tunnel.is_none()
+            && slot
+                .lookup_sent
+                .is_none_or(|t| now.duration_since(t) > LOOKUP_RETRY)
+        {
+            self.start_lookup(i, now);
+        }
+    }
+
+    fn start_lookup(&mut self, i: usize, now: Instant) {
+        let name = self.slots[i].name.clone();
+        if let Some(c) = self.link.connected() {
+            if c.lookup(&name).is_ok() {
+                tracing::debug!("looking up connector {name:?}");
+                self.slots[i].lookup_sent = Some(now);
+            }
+        }
+    }
+
+    fn on_control_events(&mut self, to_tun: &mut Vec<Vec<u8>>) {
+        let now = Instant::now();
+        while let Some(ev) = self.link.poll_event() {
+            match ev {
+                ControlEvent::Connected { .. } => {
+                    for i in 0..self.slots.len() {
+                        if self.slots[i].tunnel.is_none() && !self.slots[i].queue.is_empty() {
+                            self.start_lookup(i, now);
+                        }
+                    }
+                }
+                ControlEvent::LookupReply { name, peer } => {
+                    for i in 0..self.slots.len() {
+                        if self.slots[i].name != name || self.slots[i].tunnel.is_some() {
+                            continue;
+                        }
+                        self.slots[i].lookup_sent = None;
+                        match peer {
+                            Some(peer) => self.open_tunnel(i, peer),
+                            None => {
+                                tracing::warn!("connector {name:?} is not connected to the relay");
+                                let slot = &mut self.slots[i];
+                                slot.unavailable_until = Some(now + UNAVAILABLE_FOR);
+                                for p in slot.queue.drain(..) {
+                                    let ip = &p[TUNNEL_IP_OVERHEAD..];
+                                    if let Ok(info) = packet::inspect(ip) {
+                                        if let Some(icmp) =
+                                            packet::icmp_unreachable(ip, &info, Unreachable::Host)
+                                        {
+                                            to_tun.push(icmp);
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                ControlEvent::ObservedAddr(_) | ControlEvent::Closed(_) => {}
+            }
+        }
+    }
+
+    fn open_tunnel(&mut self, i: usize, peer: PeerId) {
+        let path = self.paths.addr_of(peer);
+        let slot = &mut self.slots[i];
+        match Tunnel::connect(&mut self.tunnel_cfg, peer, &slot.name, path) {
+            Ok(t) => {
+                tracing::info!(
+                    "opening tunnel to connector {:?} (peer {}) via the relay",
+                    slot.name,
+                    peer.short()
+                );
+                slot.tunnel = Some(t);
+                slot.next_keepalive = Instant::now() + node::TUNNEL_KEEPALIVE;
+            }
+            Err(e) => tracing::warn!("cannot open tunnel to {:?}: {e}", slot.name),
+        }
+    }
+
+    fn tunnel_events(&mut self, i: usize, to_tun: &mut Vec<Vec<u8>>) {
+        let slot = &mut self.slots[i];
+        let Some(t) = &mut slot.tunnel else { return };
+        while let Some(ev) = t.poll_event() {
+            match ev {
+                TunnelEvent::Up(id) => {
+                    tracing::info!(
+                        "tunnel to {id} is up via the relay (rtt {:?}); sending {} queued packet(s)",
+                        t.rtt().unwrap_or_default(),
+                        slot.queue.len()
+                    );
+                    slot.unavailable_until = None;
+                    while let Some(mut p) = slot.queue.pop_front() {
+                        if t.send_ip(&mut p).is_err() {
+                            self.stats.dropped += 1;
+                        }
+                    }
+                }
+                TunnelEvent::Closed(why) => {
+                    tracing::warn!("tunnel to connector {:?} closed: {why}", slot.name);
+                }
+            }
+        }
+        if t.is_closed() {
+            slot.tunnel = None;
+        }
+        let _ = to_tun;
+    }
+
+    async fn flush(&mut self, socket: &UdpSocket) {
+        let mut tunnels: Vec<&mut Tunnel> = self
+            .slots
+            .iter_mut()
+            .filter_map(|s| s.tunnel.as_mut())
+            .collect();
+        node::flush(&mut self.link, &mut tunnels, socket, &mut self.out).await;
+    }
+}

@@ -1,0 +1,245 @@
+//! The YAML configuration of each role. Unknown keys are errors, and every error names the file,
+//! line, column and key, so a typo never silently changes behaviour.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+/// A configuration problem; the binary exits with code 2 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Certificate, key and CA files: every role authenticates the same way.
+#[derive(Debug, Clone)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+macro_rules! identity_files {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn identity(&self) -> IdentityFiles {
+                IdentityFiles { cert: self.cert.clone(), key: self.key.clone(), ca: self.ca.clone() }
+            }
+        }
+    )*};
+}
+identity_files!(RelayConfig, ConnectorConfig, AgentConfig);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// UDP address to serve QUIC on.
+    #[serde(default = "default_relay_listen")]
+    pub listen: SocketAddr,
+    /// This node's certificate (PEM), issued by `sluice ca issue`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// The organisation CA certificate (PEM) every peer must be signed by.
+    pub ca: PathBuf,
+}
+
+fn default_relay_listen() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 4433))
+}
+
+fn default_any() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    /// The relay's UDP address.
+    pub relay: SocketAddr,
+    /// Local UDP address for the relay connection and (later) direct tunnels.
+    #[serde(default = "default_any")]
+    pub listen: SocketAddr,
+    /// This node's certificate (PEM), issued by `sluice ca issue`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// The organisation CA certificate (PEM) every peer must be signed by.
+    pub ca: PathBuf,
+    /// Seconds a new TCP dial to a service may take before the app gets ICMP unreachable.
+    #[serde(default = "default_dial_timeout")]
+    pub dial_timeout_secs: u64,
+    /// Seconds after which an idle UDP flow is closed.
+    #[serde(default = "default_udp_idle")]
+    pub udp_idle_secs: u64,
+    /// Bytes of smoltcp buffer per TCP flow and direction.
+    #[serde(default = "default_tcp_buffer")]
+    pub tcp_buffer: usize,
+}
+
+fn default_dial_timeout() -> u64 {
+    5
+}
+fn default_udp_idle() -> u64 {
+    60
+}
+fn default_tcp_buffer() -> usize {
+    256 * 1024
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunConfig {
+    /// Interface name.
+    #[serde(default = "default_tun_name")]
+    pub name: String,
+    /// IPv4 address of the interface, with prefix (the source of the agent's IPv4 packets).
+    #[serde(default = "default_tun_v4")]
+    pub ipv4: Ipv4Net,
+    /// IPv6 address of the interface, with prefix.
+    #[serde(default = "default_tun_v6")]
+    pub ipv6: Option<Ipv6Net>,
+    /// Interface MTU; larger packets get ICMP "fragmentation needed" / "packet too big".
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+}
+
+fn default_tun_name() -> String {
+    "sluice0".into()
+}
+fn default_tun_v4() -> Ipv4Net {
+    Ipv4Net::new(std::net::Ipv4Addr::new(100, 96, 0, 1), 32).unwrap_or_default()
+}
+fn default_tun_v6() -> Option<Ipv6Net> {
+    Ipv6Net::new(
+        std::net::Ipv6Addr::new(0xfd5c, 0x1ce0, 0x1, 0, 0, 0, 0, 1),
+        128,
+    )
+    .ok()
+}
+fn default_mtu() -> u16 {
+    1280
+}
+
+impl Default for TunConfig {
+    fn default() -> Self {
+        TunConfig {
+            name: default_tun_name(),
+            ipv4: default_tun_v4(),
+            ipv6: default_tun_v6(),
+            mtu: default_mtu(),
+        }
+    }
+}
+
+/// A set of addresses routed to one connector.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceRoute {
+    pub name: String,
+    /// Name of the connector (its certificate name) that serves these addresses.
+    pub connector: String,
+    /// IPv4/IPv6 networks.
+    pub cidrs: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    pub relay: SocketAddr,
+    #[serde(default = "default_any")]
+    pub listen: SocketAddr,
+    /// This node's certificate (PEM), issued by `sluice ca issue`.
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// The organisation CA certificate (PEM) every peer must be signed by.
+    pub ca: PathBuf,
+    #[serde(default)]
+    pub tun: TunConfig,
+    pub resources: Vec<ResourceRoute>,
+}
+
+/// Reads and parses a YAML file; errors name the file, line, column and key.
+pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
+    parse(&text, &path.display().to_string())
+}
+
+pub fn parse<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
+    let de = serde_yaml::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let place = match inner.location() {
+            Some(l) => format!("{origin}:{}:{}", l.line(), l.column()),
+            None => origin.to_string(),
+        };
+        let key = if key == "." {
+            String::new()
+        } else {
+            format!(" at key `{key}`")
+        };
+        ConfigError(format!("{place}: invalid configuration{key}: {inner}"))
+    })
+}
+
+impl AgentConfig {
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        if self.resources.is_empty() {
+            return Err(ConfigError(format!(
+                "{origin}: `resources` is empty: nothing would be routed"
+            )));
+        }
+        if self.tun.mtu < 1280 {
+            return Err(ConfigError(format!(
+                "{origin}: `tun.mtu` is {}; IPv6 needs at least 1280",
+                self.tun.mtu
+            )));
+        }
+        for r in &self.resources {
+            if r.cidrs.is_empty() {
+                return Err(ConfigError(format!(
+                    "{origin}: resource {:?} has no `cidrs`",
+                    r.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let text = "relay: 192.0.2.1:4433\ncert: a\nkey: b\nca: c\ntun:\n  mtu: 1400\n  nmae: x\nresources: []\n";
+        let e = parse::<AgentConfig>(text, "agent.yaml").unwrap_err().0;
+        assert!(e.starts_with("agent.yaml:7:"), "{e}");
+        assert!(e.contains("tun"), "{e}");
+        assert!(e.contains("nmae"), "{e}");
+
+        let e = parse::<AgentConfig>(
+            "relay: nope\ncert: a\nkey: b\nca: c\nresources: []\n",
+            "a.yaml",
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.starts_with("a.yaml:1:"), "{e}");
+        assert!(e.contains("`relay`"), "{e}");
+    }
+
+    #[test]
+    fn example_configs_parse() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs");
+        let a: AgentConfig = load(&Path::new(dir).join("agent.yaml")).unwrap();
+        a.validate("agent.yaml").unwrap();
+        let _: ConnectorConfig = load(&Path::new(dir).join("connector.yaml")).unwrap();
+        let _: RelayConfig = load(&Path::new(dir).join("relay.yaml")).unwrap();
+    }
+}

@@ -1,0 +1,283 @@
+//! `sluice connector`: accepts agents' end-to-end tunnels (via the relay), terminates their
+//! packets in one smoltcp stack per agent, and splices flows to the real services.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use sluice_dataplane::identity::{PeerId, Role};
+use sluice_dataplane::tls;
+use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
+use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;
+use sluice_netstack::splice::{FlowMsg, Splicer};
+use sluice_netstack::stack::{Limits, Stack};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+use crate::config::{self, ConnectorConfig};
+use crate::node::{self, ControlLink};
+use crate::ConnectorArgs;
+
+pub fn run(args: ConnectorArgs) -> Result<()> {
+    let mut cfg: ConnectorConfig = config::load(&args.config)?;
+    if let Some(r) = args.relay {
+        cfg.relay = r;
+    }
+    if let Some(l) = args.listen {
+        cfg.listen = l;
+    }
+    node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
+    let creds = node::credentials(&cfg.identity(), Role::Connector)?;
+    let control_cfg = tls::quic_config(&creds, &[Role::Relay], &node::control_params())?;
+    let tunnel_cfg = tls::quic_config(&creds, &[Role::Agent], &node::tunnel_params())?;
+    let limits = Limits {
+        tcp_buffer: cfg.tcp_buffer.clamp(4096, 16 << 20),
+        udp_idle: Duration::from_secs(cfg.udp_idle_secs.max(1)),
+        dial_timeout: Duration::from_secs(cfg.dial_timeout_secs.max(1)),
+        ..Limits::default()
+    };
+    let rt = node::runtime()?;
+    rt.block_on(async move {
+        let socket = node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
+        let local = socket.local_addr()?;
+        tracing::info!(
+            "connector {:?} (peer {}) on {local}, relay {}",
+            creds.identity.name,
+            creds.identity.peer_id.short(),
+            cfg.relay
+        );
+        let link = ControlLink::new(control_cfg, local, cfg.relay);
+        let (splicer, flow_rx) = Splicer::new(limits.dial_timeout);
+        let mut c = Connector {
+            link,
+            tunnel_cfg,
+            sessions: HashMap::new(),
+            paths: VirtualPaths::default(),
+            splicer,
+            limits,
+            base: Instant::now(),
+            out: vec![0u8; 65_536],
+            ip_buf: vec![0u8; TUNNEL_IP_OVERHEAD + 65_536],
+        };
+        tokio::select! {
+            r = c.run(&socket, flow_rx) => r,
+            _ = node::shutdown_signal() => {
+                tracing::info!("connector: shutting down with {} agent(s), {} flow(s)", c.sessions.len(), c.splicer.flow_count());
+                Ok(())
+            }
+        }
+    })
+}
+
+struct Session {
+    tunnel: Tunnel,
+    stack: Stack,
+    next_keepalive: Instant,
+}
+
+struct Connector {
+    link: ControlLink,
+    tunnel_cfg: quiche::Config,
+    sessions: HashMap<PeerId, Session>,
+    paths: VirtualPaths,
+    splicer: Splicer<PeerId>,
+    limits: Limits,
+    base: Instant,
+    out: Vec<u8>,
+    /// Scratch for packets from a stack into a tunnel (with the tunnel header's headroom).
+    ip_buf: Vec<u8>,
+}
+
+impl Connector {
+    async fn run(
+        &mut self,
+        socket: &UdpSocket,
+        mut flow_rx: mpsc::Receiver<(PeerId, FlowMsg)>,
+    ) -> Result<()> {
+        let mut udp_buf = vec![0u8; 65_536];
+        let wake = self.splicer.wake.clone();
+        loop {
+            let now = Instant::now();
+            let sleep = self.timeout(now);
+            tokio::select! {
+                r = socket.recv_from(&mut udp_buf) => {
+                    let (n, from) = r.context("UDP receive failed")?;
+                    self.on_udp(&mut udp_buf[..n], from);
+                    while let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) {
+                        self.on_udp(&mut udp_buf[..n], from);
+                    }
+                }
+                Some((peer, msg)) = flow_rx.recv() => {
+                    self.on_flow_msg(peer, msg);
+                    while let Ok((peer, msg)) = flow_rx.try_recv() {
+                        self.on_flow_msg(peer, msg);
+                    }
+                }
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(sleep) => self.on_timeout(Instant::now()),
+            }
+            self.step_stacks();
+            self.flush(socket).await;
+        }
+    }
+
+    fn timeout(&mut self, now: Instant) -> Duration {
+        let mut t = self.link.timeout(now).min(Duration::from_secs(1));
+        for s in self.sessions.values_mut() {
+            if let Some(d) = s.tunnel.timeout() {
+                t = t.min(d);
+            }
+            t = t.min(s.next_keepalive.saturating_duration_since(now));
+            t = t.min(s.stack.poll_delay());
+        }
+        t
+    }
+
+    fn on_timeout(&mut self, now: Instant) {
+        self.link.on_timeout(now);
+        while self.link.poll_event().is_some() {}
+        for s in self.sessions.values_mut() {
+            if s.tunnel.timeout() == Some(Duration::ZERO) {
+                s.tunnel.on_timeout();
+            }
+            if now >= s.next_keepalive {
+                s.next_keepalive = now + node::TUNNEL_KEEPALIVE;
+                if s.tunnel.is_up() {
+                    s.tunnel.keepalive();
+                }
+            }
+        }
+    }
+
+    fn on_udp(&mut self, pkt: &mut [u8], from: SocketAddr) {
+        self.link.recv(pkt, from, Instant::now());
+        while self.link.poll_event().is_some() {}
+        let mut buf = std::mem::take(&mut self.out);
+        loop {
+            let Some(client) = self.link.connected() else {
+                break;
+            };
+            let Some((peer, data)) = client.recv_forward(&mut buf) else {
+                break;
+            };
+            self.on_relayed(peer, data);
+        }
+        self.out = buf;
+    }
+
+    /// An end-to-end packet from agent `peer`, forwarded by the relay.
+    fn on_relayed(&mut self, peer: PeerId, data: &mut [u8]) {
+        let initial = quiche::Header::from_slice(data, quiche::MAX_CONN_ID_LEN)
+            .ok()
+            .filter(|h| h.ty == quiche::Type::Initial)
+            .map(|h| h.dcid.to_vec());
+        if let (Some(dcid), Some(s)) = (&initial, self.sessions.get(&peer)) {
+            // A new Initial to an unknown connection id: the agent restarted.
+            if !s.tunnel.owns_cid(dcid) && s.tunnel.is_up() {
+                tracing::info!(
+                    "agent peer {} opened a new tunnel; dropping its old one",
+                    peer.short()
+                );
+                self.end_session(peer);
+            }
+        }
+        if !self.sessions.contains_key(&peer) {
+            if initial.is_none() {
+                return;
+            }
+            let path = self.paths.addr_of(peer);
+            match Tunnel::accept(&mut self.tunnel_cfg, peer, path) {
+                Ok(tunnel) => {
+                    self.sessions.insert(
+                        peer,
+                        Session {
+                            tunnel,
+                            stack: Stack::new(self.limits.clone()),
+                            next_keepalive: Instant::now() + node::TUNNEL_KEEPALIVE,
+                        },
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!("cannot accept a tunnel from peer {}: {e}", peer.short());
+                    return;
+                }
+            }
+        }
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        s.tunnel.recv_relayed(data);
+        let mut ip = [0u8; 2048];
+        while let Some(range) = s.tunnel.recv_ip(&mut ip) {
+            s.stack.input(&ip[range]);
+        }
+    }
+
+    fn on_flow_msg(&mut self, peer: PeerId, msg: FlowMsg) {
+        match self.sessions.get_mut(&peer) {
+            Some(s) => self.splicer.on_message(peer, msg, &mut s.stack),
+            None => self.splicer.drop_agent(peer),
+        }
+    }
+
+    /// Runs every stack, carries out its events and moves bytes between flows and tunnels.
+    fn step_stacks(&mut self) {
+        let now = Instant::now();
+        let mut ended = Vec::new();
+        let pkt = &mut self.ip_buf;
+        for (peer, s) in self.sessions.iter_mut() {
+            while let Some(ev) = s.tunnel.poll_event() {
+                match ev {
+                    TunnelEvent::Up(id) => tracing::info!(
+                        "tunnel from {id} is up via the relay (groups: {})",
+                        if id.groups.is_empty() {
+                            "none".into()
+                        } else {
+                            id.groups.join(",")
+                        }
+                    ),
+                    TunnelEvent::Closed(why) => {
+                        tracing::info!("tunnel from agent peer {} closed: {why}", peer.short())
+                    }
+                }
+            }
+            if s.tunnel.is_closed() {
+                ended.push(*peer);
+                continue;
+            }
+            s.stack.set_time(now, self.base);
+            s.stack.poll();
+            self.splicer.handle_events(*peer, &mut s.stack);
+            self.splicer.pump(*peer, &mut s.stack);
+            s.stack.poll();
+            self.splicer.handle_events(*peer, &mut s.stack);
+            while s.tunnel.can_send_ip() {
+                let Some(p) = s.stack.output() else { break };
+                let n = TUNNEL_IP_OVERHEAD + p.len();
+                if n > pkt.len() {
+                    continue;
+                }
+                pkt[TUNNEL_IP_OVERHEAD..n].copy_from_slice(&p);
+                if let Err(e) = s.tunnel.send_ip(&mut pkt[..n]) {
+                    tracing::debug!("to agent peer {}: dropping a packet: {e}", peer.short());
+                }
+            }
+        }
+        for peer in ended {
+            self.end_session(peer);
+        }
+    }
+
+    fn end_session(&mut self, peer: PeerId) {
+        if self.sessions.remove(&peer).is_some() {
+            self.splicer.drop_agent(peer);
+        }
+    }
+
+    async fn flush(&mut self, socket: &UdpSocket) {
+        let mut tunnels: Vec<&mut Tunnel> =
+            self.sessions.values_mut().map(|s| &mut s.tunnel).collect();
+        node::flush(&mut self.link, &mut tunnels, socket, &mut self.out).await;
+    }
+}

@@ -1,0 +1,572 @@
+//! `sluice lab`: a whole deployment in network namespaces on one machine.
+//!
+//! ```text
+//!   {p}agent ──┐                         ┌── {p}relay
+//!   eth0 192.0.2.10/24    {p}inet: br0    eth0 192.0.2.1/24
+//!              └──────── "internet" ─────┘
+//!                            │
+//!   {p}conn  eth0 192.0.2.20/24, svc0 198.51.100.1/24 ── {p}svc eth0 198.51.100.10/24
+//! ```
+//! `{p}` is the name prefix (default `sl-`), so several labs can exist side by side. The
+//! private service network 198.51.100.0/24 (and fd00:5c1c:5c::/64) is reachable only from
+//! `{p}conn`; the agent reaches it only through the tunnel. docs/lab.md documents every piece.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use crate::ca;
+
+#[derive(Args, Clone)]
+pub struct LabOpts {
+    /// Prefix of the lab's namespace names; labs with different prefixes are independent.
+    #[arg(long, default_value = "sl-")]
+    pub prefix: String,
+    /// Directory for the lab's certificates, configs, logs and pid files
+    /// (default: /run/sluice-lab/PREFIX).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Do not start relay, connector and agent (just the network and the services).
+    #[arg(long)]
+    pub no_roles: bool,
+}
+
+pub const RELAY_ADDR: &str = "192.0.2.1";
+pub const AGENT_ADDR: &str = "192.0.2.10";
+pub const CONN_ADDR: &str = "192.0.2.20";
+pub const CONN_SVC_ADDR: &str = "198.51.100.1";
+pub const SVC_ADDR: &str = "198.51.100.10";
+pub const SVC_NET: &str = "198.51.100.0/24";
+pub const CONN_SVC_ADDR6: &str = "fd00:5c1c:5c::1";
+pub const SVC_ADDR6: &str = "fd00:5c1c:5c::10";
+pub const SVC_NET6: &str = "fd00:5c1c:5c::/64";
+pub const RELAY_PORT: u16 = 4433;
+pub const SVC_ZONE: &str = "lab.internal";
+
+struct Lab {
+    prefix: String,
+    dir: PathBuf,
+}
+
+const ROLES: [&str; 3] = ["relay", "connector", "agent"];
+const NAMESPACES: [&str; 5] = ["inet", "relay", "agent", "conn", "svc"];
+
+impl Lab {
+    fn new(o: &LabOpts) -> Result<Self> {
+        if o.prefix.is_empty()
+            || o.prefix.len() > 8
+            || !o
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            bail!("--prefix {:?}: use 1-8 characters from a-z 0-9 -", o.prefix);
+        }
+        let dir = o
+            .dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(format!("/run/sluice-lab/{}", o.prefix)));
+        Ok(Lab {
+            prefix: o.prefix.clone(),
+            dir,
+        })
+    }
+
+    fn ns(&self, short: &str) -> String {
+        format!("{}{short}", self.prefix)
+    }
+
+    fn ns_of_role(&self, role: &str) -> String {
+        self.ns(match role {
+            "connector" => "conn",
+            "relay" => "relay",
+            "agent" => "agent",
+            other => other,
+        })
+    }
+
+    fn ns_exists(&self, short: &str) -> bool {
+        Path::new("/run/netns").join(self.ns(short)).exists()
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {cmd} (is it installed?)"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run("ip", args)
+}
+
+/// `ip -n NS ...`
+fn ipn(ns: &str, args: &[&str]) -> Result<()> {
+    let mut a = vec!["-n", ns];
+    a.extend_from_slice(args);
+    ip(&a)
+}
+
+fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
+    run(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={val}"),
+        ],
+    )
+}
+
+pub fn up(o: &LabOpts) -> Result<()> {
+    let lab = Lab::new(o)?;
+    if NAMESPACES.iter().any(|n| lab.ns_exists(n)) {
+        println!("lab {}: removing what a previous lab left", lab.prefix);
+        teardown(&lab);
+    }
+    let t0 = Instant::now();
+    if let Err(e) = build_network(&lab) {
+        teardown(&lab);
+        return Err(e.context("building the lab network failed"));
+    }
+    fs::create_dir_all(&lab.dir).with_context(|| format!("cannot create {}", lab.dir.display()))?;
+    let r = (|| -> Result<()> {
+        write_identities(&lab)?;
+        write_configs(&lab)?;
+        start_services(&lab)?;
+        if !o.no_roles {
+            for role in ROLES {
+                start_role(&lab, role)?;
+            }
+            wait_for_tunnel(&lab)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        print_logs(&lab);
+        bail!(
+            "{e:#}\nthe lab is left up for inspection; `sluice lab down --prefix {}` removes it",
+            lab.prefix
+        );
+    }
+    println!(
+        "lab {} is up ({:.1}s); state in {}",
+        lab.prefix,
+        t0.elapsed().as_secs_f32(),
+        lab.dir.display()
+    );
+    print_status(&lab);
+    Ok(())
+}
+
+fn build_network(lab: &Lab) -> Result<()> {
+    for n in NAMESPACES {
+        ip(&["netns", "add", &lab.ns(n)])?;
+        ipn(&lab.ns(n), &["link", "set", "lo", "up"])?;
+    }
+    let inet = lab.ns("inet");
+    ipn(&inet, &["link", "add", "br0", "type", "bridge"])?;
+    ipn(&inet, &["link", "set", "br0", "up"])?;
+    for (short, addr) in [
+        ("relay", RELAY_ADDR),
+        ("agent", AGENT_ADDR),
+        ("conn", CONN_ADDR),
+    ] {
+        let ns = lab.ns(short);
+        // Created inside the namespaces directly: nothing touches the host's own interfaces.
+        ipn(
+            &ns,
+            &[
+                "link", "add", "eth0", "type", "veth", "peer", "name", short, "netns", &inet,
+            ],
+        )?;
+        ipn(&inet, &["link", "set", short, "master", "br0", "up"])?;
+        ipn(&ns, &["addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ipn(&ns, &["link", "set", "eth0", "up"])?;
+    }
+    let conn = lab.ns("conn");
+    let svc = lab.ns("svc");
+    ipn(
+        &conn,
+        &[
+            "link", "add", "svc0", "type", "veth", "peer", "name", "eth0", "netns", &svc,
+        ],
+    )?;
+    ipn(
+        &conn,
+        &["addr", "add", &format!("{CONN_SVC_ADDR}/24"), "dev", "svc0"],
+    )?;
+    ipn(
+        &conn,
+        &[
+            "addr",
+            "add",
+            &format!("{CONN_SVC_ADDR6}/64"),
+            "dev",
+            "svc0",
+            "nodad",
+        ],
+    )?;
+    ipn(&conn, &["link", "set", "svc0", "up"])?;
+    ipn(
+        &svc,
+        &["addr", "add", &format!("{SVC_ADDR}/24"), "dev", "eth0"],
+    )?;
+    ipn(
+        &svc,
+        &[
+            "addr",
+            "add",
+            &format!("{SVC_ADDR6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ],
+    )?;
+    ipn(&svc, &["link", "set", "eth0", "up"])?;
+    // Raw ICMP for the connector's pings needs nothing; ping sockets for lab users do.
+    sysctl(
+        &lab.ns("agent"),
+        "net.ipv4.ping_group_range",
+        "0 2147483647",
+    )?;
+    Ok(())
+}
+
+fn write_identities(lab: &Lab) -> Result<()> {
+    let ca_dir = lab.dir.join("ca");
+    ca::init_ca(&ca_dir, "sluice-lab", "30d", true)?;
+    ca::issue(&ca_dir, "relay", "lab-relay", &[], "30d", &lab.dir)?;
+    ca::issue(&ca_dir, "connector", "lab-connector", &[], "30d", &lab.dir)?;
+    ca::issue(
+        &ca_dir,
+        "agent",
+        "lab-agent",
+        &["lab".into()],
+        "30d",
+        &lab.dir,
+    )?;
+    Ok(())
+}
+
+fn write_configs(lab: &Lab) -> Result<()> {
+    let d = lab.dir.display();
+    let files =
+        |name: &str| format!("cert: {d}/{name}.pem\nkey: {d}/{name}.key\nca: {d}/ca/ca.pem\n");
+    let write = |name: &str, text: String| -> Result<()> {
+        let p = lab.dir.join(name);
+        fs::write(&p, text).with_context(|| format!("cannot write {}", p.display()))
+    };
+    write(
+        "relay.yaml",
+        format!(
+            "# Written by `sluice lab up`.\nlisten: 0.0.0.0:{RELAY_PORT}\n{}",
+            files("lab-relay")
+        ),
+    )?;
+    write(
+        "connector.yaml",
+        format!(
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}",
+            files("lab-connector")
+        ),
+    )?;
+    write(
+        "agent.yaml",
+        format!(
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\nresources:\n  - name: lab-services\n    connector: lab-connector\n    cidrs: [{SVC_NET}, {SVC_NET6}]\n",
+            files("lab-agent")
+        ),
+    )?;
+    let www = lab.dir.join("www");
+    fs::create_dir_all(&www)?;
+    fs::write(
+        www.join("index.html"),
+        "<!doctype html><title>Sluice lab</title><h1>Hello from the private service network</h1>\n<p>This page was served by 198.51.100.10 in the sl-svc namespace and reached you through the Sluice tunnel.</p>\n",
+    )?;
+    Ok(())
+}
+
+/// Starts `args` inside namespace `ns` in the background, logging to DIR/NAME.log.
+fn spawn_in(lab: &Lab, ns: &str, name: &str, args: &[&str]) -> Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let log = fs::File::create(lab.dir.join(format!("{name}.log")))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {name}"))?;
+    let pid = child.id();
+    fs::write(lab.dir.join(format!("{name}.pid")), pid.to_string())?;
+    Ok(pid)
+}
+
+fn start_services(lab: &Lab) -> Result<()> {
+    let svc = lab.ns("svc");
+    let www = lab.dir.join("www");
+    let www = www.to_string_lossy();
+    spawn_in(
+        lab,
+        &svc,
+        "http",
+        &[
+            "python3",
+            "-m",
+            "http.server",
+            "80",
+            "--bind",
+            "::",
+            "--directory",
+            &www,
+        ],
+    )?;
+    spawn_in(
+        lab,
+        &svc,
+        "dns",
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address",
+            SVC_ADDR,
+            "--pid-file",
+            "--log-facility=-",
+            &format!("--address=/web.{SVC_ZONE}/{SVC_ADDR}"),
+            &format!("--address=/web.{SVC_ZONE}/{SVC_ADDR6}"),
+        ],
+    )?;
+    wait_until(Duration::from_secs(10), "the lab's HTTP server", || {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &svc,
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "--max-time",
+                "1",
+                &format!("http://{SVC_ADDR}/"),
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+fn start_role(lab: &Lab, role: &str) -> Result<()> {
+    let exe = std::env::current_exe().context("cannot find the sluice binary")?;
+    let exe = exe.to_string_lossy();
+    let cfg = lab.dir.join(format!("{role}.yaml"));
+    spawn_in(
+        lab,
+        &lab.ns_of_role(role),
+        role,
+        &[&exe, role, "--config", &cfg.to_string_lossy()],
+    )?;
+    Ok(())
+}
+
+fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Result<()> {
+    let t0 = Instant::now();
+    while t0.elapsed() < limit {
+        if ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("{what} did not come up within {}s", limit.as_secs())
+}
+
+fn wait_for_tunnel(lab: &Lab) -> Result<()> {
+    let agent = lab.ns("agent");
+    wait_until(Duration::from_secs(10), "the agent's TUN device", || {
+        Command::new("ip")
+            .args(["-n", &agent, "link", "show", "sluice0"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    })?;
+    wait_until(
+        Duration::from_secs(30),
+        "the tunnel (HTTP from the agent to 198.51.100.10)",
+        || {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &agent,
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "2",
+                    &format!("http://{SVC_ADDR}/"),
+                ])
+                .status()
+                .is_ok_and(|s| s.success())
+        },
+    )
+}
+
+fn print_logs(lab: &Lab) {
+    for name in ["relay", "connector", "agent", "http", "dns"] {
+        if let Ok(text) = fs::read_to_string(lab.dir.join(format!("{name}.log"))) {
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- {name}.log (last lines) ---");
+            for l in &lines[lines.len().saturating_sub(15)..] {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+fn read_pid(lab: &Lab, name: &str) -> Option<u32> {
+    fs::read_to_string(lab.dir.join(format!("{name}.pid")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn ns_pids(ns: &str) -> Vec<i32> {
+    Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Stops every process in the lab's namespaces and deletes them. Never fails: whatever is
+/// already gone is skipped.
+fn teardown(lab: &Lab) {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let existing: Vec<String> = NAMESPACES
+        .iter()
+        .filter(|n| lab.ns_exists(n))
+        .map(|n| lab.ns(n))
+        .collect();
+    let mut pids: Vec<i32> = existing.iter().flat_map(|ns| ns_pids(ns)).collect();
+    // `ip netns exec` parents too, from the pid files, in case the namespace is already gone.
+    pids.extend(
+        ["relay", "connector", "agent", "http", "dns"]
+            .iter()
+            .filter_map(|n| read_pid(lab, n))
+            .map(|p| p as i32),
+    );
+    for &p in &pids {
+        let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
+    }
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(3) && pids.iter().any(|&p| pid_alive(p as u32)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for &p in &pids {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+    for ns in existing {
+        let _ = ip(&["netns", "del", &ns]);
+    }
+}
+
+pub fn down(o: &LabOpts) -> Result<()> {
+    let lab = Lab::new(o)?;
+    let present = NAMESPACES.iter().any(|n| lab.ns_exists(n)) || lab.dir.exists();
+    teardown(&lab);
+    if lab.dir.exists() {
+        fs::remove_dir_all(&lab.dir)
+            .with_context(|| format!("cannot remove {}", lab.dir.display()))?;
+    }
+    if present {
+        println!("lab {} is down", lab.prefix);
+    } else {
+        println!("lab {} was not up; nothing to do", lab.prefix);
+    }
+    Ok(())
+}
+
+fn print_status(lab: &Lab) {
+    println!(
+        "{:<10} {:<12} {:<8} {:<8} address",
+        "role", "namespace", "pid", "state"
+    );
+    let rows = [
+        ("relay", "relay", format!("{RELAY_ADDR}:{RELAY_PORT}/udp")),
+        (
+            "connector",
+            "conn",
+            format!("{CONN_ADDR}, {CONN_SVC_ADDR} (service side)"),
+        ),
+        (
+            "agent",
+            "agent",
+            format!("{AGENT_ADDR}, TUN sluice0 routes {SVC_NET} {SVC_NET6}"),
+        ),
+        (
+            "http",
+            "svc",
+            format!("http://{SVC_ADDR}/ and http://[{SVC_ADDR6}]/"),
+        ),
+        ("dns", "svc", format!("{SVC_ADDR}:53 (web.{SVC_ZONE})")),
+    ];
+    for (name, short, addr) in rows {
+        let pid = read_pid(lab, name);
+        let state = match pid {
+            Some(p) if pid_alive(p) => "running",
+            Some(_) => "exited",
+            None => "-",
+        };
+        let pid = pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{name:<10} {:<12} {pid:<8} {state:<8} {addr}",
+            lab.ns(short)
+        );
+    }
+    println!("logs: {}/*.log", lab.dir.display());
+}
+
+pub fn status(o: &LabOpts) -> Result<()> {
+    let lab = Lab::new(o)?;
+    if !NAMESPACES.iter().any(|n| lab.ns_exists(n)) {
+        println!(
+            "lab {} is not up (start it with `sluice lab up`)",
+            lab.prefix
+        );
+        return Ok(());
+    }
+    print_status(&lab);
+    Ok(())
+}

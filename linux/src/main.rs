@@ -1,0 +1,194 @@
+//! `sluice`: one binary for every role on Linux.
+
+mod agent;
+mod ca;
+mod config;
+mod connector;
+mod lab;
+mod node;
+mod relay;
+mod tun;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "Sluice zero-trust network access: relay, connector, agent, CA and lab"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the relay: control connections, address discovery, registry, opaque forwarding.
+    Relay(RelayArgs),
+    /// Run a connector beside private services: accepts tunnels and dials the services.
+    Connector(ConnectorArgs),
+    /// Run the agent: a TUN device whose resource traffic goes through tunnels to connectors.
+    Agent(AgentArgs),
+    /// Create the organisation CA and issue node certificates.
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// A complete Sluice deployment in network namespaces, for demos, tests and benchmarks.
+    #[command(subcommand)]
+    Lab(LabCmd),
+}
+
+#[derive(Args)]
+pub struct IdentityArgs {
+    /// Certificate file (PEM); overrides `cert` in the config.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Private key file (PEM); overrides `key` in the config.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// CA certificate file (PEM); overrides `ca` in the config.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct RelayArgs {
+    /// YAML configuration file (see configs/relay.yaml).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// UDP address to listen on; overrides `listen`.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+#[derive(Args)]
+pub struct ConnectorArgs {
+    /// YAML configuration file (see configs/connector.yaml).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// The relay's UDP address; overrides `relay`.
+    #[arg(long)]
+    pub relay: Option<SocketAddr>,
+    /// Local UDP address; overrides `listen`.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// YAML configuration file (see configs/agent.yaml).
+    #[arg(long, short)]
+    pub config: PathBuf,
+    /// The relay's UDP address; overrides `relay`.
+    #[arg(long)]
+    pub relay: Option<SocketAddr>,
+    /// Local UDP address; overrides `listen`.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// TUN interface name; overrides `tun.name`.
+    #[arg(long)]
+    pub tun_name: Option<String>,
+    /// TUN MTU; overrides `tun.mtu`.
+    #[arg(long)]
+    pub mtu: Option<u16>,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+}
+
+#[derive(Subcommand)]
+pub enum CaCmd {
+    /// Create a new organisation CA (Ed25519): DIR/ca.pem and DIR/ca.key.
+    Init {
+        /// Directory for the CA files (created if missing).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Organisation name written into the CA certificate.
+        #[arg(long, default_value = "sluice")]
+        org: String,
+        /// Validity, like 90d or 10y.
+        #[arg(long, default_value = "10y")]
+        valid: String,
+        /// Replace an existing CA in DIR (every certificate it issued stops working).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a node certificate signed by the CA: OUT/NAME.pem and OUT/NAME.key.
+    Issue {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// What the node is: agent, connector or relay.
+        #[arg(long)]
+        role: String,
+        /// The node's name (user or device for agents; connectors are addressed by it).
+        #[arg(long)]
+        name: String,
+        /// Comma-separated groups, for access policy.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Validity, like 12h, 30d or 1y.
+        #[arg(long, default_value = "30d")]
+        valid: String,
+        /// Where to write the certificate and key (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Print what a certificate says: name, role, groups, peer id, expiry.
+    Show {
+        /// Certificate file (PEM).
+        cert: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LabCmd {
+    /// Build the lab's namespaces and start relay, connector, agent and services in them.
+    Up(lab::LabOpts),
+    /// Stop everything the lab started and delete its namespaces (safe to run any time).
+    Down(lab::LabOpts),
+    /// Say what runs where.
+    Status(lab::LabOpts),
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let result = match cli.cmd {
+        Cmd::Relay(a) => relay::run(a),
+        Cmd::Connector(a) => connector::run(a),
+        Cmd::Agent(a) => agent::run(a),
+        Cmd::Ca(c) => ca::run(c),
+        Cmd::Lab(LabCmd::Up(o)) => lab::up(&o),
+        Cmd::Lab(LabCmd::Down(o)) => lab::down(&o),
+        Cmd::Lab(LabCmd::Status(o)) => lab::status(&o),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(c) = e.downcast_ref::<config::ConfigError>() {
+                eprintln!("error: {c}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! The relay as a sans-IO state machine: control connections from agents and connectors, QUIC
+//! Address Discovery, the registry of connectors, and forwarding of opaque end-to-end packets.
+//!
+//! Forwarding rewrites only the 32-byte peer id of a relay forward DATAGRAM (destination in,
+//! source out); the end-to-end packet behind it is encrypted with keys the relay never has.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use sluice_dataplane::control::CONTROL_STREAM;
+use sluice_dataplane::identity::{identity_from_der, Identity, PeerId, Role};
+use sluice_dataplane::tls;
+use sluice_dataplane::wire::{
+    ControlDecoder, ControlMessage, DGRAM_RELAY_FORWARD, RELAY_FORWARD_OVERHEAD,
+};
+
+use crate::retry::RetryTokens;
+
+type Handle = u64;
+
+/// Counters for operators and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RelayStats {
+    pub clients: usize,
+    pub connectors: usize,
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+    pub dropped_packets: u64,
+    pub bad_packets: u64,
+    pub retries_sent: u64,
+}
+
+struct Client {
+    conn: quiche::Connection,
+    identity: Option<Identity>,
+    /// The address last reported to the client (QUIC Address Discovery).
+    reported: Option<SocketAddr>,
+    peer_addr: SocketAddr,
+    decoder: ControlDecoder,
+    out: Vec<u8>,
+    stream_open: bool,
+    cids: Vec<Vec<u8>>,
+}
+
+pub struct Relay {
+    config: quiche::Config,
+    local: SocketAddr,
+    retry: RetryTokens,
+    clients: HashMap<Handle, Client>,
+    by_cid: HashMap<Vec<u8>, Handle>,
+    by_peer: HashMap<PeerId, Handle>,
+    connectors: HashMap<String, PeerId>,
+    next_handle: Handle,
+    dirty: BTreeSet<Handle>,
+    /// Packets that are not for a connection (retry, version negotiation), to send as is.
+    stateless_out: Vec<(Vec<u8>, SocketAddr)>,
+    stats: RelayStats,
+    scratch: Vec<u8>,
+}
+
+impl Relay {
+    pub fn new(config: quiche::Config, local: SocketAddr) -> Self {
+        Relay {
+            config,
+            local,
+            retry: RetryTokens::new(),
+            clients: HashMap::new(),
+            by_cid: HashMap::new(),
+            by_peer: HashMap::new(),
+            connectors: HashMap::new(),
+            next_handle: 1,
+            dirty: BTreeSet::new(),
+            stateless_out: Vec::new(),
+            stats: RelayStats::default(),
+            scratch: vec![0u8; 65_536],
+        }
+    }
+
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            clients: self.clients.len(),
+            connectors: self.connectors.len(),
+            ..self.stats
+        }
+    }
+
+    /// The connectors registered now, by name.
+    pub fn connectors(&self) -> impl Iterator<Item = (&String, &PeerId)> {
+        self.connectors.iter()
+    }
+
+    /// Feeds one UDP packet.
+    pub fn recv(&mut self, pkt: &mut [u8], from: SocketAddr) {
+        let hdr = match quiche::Header::from_slice(pkt, quiche::MAX_CONN_ID_LEN) {
+            Ok(h) => h,
+            Err(_) => {
+                self.stats.bad_packets += 1;
+                return;
+            }
+        };
+        let handle = match self.by_cid.get(hdr.dcid.as_ref()) {
+            Some(h) => *h,
+            None => match self.new_client(&hdr, from) {
+                Some(h) => h,
+                None => return,
+            },
+        };
+        let Some(client) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        let info = quiche::RecvInfo {
+            from,
+            to: self.local,
+        };
+        if let Err(e) = client.conn.recv(pkt, info) {
+            tracing::debug!("relay: dropped a packet from {from}: {e}");
+            self.stats.bad_packets += 1;
+        }
+        client.peer_addr = from;
+        self.dirty.insert(handle);
+        self.process(handle);
+    }
+
+    fn new_client(&mut self, hdr: &quiche::Header, from: SocketAddr) -> Option<Handle> {
+        if hdr.ty != quiche::Type::Initial {
+            self.stats.bad_packets += 1;
+            return None;
+        }
+        if !quiche::version_is_supported(hdr.version) {
+            let mut out = vec![0u8; 1350];
+            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, &mut out) {
+                out.truncate(n);
+                self.stateless_out.push((out, from));
+            }
+            return None;
+        }
+        let token = hdr.token.as_deref().unwrap_or(&[]);
+        if token.is_empty() {
+            // Address validation first: the Retry is smaller than the Initial that caused it.
+            let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
+            rand::fill(&mut scid);
+            let new_token = self.retry.mint(&hdr.dcid, &from);
+            let mut out = vec![0u8; 1350];
+            if let Ok(n) = quiche::retry(
+                &hdr.scid,
+                &hdr.dcid,
+                &quiche::ConnectionId::from_ref(&scid),
+                &new_token,
+                hdr.version,
+                &mut out,
+            ) {
+                out.truncate(n);
+                self.stateless_out.push((out, from));
+                self.stats.retries_sent += 1;
+            }
+            return None;
+        }
+        let Some(odcid) = self.retry.validate(token, &from) else {
+            tracing::debug!("relay: invalid retry token from {from}");
+            self.stats.bad_packets += 1;
+            return None;
+        };
+        let scid = hdr.dcid.to_vec();
+        let conn = quiche::accept(
+            &quiche::ConnectionId::from_ref(&scid),
+            Some(&quiche::ConnectionId::from_ref(&odcid)),
+            self.local,
+            from,
+            &mut self.config,
+        )
+        .ok()?;
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        self.by_cid.insert(scid.clone(), handle);
+        self.clients.insert(
+            handle,
+            Client {
+                conn,
+                identity: None,
+                reported: None,
+                peer_addr: from,
+                decoder: ControlDecoder::default(),
+                out: Vec::new(),
+                stream_open: false,
+                cids: vec![scid],
+            },
+        );
+        Some(handle)
+    }
+
+    fn process(&mut self, handle: Handle) {
+        self.check_established(handle);
+        self.read_control(handle);
+        self.forward_datagrams(handle);
+        self.report_address(handle);
+        self.flush_stream(handle);
+    }
+
+    fn check_established(&mut self, handle: Handle) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        if c.identity.is_some() || !c.conn.is_established() {
+            return;
+        }
+        let id = match c.conn.peer_cert().map(identity_from_der) {
+            Some(Ok(id)) => id,
+            other => {
+                tracing::warn!(
+                    "relay: closing {}: unusable certificate {other:?}",
+                    c.peer_addr
+                );
+                let _ = c.conn.close(false, 0x100 + 46, b"bad certificate");
+                return;
+            }
+        };
+        tracing::info!("relay: {id} connected from {}", c.peer_addr);
+        c.identity = Some(id.clone());
+        if let Some(old) = self.by_peer.insert(id.peer_id, handle) {
+            if old != handle {
+                if let Some(o) = self.clients.get_mut(&old) {
+                    tracing::info!("relay: {id} reconnected; closing its previous connection");
+                    let _ = o.conn.close(true, 0, b"replaced by a newer connection");
+                    self.dirty.insert(old);
+                }
+            }
+        }
+        if id.role == Role::Connector {
+            if let Some(prev) = self.connectors.insert(id.name.clone(), id.peer_id) {
+                if prev != id.peer_id {
+                    tracing::warn!(
+                        "relay: connector name {:?} now served by peer {} (was {})",
+                        id.name,
+                        id.peer_id.short(),
+                        prev.short()
+                    );
+                }
+            }
+        }
+    }
+
+    fn read_control(&mut self, handle: Handle) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        if c.identity.is_none() {
+            return;
+        }
+        while let Ok((n, _)) = c.conn.stream_recv(CONTROL_STREAM, &mut self.scratch) {
+            c.decoder.push(&self.scratch[..n]);
+            c.stream_open = true;
+        }
+        let mut replies = Vec::new();
+        while let Some(msg) = c.decoder.next_message() {
+            match msg {
+                Ok(ControlMessage::Hello { software }) => {
+                    tracing::debug!("relay: {} runs {software}", c.peer_addr);
+                }
+                Ok(ControlMessage::Lookup { name }) => {
+                    let peer = self.connectors.get(&name).copied();
+                    replies.push(ControlMessage::LookupReply { name, peer });
+                }
+                Ok(other) => tracing::debug!("relay: unexpected message {other:?}"),
+                Err(e) => {
+                    tracing::warn!("relay: closing {}: bad control message: {e}", c.peer_addr);
+                    let _ = c.conn.close(false, 0x1, b"bad control message");
+                    return;
+                }
+            }
+        }
+        for r in replies {
+            let _ = r.encode(&mut c.out);
+        }
+    }
+
+    fn report_address(&mut self, handle: Handle) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        if !c.stream_open || c.reported == Some(c.peer_addr) {
+            return;
+        }
+        if ControlMessage::ObservedAddr(c.peer_addr)
+            .encode(&mut c.out)
+            .is_ok()
+        {
+            c.reported = Some(c.peer_addr);
+        }
+    }
+
+    fn flush_stream(&mut self, handle: Handle) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        if c.out.is_empty() || !c.stream_open {
+            return;
+        }
+        if let Ok(n) = c.conn.stream_send(CONTROL_STREAM, &c.out, false) {
+            c.out.drain(..n);
+        }
+    }
+
+    fn forward_datagrams(&mut self, from: Handle) {
+        let (src_id, src_role) = match self.clients.get(&from).and_then(|c| c.identity.as_ref()) {
+            Some(id) => (id.peer_id, id.role),
+            None => return,
+        };
+        loop {
+            let Some(c) = self.clients.get_mut(&from) else {
+                return;
+            };
+            let n = match c.conn.dgram_recv(&mut self.scratch) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let pkt = &mut self.scratch[..n];
+            if n < RELAY_FORWARD_OVERHEAD || pkt[0] != DGRAM_RELAY_FORWARD {
+                self.stats.bad_packets += 1;
+                continue;
+            }
+            let Some(dst_id) = PeerId::from_slice(&pkt[1..RELAY_FORWARD_OVERHEAD]) else {
+                continue;
+            };
+            let Some(&dst) = self.by_peer.get(&dst_id) else {
+                self.stats.dropped_packets += 1;
+                continue;
+            };
+            let Some(d) = self.clients.get_mut(&dst) else {
+                continue;
+            };
+            // Tunnels run between an agent and a connector, never between two of a kind.
+            if d.identity.as_ref().map(|i| i.role) == Some(src_role) {
+                self.stats.dropped_packets += 1;
+                continue;
+            }
+            pkt[1..RELAY_FORWARD_OVERHEAD].copy_from_slice(&src_id.0);
+            match d.conn.dgram_send(pkt) {
+                Ok(()) => {
+                    self.stats.forwarded_packets += 1;
+                    self.stats.forwarded_bytes += (n - RELAY_FORWARD_OVERHEAD) as u64;
+                    self.dirty.insert(dst);
+                }
+                Err(_) => self.stats.dropped_packets += 1,
+            }
+        }
+    }
+
+    /// Writes the next UDP packet to send into `out`: its length and destination.
+    pub fn send(&mut self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        if let Some((pkt, to)) = self.stateless_out.pop() {
+            let n = pkt.len().min(out.len());
+            out[..n].copy_from_slice(&pkt[..n]);
+            return Some((n, to));
+        }
+        while let Some(&h) = self.dirty.iter().next() {
+            if let Some(c) = self.clients.get_mut(&h) {
+                match c.conn.send(out) {
+                    Ok((n, info)) => return Some((n, info.to)),
+                    Err(quiche::Error::Done) => {}
+                    Err(e) => tracing::debug!("relay: send failed: {e}"),
+                }
+            }
+            self.dirty.remove(&h);
+        }
+        self.reap();
+        None
+    }
+
+    pub fn timeout(&self) -> Option<Duration> {
+        self.clients.values().filter_map(|c| c.conn.timeout()).min()
+    }
+
+    /// Runs the timers that have expired.
+    pub fn on_timeout(&mut self) {
+        let due: Vec<Handle> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.conn.timeout() == Some(Duration::ZERO))
+            .map(|(h, _)| *h)
+            .collect();
+        for h in due {
+            if let Some(c) = self.clients.get_mut(&h) {
+                c.conn.on_timeout();
+                self.dirty.insert(h);
+            }
+            self.process(h);
+        }
+    }
+
+    /// Removes closed connections from the registry.
+    fn reap(&mut self) {
+        let closed: HashSet<Handle> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| c.conn.is_closed())
+            .map(|(h, _)| *h)
+            .collect();
+        for h in closed {
+            let Some(c) = self.clients.remove(&h) else {
+                continue;
+            };
+            for cid in &c.cids {
+                self.by_cid.remove(cid);
+            }
+            let why = tls::describe_close(&c.conn).unwrap_or_else(|| "closed".into());
+            match &c.identity {
+                Some(id) => {
+                    tracing::info!("relay: {id} disconnected: {why}");
+                    if self.by_peer.get(&id.peer_id) == Some(&h) {
+                        self.by_peer.remove(&id.peer_id);
+                        if self.connectors.get(&id.name) == Some(&id.peer_id) {
+                            self.connectors.remove(&id.name);
+                        }
+                    }
+                }
+                None => tracing::info!("relay: handshake with {} failed: {why}", c.peer_addr),
+            }
+        }
+    }
+}
