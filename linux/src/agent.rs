@@ -231,13 +231,8 @@ impl Agent {
         let now = Instant::now();
         self.link.recv(pkt, from, now);
         let mut buf = std::mem::take(&mut self.out);
-        loop {
-            let Some(client) = self.link.connected() else {
-                break;
-            };
-            let Some((peer, data)) = client.recv_forward(&mut buf) else {
-                break;
-            };
+        while let Some((peer, data)) = self.link.connected().and_then(|c| c.recv_forward(&mut buf))
+        {
             let Some(i) = self.slot_of_peer(&peer) else {
                 self.stats.dropped += 1;
                 continue;

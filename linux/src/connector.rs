@@ -154,13 +154,8 @@ impl Connector {
         self.link.recv(pkt, from, Instant::now());
         while self.link.poll_event().is_some() {}
         let mut buf = std::mem::take(&mut self.out);
-        loop {
-            let Some(client) = self.link.connected() else {
-                break;
-            };
-            let Some((peer, data)) = client.recv_forward(&mut buf) else {
-                break;
-            };
+        while let Some((peer, data)) = self.link.connected().and_then(|c| c.recv_forward(&mut buf))
+        {
             self.on_relayed(peer, data);
         }
         self.out = buf;

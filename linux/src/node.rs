@@ -313,10 +313,7 @@ pub async fn flush(
 ) {
     loop {
         for t in tunnels.iter_mut() {
-            loop {
-                let Some(client) = link.connected().filter(|c| c.can_forward()) else {
-                    break;
-                };
+            while let Some(client) = link.connected().filter(|c| c.can_forward()) {
                 match t.send(&mut out[RELAY_FORWARD_OVERHEAD..]) {
                     Some((n, None)) => {
                         if let Err(e) =

@@ -1,0 +1,568 @@
+//! Lab tests: the real `sluice` binary in network namespaces (`sluice lab up`), driven by real
+//! clients (curl, dig, ping) and by sockets this test opens inside the namespaces. Each test
+//! builds its own lab under its own name prefix and takes it down when it ends, failed or not.
+//! They need root; run them one at a time (`--test-threads=1`) on a small machine.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+const SVC: &str = "198.51.100.10";
+const DATA_PORT: u16 = 9000;
+
+struct Lab {
+    prefix: String,
+    dir: PathBuf,
+}
+
+impl Lab {
+    fn up(prefix: &str) -> Lab {
+        let lab = Lab {
+            prefix: prefix.into(),
+            dir: PathBuf::from(format!("/run/sluice-lab/{prefix}")),
+        };
+        let out = Command::new(BIN)
+            .args(["lab", "up", "--prefix", prefix])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    fn ns(&self, short: &str) -> String {
+        format!("{}{short}", self.prefix)
+    }
+
+    fn exec(&self, short: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(short)])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    fn pid(&self, name: &str) -> i32 {
+        fs::read_to_string(self.dir.join(format!("{name}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    fn curl(&self, url: &str, max_time: &str) -> Output {
+        self.exec("agent", &["curl", "-sS", "--max-time", max_time, url])
+    }
+
+    /// Stops a role with `signal` and waits until it has exited.
+    fn stop(&self, name: &str, signal: &str) {
+        let pid = self.pid(name);
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        let t0 = Instant::now();
+        while PathBuf::from(format!("/proc/{pid}")).exists()
+            && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a role again in its namespace, as `sluice lab up` did.
+    fn start(&self, role: &str, short: &str) {
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(format!("{role}.log")))
+            .unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(short), BIN, role, "--config"])
+            .arg(self.dir.join(format!("{role}.yaml")))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        fs::write(self.dir.join(format!("{role}.pid")), child.id().to_string()).unwrap();
+        // Reaped in the background; `lab down` stops it with everything else in the namespace.
+        std::thread::spawn(move || child.wait());
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .args(["lab", "down", "--prefix", &self.prefix])
+            .output();
+    }
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`; sockets it opens live there.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = fs::File::open(&path).unwrap();
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+}
+
+/// A deterministic byte stream: the same `seed` always gives the same bytes.
+struct Pattern(u64);
+
+impl Pattern {
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
+        }
+    }
+}
+
+fn pattern_digest(seed: u64, len: u64) -> [u8; 32] {
+    let mut p = Pattern(seed | 1);
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    h.finalize().into()
+}
+
+/// A data server in the service namespace. Request: `[b'D' | b'U'][len: u64 BE][seed: u64 BE]`.
+/// `D`: the server sends `len` pattern bytes and closes. `U`: the server reads to EOF and
+/// answers the SHA-256 of what it read.
+fn start_data_server(lab: &Lab) {
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let r2 = ready.clone();
+    in_netns(&lab.ns("svc"), move || {
+        let l = TcpListener::bind((SVC, DATA_PORT)).unwrap();
+        r2.wait();
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+                let mut hdr = [0u8; 17];
+                if s.read_exact(&mut hdr).is_err() {
+                    return;
+                }
+                let len = u64::from_be_bytes(hdr[1..9].try_into().unwrap());
+                let seed = u64::from_be_bytes(hdr[9..17].try_into().unwrap());
+                if hdr[0] == b'D' {
+                    let mut p = Pattern(seed | 1);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut left = len;
+                    while left > 0 {
+                        let n = left.min(buf.len() as u64) as usize;
+                        p.fill(&mut buf[..n]);
+                        if s.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                        left -= n as u64;
+                    }
+                } else {
+                    let mut h = Sha256::new();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match s.read(&mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => h.update(&buf[..n]),
+                            Err(_) => return,
+                        }
+                    }
+                    let d: [u8; 32] = h.finalize().into();
+                    let _ = s.write_all(&d);
+                }
+            });
+        }
+    });
+    ready.wait();
+}
+
+fn connect_data() -> TcpStream {
+    let s = TcpStream::connect_timeout(
+        &SocketAddr::from(([198, 51, 100, 10], DATA_PORT)),
+        Duration::from_secs(10),
+    )
+    .expect("connect through the tunnel");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s
+}
+
+fn header(mode: u8, len: u64, seed: u64) -> [u8; 17] {
+    let mut h = [0u8; 17];
+    h[0] = mode;
+    h[1..9].copy_from_slice(&len.to_be_bytes());
+    h[9..17].copy_from_slice(&seed.to_be_bytes());
+    h
+}
+
+/// Downloads `len` pattern bytes through the tunnel and returns their SHA-256.
+fn download(len: u64, seed: u64) -> [u8; 32] {
+    let mut s = connect_data();
+    s.write_all(&header(b'D', len, seed)).unwrap();
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).expect("download read");
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+        h.update(&buf[..n]);
+    }
+    assert_eq!(got, len, "download length");
+    h.finalize().into()
+}
+
+/// Uploads `len` pattern bytes, half-closes, and returns the SHA-256 the server computed.
+fn upload(len: u64, seed: u64) -> [u8; 32] {
+    let mut s = connect_data();
+    s.write_all(&header(b'U', len, seed)).unwrap();
+    let mut p = Pattern(seed | 1);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        p.fill(&mut buf[..n]);
+        s.write_all(&buf[..n]).expect("upload write");
+        left -= n as u64;
+    }
+    // The server answers only after our FIN: this checks half-close through the tunnel.
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut d = [0u8; 32];
+    s.read_exact(&mut d).expect("server digest");
+    d
+}
+
+static SETUP: Once = Once::new();
+
+fn require_root() {
+    SETUP.call_once(|| {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "lab tests need root (network namespaces, TUN)"
+        );
+    });
+}
+
+#[test]
+fn page_through_tunnel_and_unreachable_without_agent() {
+    require_root();
+    let lab = Lab::up("tpage-");
+    let out = lab.curl(&format!("http://{SVC}/"), "5");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Hello from the private service network"));
+    // IPv6 resource address too.
+    let out = lab.curl("http://[fd00:5c1c:5c::10]/", "5");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The relay saw both handshakes with the post-quantum hybrid group.
+    assert!(
+        lab.log("relay").contains("key exchange X25519MLKEM768"),
+        "{}",
+        lab.log("relay")
+    );
+
+    lab.stop("agent", "TERM");
+    let out = lab.curl(&format!("http://{SVC}/"), "2");
+    assert!(
+        !out.status.success(),
+        "page still reachable without the agent"
+    );
+    assert!(
+        lab.log("agent").contains("shutting down"),
+        "{}",
+        lab.log("agent")
+    );
+}
+
+#[test]
+fn large_transfers_both_ways_keep_their_checksums() {
+    require_root();
+    let lab = Lab::up("txfer-");
+    start_data_server(&lab);
+    const LEN: u64 = 200 << 20;
+    let t0 = Instant::now();
+    let got = in_netns(&lab.ns("agent"), || download(LEN, 7))
+        .join()
+        .unwrap();
+    assert_eq!(got, pattern_digest(7, LEN), "download checksum");
+    eprintln!("200 MiB download: {:.1}s", t0.elapsed().as_secs_f32());
+    let t0 = Instant::now();
+    let got = in_netns(&lab.ns("agent"), || upload(LEN, 11))
+        .join()
+        .unwrap();
+    assert_eq!(got, pattern_digest(11, LEN), "upload checksum");
+    eprintln!("200 MiB upload: {:.1}s", t0.elapsed().as_secs_f32());
+}
+
+#[test]
+fn hundred_concurrent_connections() {
+    require_root();
+    let lab = Lab::up("tconc-");
+    start_data_server(&lab);
+    let handles: Vec<_> = (0..100u64)
+        .map(|i| in_netns(&lab.ns("agent"), move || (i, download(1 << 20, 1000 + i))))
+        .collect();
+    for h in handles {
+        let (i, got) = h.join().expect("a connection failed");
+        assert_eq!(got, pattern_digest(1000 + i, 1 << 20), "connection {i}");
+    }
+}
+
+#[test]
+fn dns_over_udp_ping_and_refused_port() {
+    require_root();
+    let lab = Lab::up("tudp-");
+    let out = lab.exec(
+        "agent",
+        &[
+            "dig",
+            "+short",
+            "+time=2",
+            "+tries=2",
+            "@198.51.100.10",
+            "web.lab.internal",
+            "A",
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), SVC, "{out:?}");
+    let out = lab.exec("agent", &["ping", "-c", "3", "-i", "0.2", "-W", "2", SVC]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // A host that does not exist answers with ICMP unreachable, not silence.
+    let out = lab.exec("agent", &["ping", "-c", "1", "-W", "4", "198.51.100.99"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("Unreachable"),
+        "{out:?}"
+    );
+
+    // A closed port: the connector's dial is refused and the app gets a RST at once.
+    let res = in_netns(&lab.ns("agent"), || {
+        let t0 = Instant::now();
+        let r = TcpStream::connect_timeout(
+            &SocketAddr::from(([198, 51, 100, 10], 81)),
+            Duration::from_secs(5),
+        );
+        (r.map(|_| ()).map_err(|e| e.kind()), t0.elapsed())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(res.0, Err(std::io::ErrorKind::ConnectionRefused));
+    assert!(res.1 < Duration::from_secs(1), "refusal took {:?}", res.1);
+    let out = lab.curl(&format!("http://{SVC}:81/"), "5");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Couldn't connect"),
+        "{out:?}"
+    );
+
+    // Packets larger than the tunnel MTU get "fragmentation needed", so PMTUD works.
+    let out = lab.exec("agent", &["ping", "-c", "1", "-s", "1400", "-M", "do", SVC]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("mtu=1280") || text.contains("Frag needed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn relay_restart_reconnects_within_ten_seconds() {
+    require_root();
+    let lab = Lab::up("trelay-");
+    lab.stop("relay", "KILL");
+    std::thread::sleep(Duration::from_secs(3));
+    lab.start("relay", "relay");
+    let back = Instant::now();
+    loop {
+        if lab.curl(&format!("http://{SVC}/"), "2").status.success() {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "no tunnel 10 s after the relay came back:\nagent:\n{}\nconnector:\n{}",
+            lab.log("agent"),
+            lab.log("connector")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!(
+        "tunnel usable {:.1}s after the relay restarted",
+        back.elapsed().as_secs_f32()
+    );
+    for role in ["agent", "connector"] {
+        assert!(
+            lab.log(role).matches("connected to relay").count() >= 2,
+            "{role} did not reconnect:\n{}",
+            lab.log(role)
+        );
+    }
+}
+
+#[test]
+fn bad_input_is_refused_cleanly() {
+    require_root();
+    let tmp = PathBuf::from("/run/sluice-lab/tbad-scratch");
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).unwrap();
+
+    // A malformed config: one error naming file, line and key; exit code 2.
+    let bad = tmp.join("bad.yaml");
+    fs::write(&bad, "relay: 192.0.2.1:4433\ncert: a.pem\nkey: a.key\nca: ca.pem\ntun:\n  mtu: 1400\n  nmae: x\nresources: []\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["agent", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("bad.yaml:7:") && err.contains("nmae"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let lab = Lab::up("tbad-");
+    start_data_server(&lab);
+
+    // A peer with a certificate from another CA is refused, and both sides say why. The
+    // intruder trusts the lab's CA, so it is the relay that does the refusing.
+    let ca = tmp.join("otherca");
+    let ok = |c: &mut Command| assert!(c.status().unwrap().success());
+    ok(Command::new(BIN)
+        .args(["ca", "init", "--org", "intruder", "--dir"])
+        .arg(&ca));
+    ok(Command::new(BIN)
+        .args([
+            "ca", "issue", "--role", "agent", "--name", "mallory", "--dir",
+        ])
+        .arg(&ca));
+    let cfg = tmp.join("mallory.yaml");
+    let d = ca.display();
+    fs::write(
+        &cfg,
+        format!("relay: 192.0.2.1:4433\ncert: {d}/mallory.pem\nkey: {d}/mallory.key\nca: {}/ca/ca.pem\ntun:\n  name: intruder0\nresources:\n  - name: x\n    connector: lab-connector\n    cidrs: [203.0.113.0/24]\n", lab.dir.display()),
+    )
+    .unwrap();
+    let child = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("agent"), BIN, "agent", "--config"])
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let mallory = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        mallory.contains("the peer refused us: unknown CA"),
+        "intruder's log:\n{mallory}"
+    );
+    assert!(
+        lab.log("relay")
+            .contains("refusing peer certificate \"mallory\""),
+        "{}",
+        lab.log("relay")
+    );
+
+    // Garbage UDP at the relay's and the connector's ports disturbs no running tunnel.
+    let conn_port: u16 = lab
+        .log("connector")
+        .split("on 0.0.0.0:")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .and_then(|p| p.trim().parse().ok())
+        .expect("connector port in its log");
+    let transfer = in_netns(&lab.ns("agent"), || download(50 << 20, 3));
+    in_netns(&lab.ns("agent"), move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut p = Pattern(99);
+        let mut buf = [0u8; 1400];
+        for i in 0..3000usize {
+            let n = 1 + i % buf.len();
+            p.fill(&mut buf[..n]);
+            if i % 3 == 0 {
+                buf[0] = 0xc0; // looks like a QUIC long header
+            }
+            let _ = s.send_to(&buf[..n], ("192.0.2.1", 4433));
+            let _ = s.send_to(&buf[..n], ("192.0.2.20", conn_port));
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        transfer.join().unwrap(),
+        pattern_digest(3, 50 << 20),
+        "transfer during garbage"
+    );
+    assert!(lab.curl(&format!("http://{SVC}/"), "5").status.success());
+
+    // Truncated and non-IP packets from the TUN are dropped and counted, never a panic.
+    let inject = r#"
+import socket
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("sluice0", 0))
+for p in [b"\x00", b"\x45\x00\x00", b"\x60\x00", b"garbage!" * 10, b"\x45" + b"\x00" * 30]:
+    s.send(p)
+"#;
+    let out = lab.exec("agent", &["python3", "-c", inject]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        lab.curl(&format!("http://{SVC}/"), "5").status.success(),
+        "agent broken by garbage"
+    );
+    lab.stop("agent", "TERM");
+    let log = lab.log("agent");
+    assert!(!log.contains("panicked"), "{log}");
+    let malformed: u64 = log
+        .rsplit("packets from TUN, ")
+        .next()
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(malformed >= 5, "malformed packets not counted:\n{log}");
+    let _ = fs::remove_dir_all(&tmp);
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what Sluice needs on a Debian 12 machine (as root) and builds it in release mode.
+# Safe to run again: it installs only what is missing and cargo rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+have() { command -v "$1" >/dev/null 2>&1; }
+# command -> Debian package
+for pair in cmake:cmake ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils \
+            dnsmasq:dnsmasq-base python3:python3 ping:iputils-ping pgrep:procps sha256sum:coreutils; do
+  have "${pair%%:*}" || need_pkgs+=("${pair#*:}")
+done
+# bindgen (used by BoringSSL's -sys crate) needs libclang itself.
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_pkgs+=(libclang-dev)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "setup: installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+
+if ! have cargo; then
+  echo "setup: Rust is missing: install Rust 1.85 or newer (https://rustup.rs), then run this again" >&2
+  exit 1
+fi
+
+echo "setup: building sluice (release; the first build compiles BoringSSL and takes several minutes)"
+cargo build --release --locked --bin sluice
