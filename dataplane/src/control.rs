@@ -84,11 +84,13 @@ impl ControlClient {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.connected && !self.conn.is_closed()
+        self.connected && !self.is_closed()
     }
 
+    /// Closed or closing: a connection that received or sent CONNECTION_CLOSE is done even
+    /// while quiche drains it.
     pub fn is_closed(&self) -> bool {
-        self.conn.is_closed()
+        self.conn.is_closed() || self.conn.is_draining()
     }
 
     pub fn observed_addr(&self) -> Option<SocketAddr> {
@@ -255,7 +257,7 @@ impl ControlClient {
                 }
             }
         }
-        if self.conn.is_closed() && !self.closed_reported {
+        if self.is_closed() && !self.closed_reported {
             self.closed_reported = true;
             let why = tls::describe_close(&self.conn).unwrap_or_else(|| "closed".into());
             self.events.push_back(ControlEvent::Closed(why));

@@ -13,7 +13,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, PKCS_ED25519,
 };
-use time::OffsetDateTime;
+pub use time::{Duration as TimeDuration, OffsetDateTime};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
@@ -152,11 +152,15 @@ pub fn validate_name(name: &str) -> Result<(), IdentityError> {
     }
 }
 
-fn validity(params: &mut CertificateParams, valid: Duration) {
+/// From five minutes ago (so a peer whose clock is slightly behind accepts a fresh certificate)
+/// until `valid` from now.
+fn validity_from_now(valid: Duration) -> (OffsetDateTime, OffsetDateTime) {
     let now = OffsetDateTime::now_utc();
-    // Backdate a little so a peer whose clock is slightly behind still accepts a fresh cert.
-    params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + time::Duration::seconds(valid.as_secs().min(i64::MAX as u64) as i64);
+    let secs = valid.as_secs().min(100 * 365 * 86_400) as i64;
+    (
+        now - time::Duration::minutes(5),
+        now + time::Duration::seconds(secs),
+    )
 }
 
 /// ring (behind rcgen) writes Ed25519 keys as PKCS#8 v2 (seed and public key); BoringSSL
@@ -193,7 +197,7 @@ pub fn create_ca(org: &str, valid: Duration) -> Result<PemPair, IdentityError> {
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    validity(&mut params, valid);
+    (params.not_before, params.not_after) = validity_from_now(valid);
     let cert = params.self_signed(&key)?;
     Ok(PemPair {
         cert_pem: cert.pem(),
@@ -201,13 +205,26 @@ pub fn create_ca(org: &str, valid: Duration) -> Result<PemPair, IdentityError> {
     })
 }
 
-/// Issues a node certificate signed by the CA.
+/// Issues a node certificate signed by the CA, valid from now for `valid`.
 pub fn issue(
     ca: &PemPair,
     role: Role,
     name: &str,
     groups: &[String],
     valid: Duration,
+) -> Result<PemPair, IdentityError> {
+    let (not_before, not_after) = validity_from_now(valid);
+    issue_between(ca, role, name, groups, not_before, not_after)
+}
+
+/// Issues a node certificate valid between two instants (tests use it for expired ones).
+pub fn issue_between(
+    ca: &PemPair,
+    role: Role,
+    name: &str,
+    groups: &[String],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
 ) -> Result<PemPair, IdentityError> {
     validate_name(name)?;
     for g in groups {
@@ -227,7 +244,8 @@ pub fn issue(
     params.subject_alt_names = sans;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
-    validity(&mut params, valid);
+    params.not_before = not_before;
+    params.not_after = not_after;
     let cert = params.signed_by(&key, &issuer)?;
     Ok(PemPair {
         cert_pem: cert.pem(),

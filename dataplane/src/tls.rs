@@ -242,7 +242,12 @@ fn describe_error(who: &str, e: &quiche::ConnectionError) -> String {
         } else {
             "we refused the peer"
         };
-        return format!("{whose}: {} (TLS alert {alert})", alert_name(alert));
+        let detail = if reason.is_empty() {
+            String::new()
+        } else {
+            format!(": {reason}")
+        };
+        return format!("{whose}: {} (TLS alert {alert}){detail}", alert_name(alert));
     }
     if e.is_app {
         format!(

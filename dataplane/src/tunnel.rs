@@ -21,8 +21,10 @@ pub const RELAY_PATH_LOCAL: SocketAddr = SocketAddr::new(
     1,
 );
 
-/// Application close code: the peer's certificate does not match who we meant to reach.
-pub const CLOSE_IDENTITY_MISMATCH: u64 = 0x51;
+/// Close code when the peer's certificate is valid but not who we meant to reach: a transport
+/// CRYPTO_ERROR carrying TLS alert 46 (certificate_unknown). A transport close, unlike an
+/// application close, can be sent before the handshake is confirmed.
+pub const CLOSE_IDENTITY_MISMATCH: u64 = 0x100 + 46;
 
 /// Stable virtual addresses for the relayed paths to remote peers.
 #[derive(Default)]
@@ -147,11 +149,13 @@ impl Tunnel {
     }
 
     pub fn is_up(&self) -> bool {
-        self.remote.is_some() && !self.conn.is_closed()
+        self.remote.is_some() && !self.is_closed()
     }
 
+    /// Closed or closing: a connection that received or sent CONNECTION_CLOSE is done even
+    /// while quiche drains it.
     pub fn is_closed(&self) -> bool {
-        self.conn.is_closed()
+        self.conn.is_closed() || self.conn.is_draining()
     }
 
     /// Whether an Initial packet with this destination connection id belongs to this tunnel.
@@ -183,7 +187,11 @@ impl Tunnel {
                 let direct = (info.to != self.relay_path).then_some(info.to);
                 Some((n, direct))
             }
-            Err(quiche::Error::Done) => None,
+            Err(quiche::Error::Done) => {
+                // A close we just sent may have made the connection draining.
+                self.after_io();
+                None
+            }
             Err(e) => {
                 tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
                 self.after_io();
@@ -261,7 +269,7 @@ impl Tunnel {
         if self.remote.is_none() && self.conn.is_established() {
             self.check_identity();
         }
-        if self.conn.is_closed() && !self.closed_reported {
+        if self.is_closed() && !self.closed_reported {
             self.closed_reported = true;
             let why = tls::describe_close(&self.conn).unwrap_or_else(|| "closed".into());
             self.events.push_back(TunnelEvent::Closed(why));
@@ -280,7 +288,7 @@ impl Tunnel {
                 );
                 let _ = self
                     .conn
-                    .close(true, CLOSE_IDENTITY_MISMATCH, b"bad certificate");
+                    .close(false, CLOSE_IDENTITY_MISMATCH, b"bad certificate");
                 return;
             }
         };
@@ -291,7 +299,7 @@ impl Tunnel {
             );
             let _ = self
                 .conn
-                .close(true, CLOSE_IDENTITY_MISMATCH, b"peer id mismatch");
+                .close(false, CLOSE_IDENTITY_MISMATCH, b"peer id mismatch");
             return;
         }
         if let Some(want) = &self.expect_name {
@@ -299,7 +307,7 @@ impl Tunnel {
                 tracing::warn!("tunnel: refusing {id}: expected connector {want:?}");
                 let _ = self
                     .conn
-                    .close(true, CLOSE_IDENTITY_MISMATCH, b"name mismatch");
+                    .close(false, CLOSE_IDENTITY_MISMATCH, b"name mismatch");
                 return;
             }
         }

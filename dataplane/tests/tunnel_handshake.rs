@@ -1,0 +1,274 @@
+//! End-to-end tunnels between an agent and a connector, in memory: mutual authentication against
+//! the CA (other CA, wrong role, expired, wrong name, wrong key all refused with a reason on
+//! each side) and IP packets in DATAGRAMs once up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sluice_dataplane::identity::{self, OffsetDateTime, PeerId, PemPair, Role};
+use sluice_dataplane::tls::{self, Credentials, QuicParams};
+use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
+
+fn params() -> QuicParams {
+    QuicParams {
+        alpn: tls::ALPN_TUNNEL,
+        max_udp_payload: 1350,
+        idle_timeout_ms: 5_000,
+        dgram_queue: 64,
+        streams: false,
+    }
+}
+
+struct Dir(PathBuf);
+
+impl Dir {
+    fn new(tag: &str) -> Dir {
+        let p = std::env::temp_dir().join(format!("sluice-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Dir(p)
+    }
+
+    /// Writes a node's files and loads them as credentials.
+    fn creds(&self, ca: &PemPair, node: &PemPair, name: &str) -> Credentials {
+        let c = self.0.join(format!("{name}.pem"));
+        let k = self.0.join(format!("{name}.key"));
+        let a = self.0.join(format!("{name}-ca.pem"));
+        std::fs::write(&c, &node.cert_pem).unwrap();
+        std::fs::write(&k, &node.key_pem).unwrap();
+        std::fs::write(&a, &ca.cert_pem).unwrap();
+        Credentials::load(
+            c.to_str().unwrap(),
+            k.to_str().unwrap(),
+            a.to_str().unwrap(),
+        )
+        .unwrap()
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn day() -> Duration {
+    Duration::from_secs(86_400)
+}
+
+struct Pair {
+    agent: Tunnel,
+    conn: Tunnel,
+}
+
+/// Moves packets both ways until neither side has anything to send.
+fn pump(p: &mut Pair) {
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..200 {
+        let mut moved = false;
+        while let Some((n, direct)) = p.agent.send(&mut buf) {
+            assert!(direct.is_none(), "relayed path only");
+            p.conn.recv_relayed(&mut buf[..n]);
+            moved = true;
+        }
+        while let Some((n, _)) = p.conn.send(&mut buf) {
+            p.agent.recv_relayed(&mut buf[..n]);
+            moved = true;
+        }
+        if !moved {
+            return;
+        }
+    }
+}
+
+fn events(t: &mut Tunnel) -> Vec<TunnelEvent> {
+    std::iter::from_fn(|| t.poll_event()).collect()
+}
+
+/// Builds a pair: the agent dials `expect_name` expecting key `expect_peer` (default: the
+/// connector's real one).
+fn pair(
+    agent: &Credentials,
+    conn: &Credentials,
+    expect_name: &str,
+    expect_peer: Option<PeerId>,
+) -> Pair {
+    let mut paths = VirtualPaths::default();
+    let mut acfg = tls::quic_config(agent, &[Role::Connector], &params()).unwrap();
+    let mut ccfg = tls::quic_config(conn, &[Role::Agent], &params()).unwrap();
+    let conn_peer = expect_peer.unwrap_or(conn.identity.peer_id);
+    let a = Tunnel::connect(&mut acfg, conn_peer, expect_name, paths.addr_of(conn_peer)).unwrap();
+    let c = Tunnel::accept(
+        &mut ccfg,
+        agent.identity.peer_id,
+        paths.addr_of(agent.identity.peer_id),
+    )
+    .unwrap();
+    Pair { agent: a, conn: c }
+}
+
+fn closed_reason(evs: &[TunnelEvent]) -> Option<String> {
+    evs.iter().find_map(|e| match e {
+        TunnelEvent::Closed(w) => Some(w.clone()),
+        _ => None,
+    })
+}
+
+#[test]
+fn tunnel_comes_up_and_carries_ip_packets() {
+    let d = Dir::new("up");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &["eng".into()], day()).unwrap(),
+        "alice",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair(&agent, &conn, "conn-1", None);
+    pump(&mut p);
+    assert!(p.agent.is_up() && p.conn.is_up());
+    assert!(matches!(&events(&mut p.agent)[..], [TunnelEvent::Up(id)] if id.name == "conn-1"));
+    let ev = events(&mut p.conn);
+    assert!(
+        matches!(&ev[..], [TunnelEvent::Up(id)] if id.name == "alice" && id.groups == ["eng"]),
+        "{ev:?}"
+    );
+
+    // An IP packet, with one byte of headroom for the tunnel header.
+    let ip = [
+        0x45u8, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    let mut buf = vec![0u8];
+    buf.extend_from_slice(&ip);
+    p.agent.send_ip(&mut buf).unwrap();
+    pump(&mut p);
+    let mut rx = [0u8; 2048];
+    let r = p.conn.recv_ip(&mut rx).expect("packet arrives");
+    assert_eq!(&rx[r], &ip[..]);
+    // The largest packet the tunnel takes fits a 1280-byte MTU.
+    assert!(p.agent.max_ip_len().unwrap() >= 1280);
+    let mut big = vec![0u8; 1 + p.agent.max_ip_len().unwrap() + 1];
+    assert!(p.agent.send_ip(&mut big).is_err());
+}
+
+#[test]
+fn certificate_from_another_ca_is_refused() {
+    let d = Dir::new("ca");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let evil = identity::create_ca("evil", day()).unwrap();
+    // The intruder trusts acme's CA but holds a certificate from its own.
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&evil, Role::Agent, "mallory", &[], day()).unwrap(),
+        "mallory",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair(&agent, &conn, "conn-1", None);
+    pump(&mut p);
+    assert!(!p.agent.is_up() && !p.conn.is_up());
+    let why = closed_reason(&events(&mut p.agent)).unwrap();
+    assert!(
+        why.contains("the peer refused us") && why.contains("unknown CA"),
+        "{why}"
+    );
+    let why = closed_reason(&events(&mut p.conn)).unwrap();
+    assert!(why.contains("we refused the peer"), "{why}");
+}
+
+#[test]
+fn wrong_role_is_refused() {
+    let d = Dir::new("role");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &[], day()).unwrap(),
+        "alice",
+    );
+    // Another agent posing as a connector.
+    let fake = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "conn-1", &[], day()).unwrap(),
+        "fake",
+    );
+    let mut p = pair(&agent, &fake, "conn-1", None);
+    pump(&mut p);
+    assert!(!p.agent.is_up());
+    let why = closed_reason(&events(&mut p.agent)).unwrap();
+    assert!(why.contains("we refused the peer"), "{why}");
+}
+
+#[test]
+fn expired_certificate_is_refused() {
+    let d = Dir::new("exp");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let old = identity::issue_between(
+        &ca,
+        Role::Agent,
+        "alice",
+        &[],
+        now - time_days(3),
+        now - time_days(1),
+    )
+    .unwrap();
+    let agent = d.creds(&ca, &old, "alice");
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair(&agent, &conn, "conn-1", None);
+    pump(&mut p);
+    assert!(!p.conn.is_up());
+    let why = closed_reason(&events(&mut p.agent)).unwrap();
+    assert!(why.contains("certificate expired"), "{why}");
+}
+
+fn time_days(n: i64) -> identity::TimeDuration {
+    identity::TimeDuration::days(n)
+}
+
+#[test]
+fn wrong_name_or_key_is_refused_after_the_handshake() {
+    let d = Dir::new("name");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &[], day()).unwrap(),
+        "alice",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    // The agent meant conn-2: a valid connector, but not the one asked for.
+    let mut p = pair(&agent, &conn, "conn-2", None);
+    pump(&mut p);
+    assert!(!p.agent.is_up());
+    let why = closed_reason(&events(&mut p.agent)).expect("agent closed");
+    assert!(
+        why.contains("we refused the peer") && why.contains("name mismatch"),
+        "{why}"
+    );
+    let why = closed_reason(&events(&mut p.conn)).expect("connector told");
+    assert!(
+        why.contains("the peer refused us") && why.contains("name mismatch"),
+        "{why}"
+    );
+    // The relay routed to key X but the connector answering holds key Y (NAT collision, or a
+    // relay lying): refused.
+    let mut p = pair(&agent, &conn, "conn-1", Some(PeerId([9; 32])));
+    pump(&mut p);
+    assert!(!p.agent.is_up());
+    let why = closed_reason(&events(&mut p.agent)).expect("agent closed");
+    assert!(why.contains("peer id mismatch"), "{why}");
+}

@@ -1,0 +1,177 @@
+//! The termination state machine fed with real packets: connect-first TCP (refused → RST,
+//! accepted → handshake, data both ways, half-close), UDP and ICMP echo handed to the shell,
+//! and garbage dropped without harm.
+
+use std::time::Instant;
+
+use etherparse::PacketBuilder;
+use proptest::prelude::*;
+use sluice_dataplane::packet::{inspect, PacketInfo, PROTO_UDP};
+use sluice_netstack::stack::{DialError, Limits, Stack, StackEvent};
+
+const CLIENT: [u8; 4] = [100, 96, 0, 1];
+const SERVER: [u8; 4] = [198, 51, 100, 10];
+
+fn tcp(sport: u16, seq: u32, ack: Option<u32>, syn: bool, fin: bool, payload: &[u8]) -> Vec<u8> {
+    let mut b = PacketBuilder::ipv4(CLIENT, SERVER, 64).tcp(sport, 80, seq, 64000);
+    if syn {
+        b = b.syn();
+    }
+    if fin {
+        b = b.fin();
+    }
+    if let Some(a) = ack {
+        b = b.ack(a);
+    }
+    let mut v = Vec::new();
+    b.write(&mut v, payload).unwrap();
+    v
+}
+
+fn outputs(s: &mut Stack) -> Vec<(Vec<u8>, PacketInfo)> {
+    std::iter::from_fn(|| s.output())
+        .map(|p| {
+            let i = inspect(&p).unwrap();
+            (p, i)
+        })
+        .collect()
+}
+
+fn events(s: &mut Stack) -> Vec<StackEvent> {
+    std::iter::from_fn(|| s.poll_event()).collect()
+}
+
+fn stack() -> (Stack, Instant) {
+    let base = Instant::now();
+    let mut s = Stack::new(Limits::default());
+    s.set_time(base, base);
+    (s, base)
+}
+
+#[test]
+fn refused_dial_answers_the_syn_with_a_reset() {
+    let (mut s, _) = stack();
+    s.input(&tcp(40000, 1000, None, true, false, &[]));
+    s.input(&tcp(40000, 1000, None, true, false, &[])); // retransmitted SYN while dialing
+    let ev = events(&mut s);
+    let [StackEvent::DialTcp { id, dst }] = &ev[..] else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(dst.to_string(), "198.51.100.10:80");
+    s.tcp_dialed(*id, Err(DialError::Refused));
+    let out = outputs(&mut s);
+    assert_eq!(out.len(), 1);
+    let rst = &out[0].1;
+    assert!(rst.tcp.rst && rst.tcp.ack && rst.tcp_ack == 1001);
+    assert_eq!(rst.src.to_string(), "198.51.100.10");
+    assert!(matches!(&events(&mut s)[..], [StackEvent::Close { .. }]));
+}
+
+#[test]
+fn unreachable_dial_answers_icmp() {
+    let (mut s, _) = stack();
+    s.input(&tcp(40001, 1, None, true, false, &[]));
+    let StackEvent::DialTcp { id, .. } = events(&mut s).remove(0) else {
+        panic!()
+    };
+    s.tcp_dialed(id, Err(DialError::TimedOut));
+    let out = outputs(&mut s);
+    assert!(out[0].1.icmp_error, "{:?}", out[0].1);
+}
+
+#[test]
+fn accepted_flow_carries_data_both_ways_and_half_closes() {
+    let (mut s, _) = stack();
+    s.input(&tcp(40002, 5000, None, true, false, &[]));
+    let StackEvent::DialTcp { id, .. } = events(&mut s).remove(0) else {
+        panic!()
+    };
+    s.tcp_dialed(id, Ok(()));
+    s.poll();
+    let out = outputs(&mut s);
+    let synack = out
+        .iter()
+        .find(|(_, i)| i.tcp.syn && i.tcp.ack)
+        .expect("SYN-ACK");
+    assert_eq!(synack.1.tcp_ack, 5001);
+    let srv_seq = synack.1.tcp_seq.wrapping_add(1);
+
+    s.input(&tcp(40002, 5001, Some(srv_seq), false, false, &[]));
+    s.input(&tcp(40002, 5001, Some(srv_seq), false, false, b"hello"));
+    s.poll();
+    assert_eq!(s.tcp_readable(), vec![id]);
+    let mut buf = [0u8; 64];
+    let n = s.tcp_to_service(id, &mut buf);
+    assert_eq!(&buf[..n], b"hello");
+
+    s.tcp_from_service(id, b"world");
+    s.poll();
+    let out = outputs(&mut s);
+    assert!(out.iter().any(|(p, i)| i.payload(p) == b"world"), "{out:?}");
+    assert_eq!(s.tcp_pending(id), 0);
+
+    // The app half-closes: the service side is told to shut down its write half.
+    s.input(&tcp(40002, 5006, Some(srv_seq + 5), false, true, &[]));
+    s.poll();
+    assert!(events(&mut s).contains(&StackEvent::ShutdownWrite { id }));
+    // The service finishes too: a FIN goes to the app.
+    s.tcp_service_eof(id);
+    s.poll();
+    assert!(outputs(&mut s).iter().any(|(_, i)| i.tcp.fin));
+}
+
+#[test]
+fn udp_and_echo_go_to_the_shell() {
+    let (mut s, _) = stack();
+    let b = PacketBuilder::ipv4(CLIENT, SERVER, 64).udp(5353, 53);
+    let mut q = Vec::new();
+    b.write(&mut q, b"query").unwrap();
+    s.input(&q);
+    let ev = events(&mut s);
+    let [StackEvent::OpenUdp { id, dst }, StackEvent::UdpSend { payload, .. }] = &ev[..] else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(dst.to_string(), "198.51.100.10:53");
+    assert_eq!(payload, b"query");
+    s.udp_from_service(*id, b"answer");
+    let out = outputs(&mut s);
+    let (p, i) = &out[0];
+    assert_eq!(i.proto, PROTO_UDP);
+    assert_eq!(
+        (i.src.to_string(), i.src_port, i.dst_port),
+        ("198.51.100.10".into(), 53, 5353)
+    );
+    assert_eq!(i.payload(p), b"answer");
+
+    let b = PacketBuilder::ipv4(CLIENT, SERVER, 64).icmpv4_echo_request(7, 1);
+    let mut e = Vec::new();
+    b.write(&mut e, b"ping").unwrap();
+    s.input(&e);
+    let ev = events(&mut s);
+    let [StackEvent::Echo {
+        request,
+        id: 7,
+        seq: 1,
+        ..
+    }] = &ev[..]
+    else {
+        panic!("{ev:?}")
+    };
+    s.echo_reply(request);
+    let out = outputs(&mut s);
+    assert_eq!(out[0].1.echo.map(|e| e.request), Some(false));
+}
+
+proptest! {
+    #[test]
+    fn garbage_is_dropped_without_harm(pkts in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..200), 1..30)) {
+        let (mut s, _) = stack();
+        for mut p in pkts {
+            if let Some(b) = p.first_mut() { *b = (*b & 0x0f) | if *b & 1 == 0 { 0x40 } else { 0x60 }; }
+            s.input(&p);
+            s.poll();
+            while s.output().is_some() {}
+            while s.poll_event().is_some() {}
+        }
+    }
+}
