@@ -3,7 +3,7 @@
 //! agent-to-agent forwarding, and indifference to garbage.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -23,7 +23,7 @@ fn params() -> QuicParams {
     }
 }
 
-fn creds(dir: &PathBuf, ca: &PemPair, role: Role, name: &str) -> Credentials {
+fn creds(dir: &Path, ca: &PemPair, role: Role, name: &str) -> Credentials {
     let node = identity::issue(ca, role, name, &[], Duration::from_secs(3600)).unwrap();
     let (c, k, a) = (
         dir.join(format!("{name}.pem")),
