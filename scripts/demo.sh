@@ -19,7 +19,7 @@ ip netns exec demo-agent curl -sS --max-time 5 http://198.51.100.10/
 echo
 echo "== What the roles logged:"
 for r in agent relay connector; do
-  echo "-- $r"; sed -e 's/\x1b\[[0-9;]*m//g' /run/sluice-lab/demo-/$r.log | grep -E 'tunnel|connected|handshake done|sees us' | head -n 6
+  echo "-- $r"; grep -E 'tunnel|connected|handshake done|sees us' /run/sluice-lab/demo-/$r.log | head -n 6
 done
 echo
 echo "== Stopping the agent: the same address becomes unreachable from demo-agent"
@@ -31,3 +31,5 @@ else
 fi
 echo
 echo "== sluice lab down"
+$bin lab down --prefix demo-
+trap - EXIT

@@ -153,6 +153,14 @@ pub fn up(o: &LabOpts) -> Result<()> {
         if !o.no_roles {
             for role in ROLES {
                 start_role(&lab, role)?;
+                if role == "relay" {
+                    // Clients that start before the relay listens lose their first Initial
+                    // and retry only after QUIC's 1 s timeout.
+                    wait_until(Duration::from_secs(10), "the relay", || {
+                        fs::read_to_string(lab.dir.join("relay.log"))
+                            .is_ok_and(|l| l.contains("listening on"))
+                    })?;
+                }
             }
             wait_for_tunnel(&lab)?;
         }
@@ -298,7 +306,7 @@ fn write_configs(lab: &Lab) -> Result<()> {
     fs::create_dir_all(&www)?;
     fs::write(
         www.join("index.html"),
-        "<!doctype html><title>Sluice lab</title><h1>Hello from the private service network</h1>\n<p>This page was served by 198.51.100.10 in the sl-svc namespace and reached you through the Sluice tunnel.</p>\n",
+        "<!doctype html><title>Sluice lab</title><h1>Hello from the private service network</h1>\n<p>This page was served by 198.51.100.10 in the lab's private service namespace and reached you through the Sluice tunnel.</p>\n",
     )?;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //! Forwarding rewrites only the 32-byte peer id of a relay forward DATAGRAM (destination in,
 //! source out); the end-to-end packet behind it is encrypted with keys the relay never has.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -113,11 +113,14 @@ impl Relay {
             from,
             to: self.local,
         };
-        if let Err(e) = client.conn.recv(pkt, info) {
-            tracing::debug!("relay: dropped a packet from {from}: {e}");
-            self.stats.bad_packets += 1;
+        match client.conn.recv(pkt, info) {
+            // Only an authenticated packet may move the client's observed address.
+            Ok(_) => client.peer_addr = from,
+            Err(e) => {
+                tracing::debug!("relay: dropped a packet from {from}: {e}");
+                self.stats.bad_packets += 1;
+            }
         }
-        client.peer_addr = from;
         self.dirty.insert(handle);
         self.process(handle);
     }
@@ -360,10 +363,12 @@ impl Relay {
                     Err(quiche::Error::Done) => {}
                     Err(e) => tracing::debug!("relay: send failed: {e}"),
                 }
+                if c.conn.is_closed() {
+                    self.reap(h);
+                }
             }
             self.dirty.remove(&h);
         }
-        self.reap();
         None
     }
 
@@ -388,34 +393,26 @@ impl Relay {
         }
     }
 
-    /// Removes closed connections from the registry.
-    fn reap(&mut self) {
-        let closed: HashSet<Handle> = self
-            .clients
-            .iter()
-            .filter(|(_, c)| c.conn.is_closed())
-            .map(|(h, _)| *h)
-            .collect();
-        for h in closed {
-            let Some(c) = self.clients.remove(&h) else {
-                continue;
-            };
-            for cid in &c.cids {
-                self.by_cid.remove(cid);
-            }
-            let why = tls::describe_close(&c.conn).unwrap_or_else(|| "closed".into());
-            match &c.identity {
-                Some(id) => {
-                    tracing::info!("relay: {id} disconnected: {why}");
-                    if self.by_peer.get(&id.peer_id) == Some(&h) {
-                        self.by_peer.remove(&id.peer_id);
-                        if self.connectors.get(&id.name) == Some(&id.peer_id) {
-                            self.connectors.remove(&id.name);
-                        }
+    /// Removes a closed connection from the registry.
+    fn reap(&mut self, h: Handle) {
+        let Some(c) = self.clients.remove(&h) else {
+            return;
+        };
+        for cid in &c.cids {
+            self.by_cid.remove(cid);
+        }
+        let why = tls::describe_close(&c.conn).unwrap_or_else(|| "closed".into());
+        match &c.identity {
+            Some(id) => {
+                tracing::info!("relay: {id} disconnected: {why}");
+                if self.by_peer.get(&id.peer_id) == Some(&h) {
+                    self.by_peer.remove(&id.peer_id);
+                    if self.connectors.get(&id.name) == Some(&id.peer_id) {
+                        self.connectors.remove(&id.name);
                     }
                 }
-                None => tracing::info!("relay: handshake with {} failed: {why}", c.peer_addr),
             }
+            None => tracing::info!("relay: handshake with {} failed: {why}", c.peer_addr),
         }
     }
 }

@@ -176,6 +176,33 @@ fn clients_connect_learn_their_address_and_forward_opaquely() {
     assert_eq!(net.relay.stats().dropped_packets, 1);
 }
 
+#[test]
+fn a_connector_that_leaves_is_removed_from_the_registry() {
+    let (mut net, _) = setup("leave");
+    net.pump();
+    assert_eq!(net.relay.stats().connectors, 1);
+    net.clients[1].1.close("bye");
+    net.pump();
+    let t0 = std::time::Instant::now();
+    while net.relay.stats().connectors == 1 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+        net.relay.on_timeout();
+        net.pump();
+    }
+    assert_eq!(net.relay.stats().connectors, 0);
+    assert_eq!(net.relay.stats().clients, 2);
+    net.clients[0].1.lookup("conn-1").unwrap();
+    net.pump();
+    let ev = net.events(0);
+    assert!(
+        ev.contains(&ControlEvent::LookupReply {
+            name: "conn-1".into(),
+            peer: None
+        }),
+        "{ev:?}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(64))]
     #[test]
