@@ -7,9 +7,9 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use crate::identity::{identity_from_der, PeerId, Role};
+use crate::session::QuicSession;
 use crate::tls;
 use crate::wire::{
     put_relay_forward_header, ControlDecoder, ControlMessage, Datagram, RELAY_FORWARD_OVERHEAD,
@@ -87,12 +87,6 @@ impl ControlClient {
         self.connected && !self.is_closed()
     }
 
-    /// Closed or closing: a connection that received or sent CONNECTION_CLOSE is done even
-    /// while quiche drains it.
-    pub fn is_closed(&self) -> bool {
-        self.conn.is_closed() || self.conn.is_draining()
-    }
-
     pub fn observed_addr(&self) -> Option<SocketAddr> {
         self.observed
     }
@@ -110,7 +104,7 @@ impl ControlClient {
         if let Err(e) = self.conn.recv(pkt, info) {
             tracing::debug!("control: dropped a packet from {from}: {e}");
         }
-        self.after_io();
+        self.after_io_impl();
     }
 
     /// Receives the next relay forward DATAGRAM into `buf`: the source peer and the packet.
@@ -160,38 +154,15 @@ impl ControlClient {
         match self.conn.send(out) {
             Ok((n, info)) => Some((n, info.to)),
             Err(quiche::Error::Done) => {
-                self.after_io();
+                self.after_io_impl();
                 None
             }
             Err(e) => {
                 tracing::debug!("control: send failed: {e}");
-                self.after_io();
+                self.after_io_impl();
                 None
             }
         }
-    }
-
-    pub fn timeout(&self) -> Option<Duration> {
-        self.conn.timeout()
-    }
-
-    pub fn on_timeout(&mut self) {
-        self.conn.on_timeout();
-        self.after_io();
-    }
-
-    /// Sends an ack-eliciting packet: keeps NAT mappings and liveness fresh while idle.
-    pub fn keepalive(&mut self) {
-        let _ = self.conn.send_ack_eliciting();
-    }
-
-    /// Closes the connection (sent on the next `send`).
-    pub fn close(&mut self, reason: &str) {
-        let _ = self.conn.close(true, 0, reason.as_bytes());
-    }
-
-    pub fn stats(&self) -> quiche::Stats {
-        self.conn.stats()
     }
 
     fn flush_stream(&mut self) {
@@ -210,7 +181,7 @@ impl ControlClient {
         }
     }
 
-    fn after_io(&mut self) {
+    fn after_io_impl(&mut self) {
         if !self.connected && self.conn.is_established() {
             match self.conn.peer_cert().map(identity_from_der) {
                 Some(Ok(id)) if id.role == Role::Relay => {
@@ -262,5 +233,17 @@ impl ControlClient {
             let why = tls::describe_close(&self.conn).unwrap_or_else(|| "closed".into());
             self.events.push_back(ControlEvent::Closed(why));
         }
+    }
+}
+
+impl QuicSession for ControlClient {
+    fn conn(&self) -> &quiche::Connection {
+        &self.conn
+    }
+    fn conn_mut(&mut self) -> &mut quiche::Connection {
+        &mut self.conn
+    }
+    fn after_io(&mut self) {
+        self.after_io_impl();
     }
 }

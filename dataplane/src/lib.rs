@@ -4,6 +4,7 @@
 pub mod control;
 pub mod identity;
 pub mod packet;
+pub mod session;
 pub mod tls;
 pub mod tunnel;
 pub mod wire;

@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::identity::{identity_from_der, Identity, PeerId};
+use crate::session::QuicSession;
 use crate::tls;
 use crate::wire::{Datagram, DGRAM_TUNNEL_IP, TUNNEL_IP_OVERHEAD};
 
@@ -152,12 +153,6 @@ impl Tunnel {
         self.remote.is_some() && !self.is_closed()
     }
 
-    /// Closed or closing: a connection that received or sent CONNECTION_CLOSE is done even
-    /// while quiche drains it.
-    pub fn is_closed(&self) -> bool {
-        self.conn.is_closed() || self.conn.is_draining()
-    }
-
     /// Whether an Initial packet with this destination connection id belongs to this tunnel.
     pub fn owns_cid(&self, dcid: &[u8]) -> bool {
         self.conn.source_ids().any(|c| c.as_ref() == dcid)
@@ -176,7 +171,7 @@ impl Tunnel {
         if let Err(e) = self.conn.recv(pkt, info) {
             tracing::debug!("tunnel {}: dropped a packet: {e}", self.peer.short());
         }
-        self.after_io();
+        self.after_io_impl();
     }
 
     /// Writes the next QUIC packet into `out`: its length and whether it goes over the relay
@@ -189,12 +184,12 @@ impl Tunnel {
             }
             Err(quiche::Error::Done) => {
                 // A close we just sent may have made the connection draining.
-                self.after_io();
+                self.after_io_impl();
                 None
             }
             Err(e) => {
                 tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
-                self.after_io();
+                self.after_io_impl();
                 None
             }
         }
@@ -239,33 +234,11 @@ impl Tunnel {
         }
     }
 
-    pub fn timeout(&self) -> Option<Duration> {
-        self.conn.timeout()
-    }
-
-    pub fn on_timeout(&mut self) {
-        self.conn.on_timeout();
-        self.after_io();
-    }
-
-    /// Sends an ack-eliciting packet: keeps NAT mappings and liveness fresh while idle.
-    pub fn keepalive(&mut self) {
-        let _ = self.conn.send_ack_eliciting();
-    }
-
-    pub fn close(&mut self, reason: &str) {
-        let _ = self.conn.close(true, 0, reason.as_bytes());
-    }
-
-    pub fn stats(&self) -> quiche::Stats {
-        self.conn.stats()
-    }
-
     pub fn rtt(&self) -> Option<Duration> {
         self.conn.path_stats().next().map(|p| p.rtt)
     }
 
-    fn after_io(&mut self) {
+    fn after_io_impl(&mut self) {
         if self.remote.is_none() && self.conn.is_established() {
             self.check_identity();
         }
@@ -313,5 +286,17 @@ impl Tunnel {
         }
         self.remote = Some(id.clone());
         self.events.push_back(TunnelEvent::Up(id));
+    }
+}
+
+impl QuicSession for Tunnel {
+    fn conn(&self) -> &quiche::Connection {
+        &self.conn
+    }
+    fn conn_mut(&mut self) -> &mut quiche::Connection {
+        &mut self.conn
+    }
+    fn after_io(&mut self) {
+        self.after_io_impl();
     }
 }

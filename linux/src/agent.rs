@@ -12,6 +12,7 @@ use ipnet::IpNet;
 use sluice_dataplane::control::ControlEvent;
 use sluice_dataplane::identity::{PeerId, Role};
 use sluice_dataplane::packet::{self, Unreachable};
+use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls;
 use sluice_dataplane::tunnel::{Tunnel, TunnelError, TunnelEvent, VirtualPaths};
 use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;

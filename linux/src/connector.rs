@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sluice_dataplane::identity::{PeerId, Role};
+use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls;
 use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
 use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use sluice_dataplane::control::{ControlClient, ControlEvent};
 use sluice_dataplane::identity::Role;
+use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::tunnel::Tunnel;
 use sluice_dataplane::wire::RELAY_FORWARD_OVERHEAD;

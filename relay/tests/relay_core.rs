@@ -9,6 +9,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use sluice_dataplane::control::{ControlClient, ControlEvent};
 use sluice_dataplane::identity::{self, PemPair, Role};
+use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::wire::RELAY_FORWARD_OVERHEAD;
 use sluice_relay::server::Relay;

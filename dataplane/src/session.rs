@@ -1,0 +1,43 @@
+//! What every sluice QUIC connection wrapper shares: timers, keepalive, closing, statistics.
+
+use std::time::Duration;
+
+/// A sans-IO wrapper around one quiche connection ([`crate::control::ControlClient`],
+/// [`crate::tunnel::Tunnel`]). Implementors provide access to the connection and their own
+/// bookkeeping after I/O; the rest is common.
+pub trait QuicSession {
+    fn conn(&self) -> &quiche::Connection;
+    fn conn_mut(&mut self) -> &mut quiche::Connection;
+    /// Runs the wrapper's checks after the connection's state may have changed.
+    fn after_io(&mut self);
+
+    /// When [`QuicSession::on_timeout`] is due.
+    fn timeout(&self) -> Option<Duration> {
+        self.conn().timeout()
+    }
+
+    fn on_timeout(&mut self) {
+        self.conn_mut().on_timeout();
+        self.after_io();
+    }
+
+    /// Sends an ack-eliciting packet: keeps NAT mappings and liveness fresh while idle.
+    fn keepalive(&mut self) {
+        let _ = self.conn_mut().send_ack_eliciting();
+    }
+
+    /// Closes the connection; the close goes out on the next `send`.
+    fn close(&mut self, reason: &str) {
+        let _ = self.conn_mut().close(true, 0, reason.as_bytes());
+    }
+
+    fn stats(&self) -> quiche::Stats {
+        self.conn().stats()
+    }
+
+    /// Closed or closing: a connection that received or sent CONNECTION_CLOSE is done even
+    /// while quiche drains it.
+    fn is_closed(&self) -> bool {
+        self.conn().is_closed() || self.conn().is_draining()
+    }
+}
