@@ -23,6 +23,8 @@ use crate::config::{self, AgentConfig};
 use crate::node::{self, ControlLink};
 use crate::{tun, AgentArgs};
 
+/// Packets read from the TUN device in one round before the tunnels are flushed.
+const TUN_BATCH: usize = 64;
 /// Packets held per connector while its tunnel comes up.
 const QUEUE_MAX: usize = 256;
 /// After a failed lookup, packets to that connector are refused for this long.
@@ -161,9 +163,13 @@ impl Agent {
         let mut udp_buf = vec![0u8; 65_536];
         let mut tun_buf = vec![0u8; 65_536];
         let mut to_tun: Vec<Vec<u8>> = Vec::new();
+        // One timer, re-armed each round, rather than a new one per packet.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         loop {
             let now = Instant::now();
             let sleep = self.timeout(now);
+            timer.as_mut().reset(tokio::time::Instant::now() + sleep);
             tokio::select! {
                 r = socket.recv_from(&mut udp_buf) => {
                     let (n, from) = r.context("UDP receive failed")?;
@@ -175,8 +181,13 @@ impl Agent {
                 r = dev.recv(&mut tun_buf[TUNNEL_IP_OVERHEAD..]) => {
                     let n = r.context("TUN receive failed")?;
                     self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
+                    // Take what else is queued before flushing: fewer, fuller send rounds.
+                    for _ in 0..TUN_BATCH {
+                        let Ok(n) = dev.try_recv(&mut tun_buf[TUNNEL_IP_OVERHEAD..]) else { break };
+                        self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
+                    }
                 }
-                _ = tokio::time::sleep(sleep) => self.on_timeout(Instant::now(), &mut to_tun),
+                _ = &mut timer => self.on_timeout(Instant::now(), &mut to_tun),
             }
             self.on_control_events(&mut to_tun);
             for p in to_tun.drain(..) {

@@ -98,9 +98,13 @@ impl Connector {
     ) -> Result<()> {
         let mut udp_buf = vec![0u8; 65_536];
         let wake = self.splicer.wake.clone();
+        // One timer, re-armed each round, rather than a new one per packet.
+        let timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(timer);
         loop {
             let now = Instant::now();
             let sleep = self.timeout(now);
+            timer.as_mut().reset(tokio::time::Instant::now() + sleep);
             tokio::select! {
                 r = socket.recv_from(&mut udp_buf) => {
                     let (n, from) = r.context("UDP receive failed")?;
@@ -116,7 +120,7 @@ impl Connector {
                     }
                 }
                 _ = wake.notified() => {}
-                _ = tokio::time::sleep(sleep) => self.on_timeout(Instant::now()),
+                _ = &mut timer => self.on_timeout(Instant::now()),
             }
             self.step_stacks();
             self.flush(socket).await;

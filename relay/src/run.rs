@@ -22,8 +22,12 @@ pub async fn serve(
     let mut out = vec![0u8; 1500];
     let mut last_logged = RelayStats::default();
     let mut stats_tick = tokio::time::interval(STATS_EVERY);
+    // One timer, re-armed each round, rather than a new one per packet.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
     loop {
         let sleep = relay.timeout().unwrap_or(Duration::from_secs(3600));
+        timer.as_mut().reset(tokio::time::Instant::now() + sleep);
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 let (n, from) = r?;
@@ -33,7 +37,7 @@ pub async fn serve(
                     relay.recv(&mut buf[..n], from);
                 }
             }
-            _ = tokio::time::sleep(sleep) => relay.on_timeout(),
+            _ = &mut timer => relay.on_timeout(),
             _ = stats_tick.tick() => {
                 let s = relay.stats();
                 if s != last_logged {
