@@ -19,6 +19,11 @@ use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;
 use tokio::net::UdpSocket;
 use tun_rs::AsyncDevice;
 
+use sluice_policy::cache::FlowCache;
+use sluice_policy::watch::{now_unix, PolicyWatcher};
+use sluice_policy::Subject;
+
+use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, AgentConfig};
 use crate::node::{self, ControlLink};
 use crate::{tun, AgentArgs};
@@ -31,6 +36,28 @@ const QUEUE_MAX: usize = 256;
 const UNAVAILABLE_FOR: Duration = Duration::from_secs(2);
 /// A lookup with no reply is sent again after this long.
 const LOOKUP_RETRY: Duration = Duration::from_secs(2);
+/// Flows whose decision is cached; past this the cache starts over.
+const FLOW_CACHE: usize = 65_536;
+/// How often the policy file is checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+fn is_unicast_global(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => !(v4.is_multicast() || v4.is_broadcast() || v4.is_link_local()),
+        std::net::IpAddr::V6(v6) => !(v6.is_multicast() || v6.is_unicast_link_local()),
+    }
+}
+
+/// The networks a policy routes into the tunnel.
+fn networks(p: &sluice_policy::Policy) -> Vec<IpNet> {
+    let mut v: Vec<IpNet> = p.networks().iter().map(|(n, _)| *n).collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// A flow as the agent caches decisions: source, destination, protocol, ports (ICMP: echo id).
+type FlowKey = (std::net::IpAddr, std::net::IpAddr, u8, u16, u16);
 
 pub fn run(args: AgentArgs) -> Result<()> {
     let origin = args.config.display().to_string();
@@ -47,19 +74,20 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if let Some(m) = args.mtu {
         cfg.tun.mtu = m;
     }
+    if let Some(p) = args.policy {
+        cfg.policy = p;
+    }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
     cfg.validate(&origin)?;
     let creds = node::credentials(&cfg.identity(), Role::Agent)?;
     let control_cfg = tls::quic_config(&creds, &[Role::Relay], &node::control_params())?;
     let tunnel_cfg = tls::quic_config(&creds, &[Role::Connector], &node::tunnel_params())?;
+    let watcher = access::open_policy(&cfg.policy)?;
+    let audit = AuditSink::open(cfg.audit_log.as_deref())?;
     let rt = node::runtime()?;
     rt.block_on(async move {
         let dev = tun::create(&cfg.tun)?;
-        let nets: Vec<IpNet> = cfg
-            .resources
-            .iter()
-            .flat_map(|r| r.cidrs.iter().copied())
-            .collect();
+        let nets = networks(watcher.policy());
         tun::add_routes(&cfg.tun.name, &nets)?;
         let socket =
             node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
@@ -74,7 +102,36 @@ pub fn run(args: AgentArgs) -> Result<()> {
             cfg.relay
         );
         let link = ControlLink::new(control_cfg, local, cfg.relay);
-        let mut agent = Agent::new(&cfg, link, tunnel_cfg);
+        let subject = watcher
+            .policy()
+            .subject(&creds.identity.name, &creds.identity.groups);
+        tracing::info!(
+            "policy: {:?} is in group(s): {}",
+            subject.user,
+            if subject.groups.is_empty() {
+                "none".into()
+            } else {
+                subject.groups.join(", ")
+            }
+        );
+        let mut agent = Agent {
+            link,
+            tunnel_cfg,
+            slots: Vec::new(),
+            paths: VirtualPaths::default(),
+            mtu: usize::from(cfg.tun.mtu),
+            stats: Stats::default(),
+            out: vec![0u8; 65_536],
+            watcher,
+            subject,
+            cert_groups: creds.identity.groups.clone(),
+            device: creds.identity.peer_id.short(),
+            flows: FlowCache::new(FLOW_CACHE),
+            audit,
+            tun_name: cfg.tun.name.clone(),
+            routed: nets,
+            next_reload_check: Instant::now() + RELOAD_EVERY,
+        };
         tokio::select! {
             r = agent.run(&dev, &socket) => r,
             _ = node::shutdown_signal() => {
@@ -99,6 +156,7 @@ struct Stats {
     tun_packets: u64,
     tun_bad: u64,
     no_route: u64,
+    denied: u64,
     too_big: u64,
     dropped: u64,
 }
@@ -106,56 +164,31 @@ struct Stats {
 struct Agent {
     link: ControlLink,
     tunnel_cfg: quiche::Config,
-    /// Resource networks, longest prefix first, with the index of their connector slot.
-    routes: Vec<(IpNet, usize)>,
+    /// One per connector in use, created on a flow's first packet.
     slots: Vec<Slot>,
     paths: VirtualPaths,
     mtu: usize,
     stats: Stats,
     out: Vec<u8>,
+    watcher: PolicyWatcher,
+    /// This agent's user as the policy sees it.
+    subject: Subject,
+    cert_groups: Vec<String>,
+    device: String,
+    flows: FlowCache<FlowKey>,
+    audit: AuditSink,
+    tun_name: String,
+    /// Networks routed into the TUN device now.
+    routed: Vec<IpNet>,
+    next_reload_check: Instant,
 }
 
 impl Agent {
-    fn new(cfg: &AgentConfig, link: ControlLink, tunnel_cfg: quiche::Config) -> Self {
-        let mut slots: Vec<Slot> = Vec::new();
-        let mut routes = Vec::new();
-        for r in &cfg.resources {
-            let idx = match slots.iter().position(|s| s.name == r.connector) {
-                Some(i) => i,
-                None => {
-                    slots.push(Slot {
-                        name: r.connector.clone(),
-                        tunnel: None,
-                        lookup_sent: None,
-                        queue: VecDeque::new(),
-                        unavailable_until: None,
-                        next_keepalive: Instant::now(),
-                    });
-                    slots.len() - 1
-                }
-            };
-            for net in &r.cidrs {
-                routes.push((*net, idx));
-            }
-        }
-        routes.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
-        Agent {
-            link,
-            tunnel_cfg,
-            routes,
-            slots,
-            paths: VirtualPaths::default(),
-            mtu: usize::from(cfg.tun.mtu),
-            stats: Stats::default(),
-            out: vec![0u8; 65_536],
-        }
-    }
-
     fn stats_line(&self) -> String {
         let s = &self.stats;
         format!(
-            "{} packets from TUN, {} malformed, {} without route, {} too big, {} dropped",
-            s.tun_packets, s.tun_bad, s.no_route, s.too_big, s.dropped
+            "{} packets from TUN, {} malformed, {} without route, {} denied, {} too big, {} dropped",
+            s.tun_packets, s.tun_bad, s.no_route, s.denied, s.too_big, s.dropped
         )
     }
 
@@ -200,7 +233,10 @@ impl Agent {
     }
 
     fn timeout(&self, now: Instant) -> Duration {
-        let mut t = self.link.timeout(now).min(Duration::from_secs(1));
+        let mut t = self
+            .link
+            .timeout(now)
+            .min(self.next_reload_check.saturating_duration_since(now));
         for s in &self.slots {
             if let Some(tn) = &s.tunnel {
                 if let Some(d) = tn.timeout() {
@@ -214,6 +250,10 @@ impl Agent {
 
     fn on_timeout(&mut self, now: Instant, to_tun: &mut Vec<Vec<u8>>) {
         self.link.on_timeout(now);
+        if now >= self.next_reload_check {
+            self.next_reload_check = now + RELOAD_EVERY;
+            self.check_reload();
+        }
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if let Some(t) = &mut slot.tunnel {
@@ -289,9 +329,7 @@ impl Agent {
                 return;
             }
         };
-        let Some(&(_, i)) = self.routes.iter().find(|(n, _)| n.contains(&info.dst)) else {
-            // The kernel only routes resource networks here; the rest is link chatter.
-            self.stats.no_route += 1;
+        let Some(i) = self.admit(&info, pkt, to_tun) else {
             return;
         };
         let now = Instant::now();
@@ -344,6 +382,113 @@ impl Agent {
         {
             self.start_lookup(i, now);
         }
+    }
+
+    /// The policy's fast path: the connector slot for an allowed packet, or None after
+    /// answering a denied one (TCP reset, or ICMP administratively prohibited) at once.
+    fn admit(
+        &mut self,
+        info: &packet::PacketInfo,
+        pkt: &[u8],
+        to_tun: &mut Vec<Vec<u8>>,
+    ) -> Option<usize> {
+        if !is_unicast_global(info.dst) {
+            // Link-local and multicast chatter of the interface itself (IPv6 router
+            // solicitations, MLD): not a flow to any resource.
+            self.stats.no_route += 1;
+            return None;
+        }
+        let Some(flow) = access::flow_of(info) else {
+            // The kernel routes only resource networks here; other protocols are not allowed.
+            self.stats.no_route += 1;
+            if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Prohibited) {
+                to_tun.push(icmp);
+            }
+            return None;
+        };
+        let sport = info.echo.map_or(info.src_port, |e| e.id);
+        let key: FlowKey = (info.src, info.dst, info.proto, sport, info.dst_port);
+        let now = now_unix();
+        let generation = self.watcher.generation();
+        let policy = self.watcher.policy().clone();
+        let d = match self.flows.get(&key, generation, now) {
+            Some(d) => d,
+            None => {
+                let d = policy.decide(&self.subject, &flow, now);
+                self.flows.insert(key, generation, d);
+                let rec = FlowRecord {
+                    enforcer: "agent",
+                    user: &self.subject.user,
+                    device: &self.device,
+                    src: info.src,
+                    src_port: sport,
+                    flow: &flow,
+                };
+                self.audit.record(&policy, &rec, &d);
+                d
+            }
+        };
+        match d.resource.filter(|_| d.allowed()) {
+            Some(r) => Some(self.slot_index(&policy.resource(r).connector)),
+            None => {
+                self.stats.denied += 1;
+                // Answering an ICMP error with an ICMP error is never done; a RST is not
+                // answered either (packet helpers refuse both).
+                let reply = if info.proto == packet::PROTO_TCP {
+                    packet::tcp_rst(info)
+                } else {
+                    packet::icmp_unreachable(pkt, info, Unreachable::Prohibited)
+                };
+                if let Some(r) = reply {
+                    to_tun.push(r);
+                }
+                None
+            }
+        }
+    }
+
+    fn slot_index(&mut self, connector: &str) -> usize {
+        if let Some(i) = self.slots.iter().position(|s| s.name == connector) {
+            return i;
+        }
+        self.slots.push(Slot {
+            name: connector.to_string(),
+            tunnel: None,
+            lookup_sent: None,
+            queue: VecDeque::new(),
+            unavailable_until: None,
+            next_keepalive: Instant::now(),
+        });
+        self.slots.len() - 1
+    }
+
+    /// Applies a changed policy file: new subject, new routes, and every cached decision is
+    /// stale (flows are re-decided on their next packet).
+    fn check_reload(&mut self) {
+        if !access::reload(&mut self.watcher) {
+            return;
+        }
+        let policy = self.watcher.policy().clone();
+        self.subject = policy.subject(&self.subject.user, &self.cert_groups);
+        let nets = networks(&policy);
+        let added: Vec<IpNet> = nets
+            .iter()
+            .filter(|n| !self.routed.contains(n))
+            .copied()
+            .collect();
+        let removed: Vec<IpNet> = self
+            .routed
+            .iter()
+            .filter(|n| !nets.contains(n))
+            .copied()
+            .collect();
+        if let Err(e) = tun::add_routes(&self.tun_name, &added) {
+            tracing::warn!("policy reload: {e:#}");
+        }
+        if let Err(e) = tun::remove_routes(&self.tun_name, &removed) {
+            tracing::warn!("policy reload: {e:#}");
+        }
+        self.routed = nets;
     }
 
     fn start_lookup(&mut self, i: usize, now: Instant) {

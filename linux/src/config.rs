@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
@@ -77,6 +77,11 @@ pub struct ConnectorConfig {
     /// Bytes of smoltcp buffer per TCP flow and direction.
     #[serde(default = "default_tcp_buffer")]
     pub tcp_buffer: usize,
+    /// The access policy (reloaded when the file changes); see configs/policy.yaml.
+    pub policy: PathBuf,
+    /// Where every new-flow decision is written as a JSON line (default: standard output).
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
 }
 
 fn default_dial_timeout() -> u64 {
@@ -134,17 +139,6 @@ impl Default for TunConfig {
     }
 }
 
-/// A set of addresses routed to one connector.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ResourceRoute {
-    pub name: String,
-    /// Name of the connector (its certificate name) that serves these addresses.
-    pub connector: String,
-    /// IPv4/IPv6 networks.
-    pub cidrs: Vec<IpNet>,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
@@ -159,7 +153,13 @@ pub struct AgentConfig {
     pub ca: PathBuf,
     #[serde(default)]
     pub tun: TunConfig,
-    pub resources: Vec<ResourceRoute>,
+    /// The access policy: which resources exist, who may reach them, and which connector
+    /// serves each (reloaded when the file changes). The agent routes every resource network
+    /// into its TUN device and checks each new flow; the connector checks again.
+    pub policy: PathBuf,
+    /// Where every new-flow decision is written as a JSON line (default: standard output).
+    #[serde(default)]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Reads and parses a YAML file; errors name the file, line, column and key.
@@ -189,24 +189,11 @@ pub fn parse<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigE
 
 impl AgentConfig {
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        if self.resources.is_empty() {
-            return Err(ConfigError(format!(
-                "{origin}: `resources` is empty: nothing would be routed"
-            )));
-        }
         if self.tun.mtu < 1280 {
             return Err(ConfigError(format!(
                 "{origin}: `tun.mtu` is {}; IPv6 needs at least 1280",
                 self.tun.mtu
             )));
-        }
-        for r in &self.resources {
-            if r.cidrs.is_empty() {
-                return Err(ConfigError(format!(
-                    "{origin}: resource {:?} has no `cidrs`",
-                    r.name
-                )));
-            }
         }
         Ok(())
     }
@@ -218,14 +205,14 @@ mod tests {
 
     #[test]
     fn errors_name_file_line_and_key() {
-        let text = "relay: 192.0.2.1:4433\ncert: a\nkey: b\nca: c\ntun:\n  mtu: 1400\n  nmae: x\nresources: []\n";
+        let text = "relay: 192.0.2.1:4433\ncert: a\nkey: b\nca: c\ntun:\n  mtu: 1400\n  nmae: x\npolicy: p.yaml\n";
         let e = parse::<AgentConfig>(text, "agent.yaml").unwrap_err().0;
         assert!(e.starts_with("agent.yaml:7:"), "{e}");
         assert!(e.contains("tun"), "{e}");
         assert!(e.contains("nmae"), "{e}");
 
         let e = parse::<AgentConfig>(
-            "relay: nope\ncert: a\nkey: b\nca: c\nresources: []\n",
+            "relay: nope\ncert: a\nkey: b\nca: c\npolicy: p.yaml\n",
             "a.yaml",
         )
         .unwrap_err()

@@ -16,6 +16,11 @@ use sluice_netstack::stack::{Limits, Stack};
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
+use sluice_netstack::stack::{FlowGate, FlowKind, NewFlow};
+use sluice_policy::watch::{now_unix, PolicyWatcher};
+use sluice_policy::{Flow, Policy, Proto, Subject};
+
+use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, ConnectorConfig};
 use crate::node::{self, ControlLink};
 use crate::ConnectorArgs;
@@ -28,8 +33,13 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
     if let Some(l) = args.listen {
         cfg.listen = l;
     }
+    if let Some(p) = args.policy {
+        cfg.policy = p;
+    }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
     let creds = node::credentials(&cfg.identity(), Role::Connector)?;
+    let watcher = access::open_policy(&cfg.policy)?;
+    let audit = AuditSink::open(cfg.audit_log.as_deref())?;
     let control_cfg = tls::quic_config(&creds, &[Role::Relay], &node::control_params())?;
     let tunnel_cfg = tls::quic_config(&creds, &[Role::Agent], &node::tunnel_params())?;
     let limits = Limits {
@@ -60,6 +70,10 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             base: Instant::now(),
             out: vec![0u8; 65_536],
             ip_buf: vec![0u8; TUNNEL_IP_OVERHEAD + 65_536],
+            me: creds.identity.name.clone(),
+            watcher,
+            audit,
+            next_reload_check: Instant::now() + RELOAD_EVERY,
         };
         tokio::select! {
             r = c.run(&socket, flow_rx) => r,
@@ -71,10 +85,58 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
     })
 }
 
+/// How often the policy file is checked for changes.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
 struct Session {
     tunnel: Tunnel,
     stack: Stack,
     next_keepalive: Instant,
+    /// The agent's user as the policy sees it, once its certificate is known.
+    subject: Option<Subject>,
+}
+
+/// The connector's policy check of a new (or re-checked) flow of one agent.
+struct Gate<'a> {
+    policy: &'a Policy,
+    subject: Option<&'a Subject>,
+    me: &'a str,
+    device: String,
+    audit: &'a mut AuditSink,
+    now: i64,
+}
+
+impl FlowGate for Gate<'_> {
+    fn admit(&mut self, f: &NewFlow) -> bool {
+        let Some(subject) = self.subject else {
+            return false;
+        };
+        let proto = match f.kind {
+            FlowKind::Tcp => Proto::Tcp,
+            FlowKind::Udp => Proto::Udp,
+            FlowKind::Icmp => Proto::Icmp,
+        };
+        let flow = Flow {
+            dst: f.dst.ip(),
+            hostname: None,
+            proto,
+            port: f.dst.port(),
+        };
+        // Only resources this connector serves count: it passes nothing else.
+        let d = self
+            .policy
+            .decide_for(subject, &flow, self.now, Some(self.me));
+        let rec = FlowRecord {
+            enforcer: "connector",
+            user: &subject.user,
+            device: &self.device,
+            src: f.src.ip(),
+            src_port: f.src.port(),
+            flow: &flow,
+        };
+        self.audit.record(self.policy, &rec, &d);
+        d.allowed()
+    }
 }
 
 struct Connector {
@@ -88,6 +150,11 @@ struct Connector {
     out: Vec<u8>,
     /// Scratch for packets from a stack into a tunnel (with the tunnel header's headroom).
     ip_buf: Vec<u8>,
+    /// This connector's name: the policy's resources name their connector by it.
+    me: String,
+    watcher: PolicyWatcher,
+    audit: AuditSink,
+    next_reload_check: Instant,
 }
 
 impl Connector {
@@ -128,7 +195,10 @@ impl Connector {
     }
 
     fn timeout(&mut self, now: Instant) -> Duration {
-        let mut t = self.link.timeout(now).min(Duration::from_secs(1));
+        let mut t = self
+            .link
+            .timeout(now)
+            .min(self.next_reload_check.saturating_duration_since(now));
         for s in self.sessions.values_mut() {
             if let Some(d) = s.tunnel.timeout() {
                 t = t.min(d);
@@ -141,6 +211,10 @@ impl Connector {
 
     fn on_timeout(&mut self, now: Instant) {
         self.link.on_timeout(now);
+        if now >= self.next_reload_check {
+            self.next_reload_check = now + RELOAD_EVERY;
+            self.check_reload();
+        }
         while self.link.poll_event().is_some() {}
         for s in self.sessions.values_mut() {
             if s.tunnel.timeout() == Some(Duration::ZERO) {
@@ -195,6 +269,7 @@ impl Connector {
                             tunnel,
                             stack: Stack::new(self.limits.clone()),
                             next_keepalive: Instant::now() + node::TUNNEL_KEEPALIVE,
+                            subject: None,
                         },
                     );
                 }
@@ -208,9 +283,24 @@ impl Connector {
             return;
         };
         s.tunnel.recv_relayed(data);
+        let policy = self.watcher.policy();
+        if s.subject.is_none() {
+            s.subject = s
+                .tunnel
+                .remote()
+                .map(|id| policy.subject(&id.name, &id.groups));
+        }
+        let mut gate = Gate {
+            policy,
+            subject: s.subject.as_ref(),
+            me: &self.me,
+            device: peer.short(),
+            audit: &mut self.audit,
+            now: now_unix(),
+        };
         let mut ip = [0u8; 2048];
         while let Some(range) = s.tunnel.recv_ip(&mut ip) {
-            s.stack.input(&ip[range]);
+            s.stack.input(&ip[range], &mut gate);
         }
     }
 
@@ -266,6 +356,37 @@ impl Connector {
         }
         for peer in ended {
             self.end_session(peer);
+        }
+    }
+
+    /// Applies a changed policy file: every agent's groups are resolved again and every open
+    /// flow is checked again; flows the new policy denies are reset at once.
+    fn check_reload(&mut self) {
+        if !access::reload(&mut self.watcher) {
+            return;
+        }
+        let policy = self.watcher.policy().clone();
+        let now = now_unix();
+        for (peer, s) in self.sessions.iter_mut() {
+            s.subject = s
+                .tunnel
+                .remote()
+                .map(|id| policy.subject(&id.name, &id.groups));
+            let mut gate = Gate {
+                policy: &policy,
+                subject: s.subject.as_ref(),
+                me: &self.me,
+                device: peer.short(),
+                audit: &mut self.audit,
+                now,
+            };
+            let cut = s.stack.recheck(&mut gate);
+            if cut > 0 {
+                tracing::info!(
+                    "policy reload cut {cut} flow(s) of agent peer {}",
+                    peer.short()
+                );
+            }
         }
     }
 

@@ -291,14 +291,15 @@ fn write_configs(lab: &Lab) -> Result<()> {
     write(
         "connector.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}",
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}policy: {d}/policy.yaml\naudit_log: {d}/connector-audit.jsonl\n",
             files("lab-connector")
         ),
     )?;
+    write("policy.yaml", default_policy())?;
     write(
         "agent.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\nresources:\n  - name: lab-services\n    connector: lab-connector\n    cidrs: [{SVC_NET}, {SVC_NET6}]\n",
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\n",
             files("lab-agent")
         ),
     )?;
@@ -309,6 +310,19 @@ fn write_configs(lab: &Lab) -> Result<()> {
         "<!doctype html><title>Sluice lab</title><h1>Hello from the private service network</h1>\n<p>This page was served by 198.51.100.10 in the lab's private service namespace and reached you through the Sluice tunnel.</p>\n",
     )?;
     Ok(())
+}
+
+/// The lab's default access: its agent (certificate group `lab`) reaches every port of the
+/// private service network. Tests that need restrictions overwrite DIR/policy.yaml; agent and
+/// connector reload it within a second.
+pub fn default_policy() -> String {
+    format!(
+        "# Written by `sluice lab up`. See docs/policy.md.\n\
+version: 1\n\
+groups:\n  lab:\n    description: every lab agent (its certificate lists this group)\n\
+resources:\n  - name: lab-services\n    connector: lab-connector\n    addresses: [{SVC_NET}, {SVC_NET6}]\n    ports: [any]\n\
+rules:\n  - name: lab-all\n    action: allow\n    who: [group:lab]\n    to: [lab-services]\n"
+    )
 }
 
 /// Starts `args` inside namespace `ns` in the background, logging to DIR/NAME.log.

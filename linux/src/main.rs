@@ -1,11 +1,13 @@
 //! `sluice`: one binary for every role on Linux.
 
+mod access;
 mod agent;
 mod ca;
 mod config;
 mod connector;
 mod lab;
 mod node;
+mod policy_cmd;
 mod relay;
 mod tun;
 
@@ -37,9 +39,38 @@ enum Cmd {
     /// Create the organisation CA and issue node certificates.
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Check a policy file, or explain the decision for a flow.
+    #[command(subcommand)]
+    Policy(PolicyCmd),
     /// A complete Sluice deployment in network namespaces, for demos, tests and benchmarks.
     #[command(subcommand)]
     Lab(LabCmd),
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCmd {
+    /// Validate a policy: prints errors and warnings; exit 0 when valid, 1 when not.
+    Check {
+        /// The policy file (YAML).
+        file: PathBuf,
+    },
+    /// Print the decision for one flow and the rule that made it (or the default deny).
+    Explain {
+        /// The policy file (YAML).
+        file: PathBuf,
+        /// The user (the agent certificate's name).
+        #[arg(long)]
+        user: String,
+        /// A group the user's certificate lists (repeat for several).
+        #[arg(long)]
+        group: Vec<String>,
+        /// The destination: HOST_OR_IP:PORT/PROTO (tcp, udp) or HOST_OR_IP/icmp.
+        #[arg(long)]
+        to: String,
+        /// Decide as of this time (RFC 3339) instead of now, to see rule expiry.
+        #[arg(long)]
+        at: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -78,6 +109,9 @@ pub struct ConnectorArgs {
     /// Local UDP address; overrides `listen`.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// Access policy file; overrides `policy`.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -99,6 +133,9 @@ pub struct AgentArgs {
     /// TUN MTU; overrides `tun.mtu`.
     #[arg(long)]
     pub mtu: Option<u16>,
+    /// Access policy file; overrides `policy`.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -177,6 +214,15 @@ fn main() -> ExitCode {
         Cmd::Connector(a) => connector::run(a),
         Cmd::Agent(a) => agent::run(a),
         Cmd::Ca(c) => ca::run(c),
+        Cmd::Policy(c) => {
+            return match policy_cmd::run(c) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("error: {e:#}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Cmd::Lab(LabCmd::Up(o)) => lab::up(&o),
         Cmd::Lab(LabCmd::Down(o)) => lab::down(&o),
         Cmd::Lab(LabCmd::Status(o)) => lab::status(&o),

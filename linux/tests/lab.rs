@@ -7,121 +7,13 @@ use std::fs;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
-use std::sync::Once;
-use std::thread::JoinHandle;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sluice");
-const SVC: &str = "198.51.100.10";
-const DATA_PORT: u16 = 9000;
-
-struct Lab {
-    prefix: String,
-    dir: PathBuf,
-}
-
-impl Lab {
-    fn up(prefix: &str) -> Lab {
-        let lab = Lab {
-            prefix: prefix.into(),
-            dir: PathBuf::from(format!("/run/sluice-lab/{prefix}")),
-        };
-        let out = Command::new(BIN)
-            .args(["lab", "up", "--prefix", prefix])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "lab up failed:\n{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        lab
-    }
-
-    fn ns(&self, short: &str) -> String {
-        format!("{}{short}", self.prefix)
-    }
-
-    fn exec(&self, short: &str, args: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.ns(short)])
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn pid(&self, name: &str) -> i32 {
-        fs::read_to_string(self.dir.join(format!("{name}.pid")))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
-    }
-
-    fn log(&self, name: &str) -> String {
-        fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
-    }
-
-    fn curl(&self, url: &str, max_time: &str) -> Output {
-        self.exec("agent", &["curl", "-sS", "--max-time", max_time, url])
-    }
-
-    /// Stops a role with `signal` and waits until it has exited.
-    fn stop(&self, name: &str, signal: &str) {
-        let pid = self.pid(name);
-        Command::new("kill")
-            .args([&format!("-{signal}"), &pid.to_string()])
-            .status()
-            .unwrap();
-        let t0 = Instant::now();
-        while PathBuf::from(format!("/proc/{pid}")).exists()
-            && t0.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// Starts a role again in its namespace, as `sluice lab up` did.
-    fn start(&self, role: &str, short: &str) {
-        let log = fs::OpenOptions::new()
-            .append(true)
-            .open(self.dir.join(format!("{role}.log")))
-            .unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(short), BIN, role, "--config"])
-            .arg(self.dir.join(format!("{role}.yaml")))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        fs::write(self.dir.join(format!("{role}.pid")), child.id().to_string()).unwrap();
-        // Reaped in the background; `lab down` stops it with everything else in the namespace.
-        std::thread::spawn(move || child.wait());
-    }
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = Command::new(BIN)
-            .args(["lab", "down", "--prefix", &self.prefix])
-            .output();
-    }
-}
-
-/// Runs `f` on a thread that has entered namespace `ns`; sockets it opens live there.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = fs::File::open(&path).unwrap();
-        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        f()
-    })
-}
+mod common;
+use common::*;
 
 /// A deterministic byte stream: the same `seed` always gives the same bytes.
 struct Pattern(u64);
@@ -256,17 +148,6 @@ fn upload(len: u64, seed: u64) -> [u8; 32] {
     let mut d = [0u8; 32];
     s.read_exact(&mut d).expect("server digest");
     d
-}
-
-static SETUP: Once = Once::new();
-
-fn require_root() {
-    SETUP.call_once(|| {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "lab tests need root (network namespaces, TUN)"
-        );
-    });
 }
 
 #[test]

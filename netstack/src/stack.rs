@@ -59,6 +59,38 @@ impl Default for Limits {
     }
 }
 
+/// The transport of a new flow, for [`FlowGate`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowKind {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+/// A flow the stack is about to open, for the access decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NewFlow {
+    pub kind: FlowKind,
+    pub src: SocketAddr,
+    /// Destination; the port is 0 for ICMP.
+    pub dst: SocketAddr,
+}
+
+/// Decides whether a new flow may open (the connector's policy enforcement). Denied TCP flows
+/// get a RST and other flows ICMP "administratively prohibited", at once.
+pub trait FlowGate {
+    fn admit(&mut self, flow: &NewFlow) -> bool;
+}
+
+/// Admits everything (tests, and deployments without a policy).
+pub struct AdmitAll;
+
+impl FlowGate for AdmitAll {
+    fn admit(&mut self, _: &NewFlow) -> bool {
+        true
+    }
+}
+
 /// Why a dial failed, as the app should see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DialError {
@@ -222,8 +254,8 @@ impl Stack {
         id
     }
 
-    /// Feeds one IP packet from the agent.
-    pub fn input(&mut self, pkt: &[u8]) {
+    /// Feeds one IP packet from the agent; `gate` decides on flows it would open.
+    pub fn input(&mut self, pkt: &[u8], gate: &mut dyn FlowGate) {
         let info = match packet::inspect(pkt) {
             Ok(i) => i,
             Err(_) => {
@@ -237,9 +269,9 @@ impl Stack {
             return;
         }
         match info.proto {
-            PROTO_TCP => self.input_tcp(pkt, info),
-            PROTO_UDP => self.input_udp(pkt, info),
-            PROTO_ICMP | PROTO_ICMPV6 => self.input_icmp(pkt, info),
+            PROTO_TCP => self.input_tcp(pkt, info, gate),
+            PROTO_UDP => self.input_udp(pkt, info, gate),
+            PROTO_ICMP | PROTO_ICMPV6 => self.input_icmp(pkt, info, gate),
             _ => {
                 if let Some(p) = packet::icmp_unreachable(pkt, &info, Unreachable::Prohibited) {
                     self.output.push_back(p);
@@ -248,7 +280,20 @@ impl Stack {
         }
     }
 
-    fn input_tcp(&mut self, pkt: &[u8], info: PacketInfo) {
+    /// Answers a packet whose new flow the gate refused.
+    fn refuse(&mut self, pkt: &[u8], info: &PacketInfo) {
+        self.stats.refused += 1;
+        let reply = if info.proto == PROTO_TCP {
+            packet::tcp_rst(info)
+        } else {
+            packet::icmp_unreachable(pkt, info, Unreachable::Prohibited)
+        };
+        if let Some(p) = reply {
+            self.output.push_back(p);
+        }
+    }
+
+    fn input_tcp(&mut self, pkt: &[u8], info: PacketInfo, gate: &mut dyn FlowGate) {
         let key = FlowKey {
             src: info.src_socket(),
             dst: info.dst_socket(),
@@ -267,6 +312,15 @@ impl Stack {
                 }
             }
             None if info.tcp.syn && !info.tcp.ack && !info.tcp.rst => {
+                let flow = NewFlow {
+                    kind: FlowKind::Tcp,
+                    src: key.src,
+                    dst: key.dst,
+                };
+                if !gate.admit(&flow) {
+                    self.refuse(pkt, &info);
+                    return;
+                }
                 if self.tcp.len() >= self.limits.max_tcp_flows {
                     self.stats.refused += 1;
                     if let Some(p) = packet::tcp_rst(&info) {
@@ -407,7 +461,7 @@ impl Stack {
             .collect()
     }
 
-    fn input_udp(&mut self, pkt: &[u8], info: PacketInfo) {
+    fn input_udp(&mut self, pkt: &[u8], info: PacketInfo, gate: &mut dyn FlowGate) {
         let key = FlowKey {
             src: info.src_socket(),
             dst: info.dst_socket(),
@@ -418,6 +472,15 @@ impl Stack {
                 f.last_active = self.now;
             }
             self.events.push_back(StackEvent::UdpSend { id, payload });
+            return;
+        }
+        let flow = NewFlow {
+            kind: FlowKind::Udp,
+            src: key.src,
+            dst: key.dst,
+        };
+        if !gate.admit(&flow) {
+            self.refuse(pkt, &info);
             return;
         }
         if self.udp.len() >= self.limits.max_udp_flows {
@@ -468,9 +531,18 @@ impl Stack {
         }
     }
 
-    fn input_icmp(&mut self, pkt: &[u8], info: PacketInfo) {
+    fn input_icmp(&mut self, pkt: &[u8], info: PacketInfo, gate: &mut dyn FlowGate) {
         match info.echo {
             Some(e) if e.request => {
+                let flow = NewFlow {
+                    kind: FlowKind::Icmp,
+                    src: SocketAddr::new(info.src, 0),
+                    dst: SocketAddr::new(info.dst, 0),
+                };
+                if !gate.admit(&flow) {
+                    self.refuse(pkt, &info);
+                    return;
+                }
                 let payload = info.payload(pkt).get(8..).unwrap_or(&[]).to_vec();
                 self.events.push_back(StackEvent::Echo {
                     dst: info.dst,
@@ -565,6 +637,54 @@ impl Stack {
             self.remove_tcp(id);
         }
         wrote
+    }
+
+    /// Asks the gate again about every open flow (after a policy change) and cuts the ones it
+    /// now refuses: TCP with a RST to the app, UDP by closing the service side.
+    pub fn recheck(&mut self, gate: &mut dyn FlowGate) -> usize {
+        let mut cut = 0;
+        let tcp: Vec<(FlowId, FlowKey)> = self.tcp.iter().map(|(id, f)| (*id, f.key)).collect();
+        for (id, key) in tcp {
+            let flow = NewFlow {
+                kind: FlowKind::Tcp,
+                src: key.src,
+                dst: key.dst,
+            };
+            if gate.admit(&flow) {
+                continue;
+            }
+            cut += 1;
+            match self.tcp.get(&id).map(|f| &f.phase) {
+                Some(TcpPhase::Open { handle }) => {
+                    self.sockets.get_mut::<tcp::Socket>(*handle).abort();
+                }
+                Some(TcpPhase::Dialing { info, .. }) => {
+                    if let Some(p) = packet::tcp_rst(info) {
+                        self.output.push_back(p);
+                    }
+                }
+                None => {}
+            }
+            // Let smoltcp emit the RST before the socket goes.
+            self.iface
+                .poll(self.now, &mut self.device, &mut self.sockets);
+            self.remove_tcp(id);
+        }
+        let udp: Vec<(FlowId, FlowKey)> = self.udp.iter().map(|(id, f)| (*id, f.key)).collect();
+        for (id, key) in udp {
+            let flow = NewFlow {
+                kind: FlowKind::Udp,
+                src: key.src,
+                dst: key.dst,
+            };
+            if !gate.admit(&flow) {
+                cut += 1;
+                self.udp.remove(&id);
+                self.udp_by_key.remove(&key);
+                self.events.push_back(StackEvent::Close { id });
+            }
+        }
+        cut
     }
 
     fn remove_tcp(&mut self, id: FlowId) {

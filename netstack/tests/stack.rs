@@ -7,7 +7,9 @@ use std::time::Instant;
 use etherparse::PacketBuilder;
 use proptest::prelude::*;
 use sluice_dataplane::packet::{inspect, PacketInfo, PROTO_UDP};
-use sluice_netstack::stack::{DialError, Limits, Stack, StackEvent};
+use sluice_netstack::stack::{
+    AdmitAll, DialError, FlowGate, FlowKind, Limits, NewFlow, Stack, StackEvent,
+};
 
 const CLIENT: [u8; 4] = [100, 96, 0, 1];
 const SERVER: [u8; 4] = [198, 51, 100, 10];
@@ -51,8 +53,8 @@ fn stack() -> (Stack, Instant) {
 #[test]
 fn refused_dial_answers_the_syn_with_a_reset() {
     let (mut s, _) = stack();
-    s.input(&tcp(40000, 1000, None, true, false, &[]));
-    s.input(&tcp(40000, 1000, None, true, false, &[])); // retransmitted SYN while dialing
+    s.input(&tcp(40000, 1000, None, true, false, &[]), &mut AdmitAll);
+    s.input(&tcp(40000, 1000, None, true, false, &[]), &mut AdmitAll); // retransmitted SYN while dialing
     let ev = events(&mut s);
     let [StackEvent::DialTcp { id, dst }] = &ev[..] else {
         panic!("{ev:?}")
@@ -70,7 +72,7 @@ fn refused_dial_answers_the_syn_with_a_reset() {
 #[test]
 fn unreachable_dial_answers_icmp() {
     let (mut s, _) = stack();
-    s.input(&tcp(40001, 1, None, true, false, &[]));
+    s.input(&tcp(40001, 1, None, true, false, &[]), &mut AdmitAll);
     let StackEvent::DialTcp { id, .. } = events(&mut s).remove(0) else {
         panic!()
     };
@@ -82,7 +84,7 @@ fn unreachable_dial_answers_icmp() {
 #[test]
 fn accepted_flow_carries_data_both_ways_and_half_closes() {
     let (mut s, _) = stack();
-    s.input(&tcp(40002, 5000, None, true, false, &[]));
+    s.input(&tcp(40002, 5000, None, true, false, &[]), &mut AdmitAll);
     let StackEvent::DialTcp { id, .. } = events(&mut s).remove(0) else {
         panic!()
     };
@@ -96,8 +98,14 @@ fn accepted_flow_carries_data_both_ways_and_half_closes() {
     assert_eq!(synack.1.tcp_ack, 5001);
     let srv_seq = synack.1.tcp_seq.wrapping_add(1);
 
-    s.input(&tcp(40002, 5001, Some(srv_seq), false, false, &[]));
-    s.input(&tcp(40002, 5001, Some(srv_seq), false, false, b"hello"));
+    s.input(
+        &tcp(40002, 5001, Some(srv_seq), false, false, &[]),
+        &mut AdmitAll,
+    );
+    s.input(
+        &tcp(40002, 5001, Some(srv_seq), false, false, b"hello"),
+        &mut AdmitAll,
+    );
     s.poll();
     assert_eq!(s.tcp_readable(), vec![id]);
     let mut buf = [0u8; 64];
@@ -111,7 +119,10 @@ fn accepted_flow_carries_data_both_ways_and_half_closes() {
     assert_eq!(s.tcp_pending(id), 0);
 
     // The app half-closes: the service side is told to shut down its write half.
-    s.input(&tcp(40002, 5006, Some(srv_seq + 5), false, true, &[]));
+    s.input(
+        &tcp(40002, 5006, Some(srv_seq + 5), false, true, &[]),
+        &mut AdmitAll,
+    );
     s.poll();
     assert!(events(&mut s).contains(&StackEvent::ShutdownWrite { id }));
     // The service finishes too: a FIN goes to the app.
@@ -126,7 +137,7 @@ fn udp_and_echo_go_to_the_shell() {
     let b = PacketBuilder::ipv4(CLIENT, SERVER, 64).udp(5353, 53);
     let mut q = Vec::new();
     b.write(&mut q, b"query").unwrap();
-    s.input(&q);
+    s.input(&q, &mut AdmitAll);
     let ev = events(&mut s);
     let [StackEvent::OpenUdp { id, dst }, StackEvent::UdpSend { payload, .. }] = &ev[..] else {
         panic!("{ev:?}")
@@ -146,7 +157,7 @@ fn udp_and_echo_go_to_the_shell() {
     let b = PacketBuilder::ipv4(CLIENT, SERVER, 64).icmpv4_echo_request(7, 1);
     let mut e = Vec::new();
     b.write(&mut e, b"ping").unwrap();
-    s.input(&e);
+    s.input(&e, &mut AdmitAll);
     let ev = events(&mut s);
     let [StackEvent::Echo {
         request,
@@ -168,10 +179,77 @@ proptest! {
         let (mut s, _) = stack();
         for mut p in pkts {
             if let Some(b) = p.first_mut() { *b = (*b & 0x0f) | if *b & 1 == 0 { 0x40 } else { 0x60 }; }
-            s.input(&p);
+            s.input(&p, &mut AdmitAll);
             s.poll();
             while s.output().is_some() {}
             while s.poll_event().is_some() {}
         }
+    }
+}
+
+/// Admits only TCP to port 80.
+struct OnlyWeb;
+
+impl FlowGate for OnlyWeb {
+    fn admit(&mut self, f: &NewFlow) -> bool {
+        f.kind == FlowKind::Tcp && f.dst.port() == 80
+    }
+}
+
+#[test]
+fn the_gate_refuses_new_flows_and_cuts_open_ones() {
+    let (mut s, _) = stack();
+    // TCP to 22: RST at once, no dial.
+    let mut syn22 = Vec::new();
+    PacketBuilder::ipv4(CLIENT, SERVER, 64)
+        .tcp(40010, 22, 1, 64000)
+        .syn()
+        .write(&mut syn22, &[])
+        .unwrap();
+    s.input(&syn22, &mut OnlyWeb);
+    assert!(events(&mut s).is_empty());
+    let out = outputs(&mut s);
+    assert!(out[0].1.tcp.rst, "{out:?}");
+    // UDP: ICMP administratively prohibited.
+    let mut q = Vec::new();
+    PacketBuilder::ipv4(CLIENT, SERVER, 64)
+        .udp(5353, 53)
+        .write(&mut q, b"x")
+        .unwrap();
+    s.input(&q, &mut OnlyWeb);
+    assert!(events(&mut s).is_empty());
+    assert!(outputs(&mut s)[0].1.icmp_error);
+
+    // An open flow to 80 is cut when the gate changes its mind.
+    s.input(&tcp(40011, 9, None, true, false, &[]), &mut OnlyWeb);
+    let StackEvent::DialTcp { id, .. } = events(&mut s).remove(0) else {
+        panic!()
+    };
+    s.tcp_dialed(id, Ok(()));
+    s.poll();
+    let synack = outputs(&mut s)
+        .into_iter()
+        .find(|(_, i)| i.tcp.syn)
+        .unwrap()
+        .1;
+    s.input(
+        &tcp(40011, 10, Some(synack.tcp_seq + 1), false, false, &[]),
+        &mut OnlyWeb,
+    );
+    s.poll();
+    assert_eq!(s.recheck(&mut OnlyWeb), 0);
+    assert_eq!(s.recheck(&mut NoOne), 1);
+    assert!(
+        outputs(&mut s).iter().any(|(_, i)| i.tcp.rst),
+        "the app gets a RST"
+    );
+    assert!(events(&mut s).contains(&StackEvent::Close { id }));
+}
+
+struct NoOne;
+
+impl FlowGate for NoOne {
+    fn admit(&mut self, _: &NewFlow) -> bool {
+        false
     }
 }

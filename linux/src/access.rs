@@ -1,0 +1,132 @@
+//! Policy enforcement plumbing shared by agent and connector: loading and reloading the policy
+//! file, turning packets into policy flows, and the audit log.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::IpAddr;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use sluice_dataplane::packet::{PacketInfo, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use sluice_policy::audit::{rfc3339_now, AuditRecord};
+use sluice_policy::watch::{PolicyWatcher, Reload};
+use sluice_policy::{Decision, Flow, Policy, Proto};
+
+use crate::config::ConfigError;
+
+/// Loads the policy at start; an invalid file is a configuration error (exit code 2).
+pub fn open_policy(path: &Path) -> Result<PolicyWatcher> {
+    let (w, warnings) = PolicyWatcher::open(path).map_err(|e| ConfigError(e.to_string()))?;
+    for d in warnings {
+        tracing::warn!("policy: {d}");
+    }
+    tracing::info!(
+        "policy {}: {} resources, {} rules",
+        path.display(),
+        w.policy().resources().len(),
+        w.policy().rules().len()
+    );
+    Ok(w)
+}
+
+/// Checks the policy file for changes; true when a new policy is now in force.
+pub fn reload(w: &mut PolicyWatcher) -> bool {
+    match w.poll() {
+        None => false,
+        Some(Reload::Updated {
+            generation,
+            warnings,
+        }) => {
+            for d in warnings {
+                tracing::warn!("policy: {d}");
+            }
+            tracing::info!(
+                "policy reloaded (generation {generation}): {} resources, {} rules",
+                w.policy().resources().len(),
+                w.policy().rules().len()
+            );
+            true
+        }
+        Some(Reload::Rejected(e)) => {
+            tracing::error!("policy change rejected, the previous policy stays in force:\n{e}");
+            false
+        }
+    }
+}
+
+/// The policy's view of a packet, or None for protocols no policy can allow.
+pub fn flow_of(info: &PacketInfo) -> Option<Flow<'static>> {
+    let (proto, port) = match info.proto {
+        PROTO_TCP => (Proto::Tcp, info.dst_port),
+        PROTO_UDP => (Proto::Udp, info.dst_port),
+        PROTO_ICMP | PROTO_ICMPV6 => (Proto::Icmp, 0),
+        _ => return None,
+    };
+    Some(Flow {
+        dst: info.dst,
+        hostname: None,
+        proto,
+        port,
+    })
+}
+
+/// Where audit lines go: a file (appended) or standard output.
+pub struct AuditSink {
+    file: Option<File>,
+}
+
+impl AuditSink {
+    pub fn open(path: Option<&Path>) -> Result<Self> {
+        let file = match path {
+            Some(p) => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .with_context(|| format!("cannot open audit log {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(AuditSink { file })
+    }
+
+    fn write_line(&mut self, line: &str) {
+        let r = match &mut self.file {
+            Some(f) => writeln!(f, "{line}"),
+            None => writeln!(std::io::stdout().lock(), "{line}"),
+        };
+        if let Err(e) = r {
+            tracing::warn!("audit log write failed: {e}");
+        }
+    }
+}
+
+/// One flow decision, as the audit log records it.
+pub struct FlowRecord<'a> {
+    pub enforcer: &'a str,
+    pub user: &'a str,
+    pub device: &'a str,
+    pub src: IpAddr,
+    pub src_port: u16,
+    pub flow: &'a Flow<'a>,
+}
+
+impl AuditSink {
+    pub fn record(&mut self, policy: &Policy, r: &FlowRecord<'_>, d: &Decision) {
+        let rec = AuditRecord {
+            time: rfc3339_now(),
+            enforcer: r.enforcer,
+            user: r.user,
+            device: r.device,
+            source: std::net::SocketAddr::new(r.src, r.src_port).to_string(),
+            destination: std::net::SocketAddr::new(r.flow.dst, r.flow.port).to_string(),
+            hostname: r.flow.hostname,
+            protocol: r.flow.proto.as_str(),
+            port: r.flow.port,
+            decision: if d.allowed() { "allow" } else { "deny" },
+            rule: policy.rule_name(d),
+            resource: d.resource.map(|id| policy.resource(id).name.as_str()),
+        };
+        self.write_line(&rec.to_line());
+    }
+}

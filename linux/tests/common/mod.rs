@@ -1,0 +1,139 @@
+//! Helpers for the lab tests: a lab per test (taken down on drop, even after a failure),
+//! commands inside its namespaces, and threads that live in a namespace.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::Once;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_sluice");
+pub const SVC: &str = "198.51.100.10";
+pub const DATA_PORT: u16 = 9000;
+
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
+}
+
+impl Lab {
+    pub fn up(prefix: &str) -> Lab {
+        let lab = Lab {
+            prefix: prefix.into(),
+            dir: PathBuf::from(format!("/run/sluice-lab/{prefix}")),
+        };
+        let out = Command::new(BIN)
+            .args(["lab", "up", "--prefix", prefix])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "lab up failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        lab
+    }
+
+    pub fn ns(&self, short: &str) -> String {
+        format!("{}{short}", self.prefix)
+    }
+
+    pub fn exec(&self, short: &str, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.ns(short)])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    pub fn pid(&self, name: &str) -> i32 {
+        fs::read_to_string(self.dir.join(format!("{name}.pid")))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    pub fn curl(&self, url: &str, max_time: &str) -> Output {
+        self.exec("agent", &["curl", "-sS", "--max-time", max_time, url])
+    }
+
+    /// Stops a role with `signal` and waits until it has exited.
+    pub fn stop(&self, name: &str, signal: &str) {
+        let pid = self.pid(name);
+        Command::new("kill")
+            .args([&format!("-{signal}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        let t0 = Instant::now();
+        while PathBuf::from(format!("/proc/{pid}")).exists()
+            && t0.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a role again in its namespace, as `sluice lab up` did.
+    pub fn start(&self, role: &str, short: &str) {
+        self.start_with(role, short, &[]);
+    }
+
+    /// Starts a role again with extra command-line flags.
+    pub fn start_with(&self, role: &str, short: &str, extra: &[&str]) {
+        let log = fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join(format!("{role}.log")))
+            .unwrap();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(short), BIN, role, "--config"])
+            .arg(self.dir.join(format!("{role}.yaml")))
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        fs::write(self.dir.join(format!("{role}.pid")), child.id().to_string()).unwrap();
+        // Reaped in the background; `lab down` stops it with everything else in the namespace.
+        std::thread::spawn(move || child.wait());
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = Command::new(BIN)
+            .args(["lab", "down", "--prefix", &self.prefix])
+            .output();
+    }
+}
+
+/// Runs `f` on a thread that has entered namespace `ns`; sockets it opens live there.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = fs::File::open(&path).unwrap();
+        nix::sched::setns(fd, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        f()
+    })
+}
+
+static SETUP: Once = Once::new();
+
+pub fn require_root() {
+    SETUP.call_once(|| {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "lab tests need root (network namespaces, TUN)"
+        );
+    });
+}

@@ -1,0 +1,624 @@
+//! From policy text to a compiled [`Policy`]: parse, validate (every error with file, line,
+//! column and key), warn about rules that cannot matter, and build the lookup tables.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+
+use crate::diagnostic::{Diagnostic, PolicyErrors, Severity};
+use crate::locate::Locations;
+use crate::matcher::{
+    group_principal, user_principal, v4_bits, v6_bits, Policy, PortRanges, PortSpec, Principal,
+    Resource, Rule, EVERYONE,
+};
+use crate::model::{Action, PolicyFile};
+
+pub const FORMAT_VERSION: u32 = 1;
+
+/// A validated policy and the warnings its check produced.
+#[derive(Debug)]
+pub struct Compiled {
+    pub policy: Policy,
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Compiled {
+    pub fn policy_groups(&self) -> usize {
+        self.policy.groups.len()
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a str,
+    loc: Locations,
+    out: Vec<Diagnostic>,
+}
+
+impl Ctx<'_> {
+    fn push(&mut self, severity: Severity, key: &str, at_key: bool, message: String) {
+        let (line, column) = if at_key {
+            self.loc.key(key).unwrap_or_else(|| self.loc.nearest(key))
+        } else {
+            self.loc.nearest(key)
+        };
+        self.out.push(Diagnostic {
+            severity,
+            file: self.file.to_string(),
+            line,
+            column,
+            key: key.to_string(),
+            message,
+        });
+    }
+    fn error(&mut self, key: &str, message: String) {
+        self.push(Severity::Error, key, false, message)
+    }
+    fn warn(&mut self, key: &str, message: String) {
+        self.push(Severity::Warning, key, false, message)
+    }
+}
+
+/// Names of users, groups, resources, connectors and rules.
+fn check_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 64 {
+        return Err(format!("{s:?} is not a valid name: use 1-64 characters"));
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'@' | b'-'))
+    {
+        return Err(format!(
+            "{s:?} is not a valid name: use only A-Z a-z 0-9 . _ @ -"
+        ));
+    }
+    Ok(())
+}
+
+/// An entry of a resource's `addresses`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Address {
+    Net(IpNet),
+    Host(String),
+    /// `*.corp.example`, stored as `corp.example`: names strictly below it.
+    Wildcard(String),
+}
+
+fn check_hostname(h: &str) -> Result<(), String> {
+    if h.len() > 253 {
+        return Err(format!("hostname {h:?} is longer than 253 characters"));
+    }
+    for label in h.split('.') {
+        if label.is_empty() || label.len() > 63 {
+            return Err(format!("hostname {h:?} has an empty or over-long label"));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(format!(
+                "hostname {h:?}: a label cannot start or end with '-'"
+            ));
+        }
+        if !label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(format!(
+                "hostname {h:?} has characters other than letters, digits, '-' and '_'"
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub fn parse_address(s: &str) -> Result<Address, String> {
+    let s = s.trim();
+    if let Ok(ip) = s.parse::<IpAddr>() {
+        return Ok(Address::Net(IpNet::from(ip)));
+    }
+    if s.contains('/') {
+        let net: IpNet = s.parse().map_err(|_| {
+            format!("{s:?} is not a valid CIDR (expected like 10.0.0.0/24 or fd00::/64)")
+        })?;
+        if net.trunc() != net {
+            return Err(format!(
+                "{s:?} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        return Ok(Address::Net(net));
+    }
+    if s.contains('*') {
+        let Some(rest) = s.strip_prefix("*.") else {
+            return Err(format!(
+                "{s:?}: a wildcard must be the whole first label, as in *.corp.example"
+            ));
+        };
+        if rest.contains('*') {
+            return Err(format!(
+                "{s:?}: only one wildcard, as the first label, is allowed"
+            ));
+        }
+        if !rest.contains('.') {
+            return Err(format!(
+                "{s:?} would match a whole top-level domain; name a domain like *.corp.example"
+            ));
+        }
+        let rest = rest.to_ascii_lowercase();
+        check_hostname(&rest)?;
+        return Ok(Address::Wildcard(rest));
+    }
+    if s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(format!("{s:?} is not a valid IP address"));
+    }
+    let h = s.trim_end_matches('.').to_ascii_lowercase();
+    check_hostname(&h)?;
+    Ok(Address::Host(h))
+}
+
+#[derive(Default)]
+struct PortsAcc {
+    tcp: Vec<(u16, u16)>,
+    udp: Vec<(u16, u16)>,
+    icmp: bool,
+}
+
+fn parse_port_number(s: &str, whole: &str) -> Result<u16, String> {
+    let n: u64 = s
+        .parse()
+        .map_err(|_| format!("{whole:?}: {s:?} is not a port number"))?;
+    if n == 0 || n > 65535 {
+        return Err(format!("{whole:?}: port {n} is out of range (1-65535)"));
+    }
+    Ok(n as u16)
+}
+
+fn parse_ports(s: &str, acc: &mut PortsAcc) -> Result<(), String> {
+    let s = s.trim().to_ascii_lowercase();
+    match s.as_str() {
+        "any" => {
+            acc.tcp.push((1, 65535));
+            acc.udp.push((1, 65535));
+            acc.icmp = true;
+            return Ok(());
+        }
+        "icmp" => {
+            acc.icmp = true;
+            return Ok(());
+        }
+        "tcp" => {
+            acc.tcp.push((1, 65535));
+            return Ok(());
+        }
+        "udp" => {
+            acc.udp.push((1, 65535));
+            return Ok(());
+        }
+        _ => {}
+    }
+    let Some((proto, range)) = s.split_once('/') else {
+        return Err(format!(
+            "{s:?}: expected tcp/PORT, tcp/FROM-TO, udp/..., tcp, udp, icmp or any"
+        ));
+    };
+    let list = match proto {
+        "tcp" => &mut acc.tcp,
+        "udp" => &mut acc.udp,
+        "icmp" => return Err(format!("{s:?}: ICMP has no ports; write just icmp")),
+        other => {
+            return Err(format!(
+                "{s:?}: unknown protocol {other:?} (tcp, udp or icmp)"
+            ))
+        }
+    };
+    let (lo, hi) = match range.split_once('-') {
+        Some((a, b)) => (parse_port_number(a, &s)?, parse_port_number(b, &s)?),
+        None => {
+            let p = parse_port_number(range, &s)?;
+            (p, p)
+        }
+    };
+    if lo > hi {
+        return Err(format!("{s:?}: the range runs backwards ({lo} > {hi})"));
+    }
+    list.push((lo, hi));
+    Ok(())
+}
+
+/// An entry of a rule's `who`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Who {
+    Everyone,
+    Group(String),
+    User(String),
+}
+
+fn parse_who(s: &str) -> Result<Who, String> {
+    let s = s.trim();
+    if s == "everyone" {
+        return Ok(Who::Everyone);
+    }
+    if let Some(g) = s.strip_prefix("group:") {
+        check_name(g)?;
+        return Ok(Who::Group(g.to_string()));
+    }
+    if let Some(u) = s.strip_prefix("user:") {
+        check_name(u)?;
+        return Ok(Who::User(u.to_string()));
+    }
+    Err(format!("{s:?}: expected everyone, group:NAME or user:NAME"))
+}
+
+fn parse_expiry(s: &str) -> Result<i64, String> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t.unix_timestamp());
+    }
+    let fmt = time::format_description::parse_borrowed::<2>("[year]-[month]-[day]")
+        .map_err(|e| e.to_string())?;
+    match time::Date::parse(s, &fmt) {
+        Ok(d) => Ok(d.midnight().assume_utc().unix_timestamp()),
+        Err(_) => Err(format!(
+            "{s:?} is not a date (2027-01-31) or an RFC 3339 time (2027-01-31T18:00:00Z)"
+        )),
+    }
+}
+
+/// Parses, validates and compiles policy `text`; `file` names it in diagnostics. `now` (Unix
+/// seconds) is used only to warn about rules that have already expired.
+pub fn compile(text: &str, file: &str, now: i64) -> Result<Compiled, PolicyErrors> {
+    let mut cx = Ctx {
+        file,
+        loc: Locations::parse(text),
+        out: Vec::new(),
+    };
+    let de = serde_yaml::Deserializer::from_str(text);
+    let pf: PolicyFile = match serde_path_to_error::deserialize(de) {
+        Ok(p) => p,
+        Err(e) => {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let (line, column) = match inner.location() {
+                Some(l) => (l.line(), l.column()),
+                None => cx.loc.nearest(&key),
+            };
+            let key = if key == "." { String::new() } else { key };
+            return Err(PolicyErrors(vec![Diagnostic {
+                severity: Severity::Error,
+                file: file.to_string(),
+                line,
+                column,
+                key,
+                message: inner.to_string(),
+            }]));
+        }
+    };
+    let policy = build(&pf, &mut cx, now);
+    let has_errors = cx.out.iter().any(|d| d.severity == Severity::Error);
+    if has_errors {
+        return Err(PolicyErrors(cx.out));
+    }
+    Ok(Compiled {
+        policy,
+        warnings: cx.out,
+    })
+}
+
+fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
+    let mut p = Policy::default();
+    if pf.version != FORMAT_VERSION {
+        cx.error(
+            "version",
+            format!(
+                "unsupported version {} (this build reads version {FORMAT_VERSION})",
+                pf.version
+            ),
+        );
+    }
+
+    // Groups: names, members, includes; then the transitive closure (and cycles).
+    for (name, _) in &pf.groups {
+        let key = format!("groups.{name}");
+        if let Err(e) = check_name(name) {
+            cx.push(Severity::Error, &key, true, format!("group {e}"));
+        }
+        p.group_ids.insert(name.clone(), p.groups.len() as u32);
+        p.groups.push(name.clone());
+    }
+    let mut includes: Vec<Vec<u32>> = vec![Vec::new(); p.groups.len()];
+    for (gi, (name, g)) in pf.groups.iter().enumerate() {
+        for (i, m) in g.members.iter().enumerate() {
+            match check_name(m) {
+                Ok(()) => {
+                    let list = p.members.entry(m.clone()).or_default();
+                    if !list.contains(&(gi as u32)) {
+                        list.push(gi as u32);
+                    }
+                }
+                Err(e) => cx.error(
+                    &format!("groups.{name}.members[{i}]"),
+                    format!("member {e}"),
+                ),
+            }
+        }
+        for (i, inc) in g.include.iter().enumerate() {
+            match p.group_ids.get(inc) {
+                Some(id) if *id == gi as u32 => cx.error(
+                    &format!("groups.{name}.include[{i}]"),
+                    format!("group {name:?} includes itself"),
+                ),
+                Some(id) => includes[gi].push(*id),
+                None => cx.error(
+                    &format!("groups.{name}.include[{i}]"),
+                    format!(
+                        "unknown group {inc:?} (defined groups: {})",
+                        list(&p.groups)
+                    ),
+                ),
+            }
+        }
+    }
+    // group_closure[g] = g and every group that (transitively) includes g.
+    let mut parents: Vec<Vec<u32>> = vec![Vec::new(); p.groups.len()];
+    for (g, incs) in includes.iter().enumerate() {
+        for &child in incs {
+            parents[child as usize].push(g as u32);
+        }
+    }
+    let mut reported_cycle = false;
+    for g in 0..p.groups.len() as u32 {
+        let mut seen = vec![g];
+        let mut todo = vec![g];
+        while let Some(x) = todo.pop() {
+            for &up in &parents[x as usize] {
+                if up == g && !reported_cycle && x != g {
+                    reported_cycle = true;
+                    let name = &p.groups[g as usize];
+                    cx.push(
+                        Severity::Error,
+                        &format!("groups.{name}"),
+                        true,
+                        format!("group {name:?} includes itself through a cycle of includes"),
+                    );
+                }
+                if !seen.contains(&up) {
+                    seen.push(up);
+                    todo.push(up);
+                }
+            }
+        }
+        p.group_closure.push(seen);
+    }
+
+    // Resources.
+    let mut resource_ids: HashMap<String, u32> = HashMap::new();
+    for (ri, r) in pf.resources.iter().enumerate() {
+        let base = format!("resources[{ri}]");
+        if let Err(e) = check_name(&r.name) {
+            cx.error(&format!("{base}.name"), format!("resource {e}"));
+        }
+        if let Some(prev) = resource_ids.get(&r.name) {
+            let (line, _) = cx.loc.nearest(&format!("resources[{prev}].name"));
+            cx.error(
+                &format!("{base}.name"),
+                format!(
+                    "resource {:?} is already defined (line {line}); resource names must be unique",
+                    r.name
+                ),
+            );
+        }
+        if let Err(e) = check_name(&r.connector) {
+            cx.error(&format!("{base}.connector"), format!("connector {e}"));
+        }
+        let id = p.resources.len() as u32;
+        resource_ids.entry(r.name.clone()).or_insert(id);
+        if r.addresses.is_empty() {
+            cx.error(
+                &format!("{base}.addresses"),
+                "no addresses: list at least one CIDR, IP or hostname".into(),
+            );
+        }
+        for (ai, a) in r.addresses.iter().enumerate() {
+            match parse_address(a) {
+                Ok(Address::Net(net)) => {
+                    match net {
+                        IpNet::V4(n) => p.v4.insert(v4_bits(n.network()), n.prefix_len(), 32, id),
+                        IpNet::V6(n) => p.v6.insert(v6_bits(n.network()), n.prefix_len(), 128, id),
+                    }
+                    p.networks.push((net, id));
+                }
+                Ok(Address::Host(h)) => p.names.entry(h).or_default().push(id),
+                Ok(Address::Wildcard(w)) => p.wildcards.entry(w).or_default().push(id),
+                Err(e) => cx.error(&format!("{base}.addresses[{ai}]"), e),
+            }
+        }
+        let mut acc = PortsAcc::default();
+        if r.ports.is_empty() {
+            cx.error(
+                &format!("{base}.ports"),
+                "no ports: list tcp/PORT, udp/PORT, icmp, or any".into(),
+            );
+        }
+        for (pi, s) in r.ports.iter().enumerate() {
+            if let Err(e) = parse_ports(s, &mut acc) {
+                cx.error(&format!("{base}.ports[{pi}]"), e);
+            }
+        }
+        p.resources.push(Resource {
+            name: r.name.clone(),
+            connector: r.connector.clone(),
+            ports: PortSpec {
+                tcp: PortRanges::from_ranges(acc.tcp),
+                udp: PortRanges::from_ranges(acc.udp),
+                icmp: acc.icmp,
+            },
+        });
+    }
+    p.allow = vec![HashMap::new(); p.resources.len()];
+    p.deny = vec![HashMap::new(); p.resources.len()];
+
+    // Rules.
+    let mut rule_names: HashMap<String, usize> = HashMap::new();
+    let mut parsed: Vec<(HashSet<Who>, HashSet<u32>, Action, Option<i64>)> = Vec::new();
+    for (i, r) in pf.rules.iter().enumerate() {
+        let base = format!("rules[{i}]");
+        let name = r.name.clone().unwrap_or_else(|| format!("rule {}", i + 1));
+        if r.name.is_some() {
+            if let Err(e) = check_name(&name) {
+                cx.error(&format!("{base}.name"), format!("rule {e}"));
+            }
+            if let Some(prev) = rule_names.insert(name.clone(), i) {
+                cx.error(
+                    &format!("{base}.name"),
+                    format!("rule name {name:?} is already used by rules[{prev}]"),
+                );
+            }
+        }
+        let expires = match &r.expires {
+            Some(s) => match parse_expiry(s) {
+                Ok(t) => {
+                    if t <= now {
+                        cx.warn(
+                            &format!("{base}.expires"),
+                            format!("rule {name:?} expired on {s}; it no longer applies"),
+                        );
+                    }
+                    Some(t)
+                }
+                Err(e) => {
+                    cx.error(&format!("{base}.expires"), e);
+                    None
+                }
+            },
+            None => None,
+        };
+        if r.who.is_empty() {
+            cx.error(
+                &format!("{base}.who"),
+                "empty: name everyone, group:NAME or user:NAME".into(),
+            );
+        }
+        if r.to.is_empty() {
+            cx.error(
+                &format!("{base}.to"),
+                "empty: name at least one resource".into(),
+            );
+        }
+        let mut who = HashSet::new();
+        for (wi, w) in r.who.iter().enumerate() {
+            match parse_who(w) {
+                Ok(Who::Group(g)) if !p.group_ids.contains_key(&g) => cx.error(
+                    &format!("{base}.who[{wi}]"),
+                    format!("unknown group {g:?} (defined groups: {})", list(&p.groups)),
+                ),
+                Ok(w) => {
+                    who.insert(w);
+                }
+                Err(e) => cx.error(&format!("{base}.who[{wi}]"), e),
+            }
+        }
+        let mut to = HashSet::new();
+        for (ti, t) in r.to.iter().enumerate() {
+            match resource_ids.get(t) {
+                Some(id) => {
+                    to.insert(*id);
+                }
+                None => {
+                    let names: Vec<String> = pf.resources.iter().map(|r| r.name.clone()).collect();
+                    cx.error(
+                        &format!("{base}.to[{ti}]"),
+                        format!(
+                            "unknown resource {t:?} (defined resources: {})",
+                            list(&names)
+                        ),
+                    )
+                }
+            }
+        }
+        let rid = p.rules.len() as u32;
+        p.rules.push(Rule {
+            name,
+            action: r.action,
+            expires,
+        });
+        for w in &who {
+            let principal: Principal = match w {
+                Who::Everyone => EVERYONE,
+                Who::Group(g) => match p.group_ids.get(g) {
+                    Some(id) => group_principal(*id),
+                    None => continue,
+                },
+                Who::User(u) => {
+                    let next = p.users.len() as u32;
+                    user_principal(*p.users.entry(u.clone()).or_insert(next))
+                }
+            };
+            for res in &to {
+                let table = match r.action {
+                    Action::Allow => &mut p.allow[*res as usize],
+                    Action::Deny => &mut p.deny[*res as usize],
+                };
+                table.entry(principal).or_default().push(rid);
+            }
+        }
+        parsed.push((who, to, r.action, expires));
+    }
+
+    shadow_warnings(&p, &parsed, cx);
+    for (ri, r) in p.resources.iter().enumerate() {
+        if p.allow[ri].is_empty() {
+            cx.warn(
+                &format!("resources[{ri}]"),
+                format!(
+                    "no rule allows access to resource {:?}; nobody can reach it",
+                    r.name
+                ),
+            );
+        }
+    }
+    p
+}
+
+/// Warns about allow rules that a deny rule fully overrides, and rules that repeat an earlier one.
+fn shadow_warnings(
+    p: &Policy,
+    parsed: &[(HashSet<Who>, HashSet<u32>, Action, Option<i64>)],
+    cx: &mut Ctx<'_>,
+) {
+    for (i, (who, to, action, _)) in parsed.iter().enumerate() {
+        if who.is_empty() || to.is_empty() {
+            continue;
+        }
+        for (j, (dwho, dto, daction, dexp)) in parsed.iter().enumerate() {
+            if i == j || dexp.is_some() {
+                continue;
+            }
+            let covers_who = dwho.contains(&Who::Everyone) || who.is_subset(dwho);
+            if !covers_who || !to.is_subset(dto) {
+                continue;
+            }
+            let name = &p.rules[i].name;
+            let other = &p.rules[j].name;
+            if *action == Action::Allow && *daction == Action::Deny {
+                cx.warn(
+                    &format!("rules[{i}]"),
+                    format!("allow rule {name:?} never applies: deny rule {other:?} covers the same users and resources, and deny wins"),
+                );
+                break;
+            }
+            if action == daction && j < i && who == dwho && to == dto {
+                cx.warn(
+                    &format!("rules[{i}]"),
+                    format!("rule {name:?} repeats rule {other:?}"),
+                );
+                break;
+            }
+        }
+    }
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
