@@ -353,10 +353,16 @@ fn bad_input_is_refused_cleanly() {
         ])
         .arg(&ca));
     let cfg = tmp.join("mallory.yaml");
+    // Its own network, so its routes do not replace the lab agent's.
+    fs::write(
+        tmp.join("mallory-policy.yaml"),
+        "version: 1\nresources:\n  - name: x\n    connector: lab-connector\n    addresses: [203.0.113.0/24]\n    ports: [any]\nrules:\n  - action: allow\n    who: [everyone]\n    to: [x]\n",
+    )
+    .unwrap();
     let d = ca.display();
     fs::write(
         &cfg,
-        format!("relay: 192.0.2.1:4433\ncert: {d}/mallory.pem\nkey: {d}/mallory.key\nca: {}/ca/ca.pem\ntun:\n  name: intruder0\nresources:\n  - name: x\n    connector: lab-connector\n    cidrs: [203.0.113.0/24]\n", lab.dir.display()),
+        format!("relay: 192.0.2.1:4433\ncert: {d}/mallory.pem\nkey: {d}/mallory.key\nca: {}/ca/ca.pem\ntun:\n  name: intruder0\npolicy: {}/mallory-policy.yaml\n", lab.dir.display(), tmp.display()),
     )
     .unwrap();
     let child = Command::new("ip")

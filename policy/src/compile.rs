@@ -118,6 +118,14 @@ pub fn parse_address(s: &str) -> Result<Address, String> {
         let net: IpNet = s.parse().map_err(|_| {
             format!("{s:?} is not a valid CIDR (expected like 10.0.0.0/24 or fd00::/64)")
         })?;
+        if let IpNet::V6(v6) = net {
+            if let Some(v4) = v6.network().to_ipv4_mapped() {
+                return Err(format!(
+                    "{s:?} is an IPv4-mapped IPv6 range; write the IPv4 form ({v4}/{})",
+                    v6.prefix_len().saturating_sub(96)
+                ));
+            }
+        }
         if net.trunc() != net {
             return Err(format!(
                 "{s:?} has host bits set; did you mean {}?",
@@ -223,6 +231,9 @@ fn parse_ports(s: &str, acc: &mut PortsAcc) -> Result<(), String> {
     Ok(())
 }
 
+/// A rule as validated: who, which resources, action, expiry.
+type ParsedRule = (HashSet<Who>, HashSet<u32>, Action, Option<i64>);
+
 /// An entry of a rule's `who`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Who {
@@ -281,16 +292,37 @@ pub fn compile(text: &str, file: &str, now: i64) -> Result<Compiled, PolicyError
                 None => cx.loc.nearest(&key),
             };
             let key = if key == "." { String::new() } else { key };
+            // serde_yaml repeats the location at the end of its message; we print it first.
+            let mut message = inner.to_string();
+            if let Some(i) = message.rfind(" at line ") {
+                message.truncate(i);
+            }
+            if let Some(rest) = message.strip_prefix(&format!("{key}: ")) {
+                message = rest.to_string();
+            }
             return Err(PolicyErrors(vec![Diagnostic {
                 severity: Severity::Error,
                 file: file.to_string(),
                 line,
                 column,
                 key,
-                message: inner.to_string(),
+                message,
             }]));
         }
     };
+    for (path, (line, column)) in cx.loc.duplicates().to_vec() {
+        cx.out.push(Diagnostic {
+            severity: Severity::Error,
+            file: file.to_string(),
+            line,
+            column,
+            key: path.clone(),
+            message: format!(
+                "`{}` is defined twice in the same mapping; the first definition would be lost",
+                path.rsplit('.').next().unwrap_or(&path)
+            ),
+        });
+    }
     let policy = build(&pf, &mut cx, now);
     let has_errors = cx.out.iter().any(|d| d.severity == Severity::Error);
     if has_errors {
@@ -315,7 +347,7 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
     }
 
     // Groups: names, members, includes; then the transitive closure (and cycles).
-    for (name, _) in &pf.groups {
+    for name in pf.groups.keys() {
         let key = format!("groups.{name}");
         if let Err(e) = check_name(name) {
             cx.push(Severity::Error, &key, true, format!("group {e}"));
@@ -457,7 +489,7 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
 
     // Rules.
     let mut rule_names: HashMap<String, usize> = HashMap::new();
-    let mut parsed: Vec<(HashSet<Who>, HashSet<u32>, Action, Option<i64>)> = Vec::new();
+    let mut parsed: Vec<ParsedRule> = Vec::new();
     for (i, r) in pf.rules.iter().enumerate() {
         let base = format!("rules[{i}]");
         let name = r.name.clone().unwrap_or_else(|| format!("rule {}", i + 1));
@@ -578,11 +610,7 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
 }
 
 /// Warns about allow rules that a deny rule fully overrides, and rules that repeat an earlier one.
-fn shadow_warnings(
-    p: &Policy,
-    parsed: &[(HashSet<Who>, HashSet<u32>, Action, Option<i64>)],
-    cx: &mut Ctx<'_>,
-) {
+fn shadow_warnings(p: &Policy, parsed: &[ParsedRule], cx: &mut Ctx<'_>) {
     for (i, (who, to, action, _)) in parsed.iter().enumerate() {
         if who.is_empty() || to.is_empty() {
             continue;
@@ -620,5 +648,39 @@ fn list(names: &[String]) -> String {
         "none".into()
     } else {
         names.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn first_error(text: &str) -> Diagnostic {
+        compile(text, "p.yaml", 0).unwrap_err().0.remove(0)
+    }
+
+    #[test]
+    fn a_group_defined_twice_is_an_error_at_the_repeat() {
+        let d =
+            first_error("version: 1\ngroups:\n  a:\n    members: [x]\n  a:\n    members: [y]\n");
+        assert_eq!(
+            (d.line, d.column, d.key.as_str()),
+            (5, 3, "groups.a"),
+            "{d}"
+        );
+        assert!(d.message.contains("defined twice"), "{d}");
+    }
+
+    #[test]
+    fn ipv4_mapped_ranges_are_refused() {
+        let e = parse_address("::ffff:10.0.0.0/104").unwrap_err();
+        assert!(e.contains("10.0.0.0/8"), "{e}");
+    }
+
+    #[test]
+    fn serde_messages_do_not_repeat_the_location() {
+        let d = first_error("version: 1\nrules:\n  - acton: allow\n");
+        assert!(!d.message.contains("at line"), "{d}");
+        assert!(d.message.contains("acton"), "{d}");
     }
 }

@@ -126,7 +126,7 @@ impl PrefixTable {
             Some(i) => i,
             None => {
                 self.by_len.push((len, HashMap::new()));
-                self.by_len.sort_by(|a, b| b.0.cmp(&a.0));
+                self.by_len.sort_by_key(|e| std::cmp::Reverse(e.0));
                 self.by_len.iter().position(|(l, _)| *l == len).unwrap_or(0)
             }
         };
@@ -307,6 +307,14 @@ impl Policy {
         }
         if let Some(host) = flow.hostname {
             let host = host.trim_end_matches('.');
+            // Names are stored lowercase; DNS names compare without case.
+            let lowered;
+            let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                lowered = host.to_ascii_lowercase();
+                lowered.as_str()
+            } else {
+                host
+            };
             if let Some(rs) = self.names.get(host) {
                 rs.iter().for_each(|r| check(*r));
             }
