@@ -208,6 +208,15 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Policy(_) | Cmd::Ca(_) | Cmd::Lab(_)) {
+        // Commands that print: `| head` closing the pipe ends them quietly, as for any Unix
+        // tool. The long-running roles keep Rust's default (SIGPIPE ignored), so a write to a
+        // closed socket is an error to handle, not a death.
+        // SAFETY: setting a signal disposition to the default before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging();
     let result = match cli.cmd {
         Cmd::Relay(a) => relay::run(a),

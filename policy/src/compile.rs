@@ -297,8 +297,11 @@ pub fn compile(text: &str, file: &str, now: i64) -> Result<Compiled, PolicyError
             if let Some(i) = message.rfind(" at line ") {
                 message.truncate(i);
             }
-            if let Some(rest) = message.strip_prefix(&format!("{key}: ")) {
-                message = rest.to_string();
+            // ...and may start with the path, which we print too.
+            if let Some((head, rest)) = message.split_once(": ") {
+                if !head.contains(' ') && key.starts_with(head) {
+                    message = rest.to_string();
+                }
             }
             return Err(PolicyErrors(vec![Diagnostic {
                 severity: Severity::Error,
