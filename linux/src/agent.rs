@@ -130,6 +130,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             audit,
             tun_name: cfg.tun.name.clone(),
             routed: nets,
+            resource_slots: Vec::new(),
             next_reload_check: Instant::now() + RELOAD_EVERY,
         };
         tokio::select! {
@@ -180,6 +181,8 @@ struct Agent {
     tun_name: String,
     /// Networks routed into the TUN device now.
     routed: Vec<IpNet>,
+    /// Connector slot of each resource of the current policy, filled on first use.
+    resource_slots: Vec<Option<usize>>,
     next_reload_check: Instant,
 }
 
@@ -410,10 +413,10 @@ impl Agent {
         let key: FlowKey = (info.src, info.dst, info.proto, sport, info.dst_port);
         let now = now_unix();
         let generation = self.watcher.generation();
-        let policy = self.watcher.policy().clone();
         let d = match self.flows.get(&key, generation, now) {
             Some(d) => d,
             None => {
+                let policy = self.watcher.policy();
                 let d = policy.decide(&self.subject, &flow, now);
                 self.flows.insert(key, generation, d);
                 let rec = FlowRecord {
@@ -424,12 +427,12 @@ impl Agent {
                     src_port: sport,
                     flow: &flow,
                 };
-                self.audit.record(&policy, &rec, &d);
+                self.audit.record(policy, &rec, &d);
                 d
             }
         };
         match d.resource.filter(|_| d.allowed()) {
-            Some(r) => Some(self.slot_index(&policy.resource(r).connector)),
+            Some(r) => Some(self.slot_of_resource(r)),
             None => {
                 self.stats.denied += 1;
                 // Answering an ICMP error with an ICMP error is never done; a RST is not
@@ -445,6 +448,22 @@ impl Agent {
                 None
             }
         }
+    }
+
+    /// The connector slot serving resource `r`, remembered per resource until the next reload
+    /// so the packet path does no name lookups.
+    fn slot_of_resource(&mut self, r: sluice_policy::matcher::ResourceId) -> usize {
+        let r = r as usize;
+        if let Some(Some(i)) = self.resource_slots.get(r) {
+            return *i;
+        }
+        let name = self.watcher.policy().resource(r as u32).connector.clone();
+        let i = self.slot_index(&name);
+        if self.resource_slots.len() <= r {
+            self.resource_slots.resize(r + 1, None);
+        }
+        self.resource_slots[r] = Some(i);
+        i
     }
 
     fn slot_index(&mut self, connector: &str) -> usize {
@@ -470,6 +489,7 @@ impl Agent {
         }
         let policy = self.watcher.policy().clone();
         self.subject = policy.subject(&self.subject.user, &self.cert_groups);
+        self.resource_slots.clear();
         let nets = networks(&policy);
         let added: Vec<IpNet> = nets
             .iter()

@@ -94,6 +94,8 @@ struct Session {
     next_keepalive: Instant,
     /// The agent's user as the policy sees it, once its certificate is known.
     subject: Option<Subject>,
+    /// The agent's peer id in short form: the audit log's device.
+    device: String,
 }
 
 /// The connector's policy check of a new (or re-checked) flow of one agent.
@@ -101,7 +103,7 @@ struct Gate<'a> {
     policy: &'a Policy,
     subject: Option<&'a Subject>,
     me: &'a str,
-    device: String,
+    device: &'a str,
     audit: &'a mut AuditSink,
     now: i64,
 }
@@ -129,7 +131,7 @@ impl FlowGate for Gate<'_> {
         let rec = FlowRecord {
             enforcer: "connector",
             user: &subject.user,
-            device: &self.device,
+            device: self.device,
             src: f.src.ip(),
             src_port: f.src.port(),
             flow: &flow,
@@ -270,6 +272,7 @@ impl Connector {
                             stack: Stack::new(self.limits.clone()),
                             next_keepalive: Instant::now() + node::TUNNEL_KEEPALIVE,
                             subject: None,
+                            device: peer.short(),
                         },
                     );
                 }
@@ -294,7 +297,7 @@ impl Connector {
             policy,
             subject: s.subject.as_ref(),
             me: &self.me,
-            device: peer.short(),
+            device: &s.device,
             audit: &mut self.audit,
             now: now_unix(),
         };
@@ -376,7 +379,7 @@ impl Connector {
                 policy: &policy,
                 subject: s.subject.as_ref(),
                 me: &self.me,
-                device: peer.short(),
+                device: &s.device,
                 audit: &mut self.audit,
                 now,
             };
