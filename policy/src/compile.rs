@@ -31,16 +31,25 @@ impl Compiled {
 
 struct Ctx<'a> {
     file: &'a str,
-    loc: Locations,
+    text: &'a str,
+    /// Built only when there is something to report: indexing a large file costs more than
+    /// compiling it.
+    loc: Option<Locations>,
     out: Vec<Diagnostic>,
 }
 
 impl Ctx<'_> {
+    fn loc(&mut self) -> &Locations {
+        let text = self.text;
+        self.loc.get_or_insert_with(|| Locations::parse(text))
+    }
+
     fn push(&mut self, severity: Severity, key: &str, at_key: bool, message: String) {
+        let loc = self.loc();
         let (line, column) = if at_key {
-            self.loc.key(key).unwrap_or_else(|| self.loc.nearest(key))
+            loc.key(key).unwrap_or_else(|| loc.nearest(key))
         } else {
-            self.loc.nearest(key)
+            loc.nearest(key)
         };
         self.out.push(Diagnostic {
             severity,
@@ -235,7 +244,7 @@ fn parse_ports(s: &str, acc: &mut PortsAcc) -> Result<(), String> {
 type ParsedRule = (HashSet<Who>, HashSet<u32>, Action, Option<i64>);
 
 /// An entry of a rule's `who`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Who {
     Everyone,
     Group(String),
@@ -278,7 +287,8 @@ fn parse_expiry(s: &str) -> Result<i64, String> {
 pub fn compile(text: &str, file: &str, now: i64) -> Result<Compiled, PolicyErrors> {
     let mut cx = Ctx {
         file,
-        loc: Locations::parse(text),
+        text,
+        loc: None,
         out: Vec::new(),
     };
     let de = serde_yaml::Deserializer::from_str(text);
@@ -289,9 +299,22 @@ pub fn compile(text: &str, file: &str, now: i64) -> Result<Compiled, PolicyError
             let inner = e.into_inner();
             let (line, column) = match inner.location() {
                 Some(l) => (l.line(), l.column()),
-                None => cx.loc.nearest(&key),
+                None => cx.loc().nearest(&key),
             };
-            let key = if key == "." { String::new() } else { key };
+            let mut key = if key == "." { String::new() } else { key };
+            let (mut line, mut column) = (line, column);
+            // A repeated mapping key: point at the repeat (the index keeps the last position).
+            let text = inner.to_string();
+            let repeated = text.find("` is defined twice").and_then(|end| {
+                let start = text[..end].rfind('`')? + 1;
+                Some(text[start..end].to_string())
+            });
+            if let Some(name) = repeated {
+                key = join_key(&key, &name);
+                if let Some(pos) = cx.loc().key(&key) {
+                    (line, column) = pos;
+                }
+            }
             // serde_yaml repeats the location at the end of its message; we print it first.
             let mut message = inner.to_string();
             if let Some(i) = message.rfind(" at line ") {
@@ -313,19 +336,6 @@ pub fn compile(text: &str, file: &str, now: i64) -> Result<Compiled, PolicyError
             }]));
         }
     };
-    for (path, (line, column)) in cx.loc.duplicates().to_vec() {
-        cx.out.push(Diagnostic {
-            severity: Severity::Error,
-            file: file.to_string(),
-            line,
-            column,
-            key: path.clone(),
-            message: format!(
-                "`{}` is defined twice in the same mapping; the first definition would be lost",
-                path.rsplit('.').next().unwrap_or(&path)
-            ),
-        });
-    }
     let policy = build(&pf, &mut cx, now);
     let has_errors = cx.out.iter().any(|d| d.severity == Severity::Error);
     if has_errors {
@@ -431,7 +441,7 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
             cx.error(&format!("{base}.name"), format!("resource {e}"));
         }
         if let Some(prev) = resource_ids.get(&r.name) {
-            let (line, _) = cx.loc.nearest(&format!("resources[{prev}].name"));
+            let (line, _) = cx.loc().nearest(&format!("resources[{prev}].name"));
             cx.error(
                 &format!("{base}.name"),
                 format!(
@@ -487,8 +497,8 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
             },
         });
     }
-    p.allow = vec![HashMap::new(); p.resources.len()];
-    p.deny = vec![HashMap::new(); p.resources.len()];
+    p.allow = vec![Default::default(); p.resources.len()];
+    p.deny = vec![Default::default(); p.resources.len()];
 
     // Rules.
     let mut rule_names: HashMap<String, usize> = HashMap::new();
@@ -612,37 +622,66 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
     p
 }
 
-/// Warns about allow rules that a deny rule fully overrides, and rules that repeat an earlier one.
+/// Warns about allow rules that a deny rule fully overrides, and rules that repeat an earlier
+/// one. Candidates come from an index by resource, so this stays near linear in the rules.
 fn shadow_warnings(p: &Policy, parsed: &[ParsedRule], cx: &mut Ctx<'_>) {
+    let mut deny_by_resource: HashMap<u32, Vec<usize>> = HashMap::new();
+    for (j, (_, to, action, expires)) in parsed.iter().enumerate() {
+        if *action == Action::Deny && expires.is_none() {
+            for r in to {
+                deny_by_resource.entry(*r).or_default().push(j);
+            }
+        }
+    }
+    let mut seen: HashMap<(Vec<Who>, Vec<u32>, Action), usize> = HashMap::new();
     for (i, (who, to, action, _)) in parsed.iter().enumerate() {
         if who.is_empty() || to.is_empty() {
             continue;
         }
-        for (j, (dwho, dto, daction, dexp)) in parsed.iter().enumerate() {
-            if i == j || dexp.is_some() {
-                continue;
-            }
-            let covers_who = dwho.contains(&Who::Everyone) || who.is_subset(dwho);
-            if !covers_who || !to.is_subset(dto) {
-                continue;
-            }
-            let name = &p.rules[i].name;
-            let other = &p.rules[j].name;
-            if *action == Action::Allow && *daction == Action::Deny {
+        let mut w: Vec<Who> = who.iter().cloned().collect();
+        w.sort();
+        let mut t: Vec<u32> = to.iter().copied().collect();
+        t.sort_unstable();
+        if let Some(&first) = seen.get(&(w.clone(), t.clone(), *action)) {
+            let (name, other) = (&p.rules[i].name, &p.rules[first].name);
+            cx.warn(
+                &format!("rules[{i}]"),
+                format!("rule {name:?} repeats rule {other:?}"),
+            );
+            continue;
+        }
+        seen.insert((w, t, *action), i);
+        if *action != Action::Allow {
+            continue;
+        }
+        // A covering deny names every resource of this rule, so it is among the denies of the
+        // resource with the fewest.
+        let Some(candidates) = to
+            .iter()
+            .map(|r| deny_by_resource.get(r).map_or(&[][..], |v| v.as_slice()))
+            .min_by_key(|v| v.len())
+        else {
+            continue;
+        };
+        for &j in candidates {
+            let (dwho, dto, _, _) = &parsed[j];
+            if (dwho.contains(&Who::Everyone) || who.is_subset(dwho)) && to.is_subset(dto) {
+                let (name, other) = (&p.rules[i].name, &p.rules[j].name);
                 cx.warn(
                     &format!("rules[{i}]"),
                     format!("allow rule {name:?} never applies: deny rule {other:?} covers the same users and resources, and deny wins"),
                 );
                 break;
             }
-            if action == daction && j < i && who == dwho && to == dto {
-                cx.warn(
-                    &format!("rules[{i}]"),
-                    format!("rule {name:?} repeats rule {other:?}"),
-                );
-                break;
-            }
         }
+    }
+}
+
+fn join_key(base: &str, key: &str) -> String {
+    if base.is_empty() {
+        key.to_string()
+    } else {
+        format!("{base}.{key}")
     }
 }
 

@@ -14,8 +14,6 @@ pub type Pos = (usize, usize);
 pub struct Locations {
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
-    /// Mapping keys that appear twice in the same mapping: path and where the repeat is.
-    duplicates: Vec<(String, Pos)>,
 }
 
 enum Frame {
@@ -60,10 +58,7 @@ impl Builder {
                         Event::Scalar(s, ..) => s.clone(),
                         _ => "?".into(),
                     };
-                    let p = join(path, &name);
-                    if self.loc.keys.insert(p.clone(), pos).is_some() {
-                        self.loc.duplicates.push((p, pos));
-                    }
+                    self.loc.keys.insert(join(path, &name), pos);
                     *key = Some(name);
                     None
                 }
@@ -101,11 +96,6 @@ impl Locations {
         let mut parser = Parser::new_from_str(text);
         let _ = parser.load(&mut b, false);
         b.loc
-    }
-
-    /// Keys repeated within one mapping (YAML parsers silently keep the last one).
-    pub fn duplicates(&self) -> &[(String, Pos)] {
-        &self.duplicates
     }
 
     /// Where the value at `path` starts.

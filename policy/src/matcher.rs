@@ -10,7 +10,7 @@
 //! matching rule the flow is denied (default deny). Among rules of the winning kind the first in
 //! the file is reported.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::net::IpAddr;
 
 use crate::model::Action;
@@ -125,7 +125,7 @@ impl PrefixTable {
         let i = match self.by_len.iter().position(|(l, _)| *l == len) {
             Some(i) => i,
             None => {
-                self.by_len.push((len, HashMap::new()));
+                self.by_len.push((len, HashMap::default()));
                 self.by_len.sort_by_key(|e| std::cmp::Reverse(e.0));
                 self.by_len.iter().position(|(l, _)| *l == len).unwrap_or(0)
             }

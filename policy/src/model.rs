@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use serde::de::{self, Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -11,7 +12,7 @@ pub struct PolicyFile {
     /// Format version; this build reads version 1.
     pub version: u32,
     /// Named sets of users and of other groups.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub groups: BTreeMap<String, GroupDef>,
     #[serde(default)]
     pub resources: Vec<ResourceDef>,
@@ -47,7 +48,7 @@ pub struct ResourceDef {
     pub description: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Allow,
@@ -70,4 +71,32 @@ pub struct RuleDef {
     pub expires: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
+}
+
+/// A mapping whose keys must be unique: YAML parsers keep the last of two equal keys, which
+/// would silently drop the first group definition.
+fn unique_keys<'de, D: Deserializer<'de>, V: Deserialize<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, V>, D::Error> {
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> Visitor<'de> for Unique<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a mapping of names")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if out.contains_key(&k) {
+                    return Err(de::Error::custom(format!(
+                        "`{k}` is defined twice; the first definition would be lost"
+                    )));
+                }
+                let v = m.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
 }
