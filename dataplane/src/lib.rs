@@ -2,7 +2,7 @@
 //! sessions (control connection to the relay, end-to-end tunnels) as sans-IO state machines.
 
 pub mod control;
-pub mod dns_pool;
+pub mod dns;
 pub mod identity;
 pub mod packet;
 pub mod session;

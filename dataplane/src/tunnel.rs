@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::identity::{identity_from_der, Identity, PeerId};
 use crate::session::QuicSession;
 use crate::tls;
-use crate::wire::{Datagram, DGRAM_TUNNEL_IP, TUNNEL_IP_OVERHEAD};
+use crate::wire::{put_named_ip_header, Datagram, DGRAM_TUNNEL_IP, TUNNEL_IP_OVERHEAD};
 
 /// The local address of every relayed path (it names no socket).
 pub const RELAY_PATH_LOCAL: SocketAddr = SocketAddr::new(
@@ -52,6 +52,13 @@ impl VirtualPaths {
     pub fn peer_of(&self, addr: &SocketAddr) -> Option<PeerId> {
         self.by_addr.get(addr).copied()
     }
+}
+
+/// Where a received IP packet (and the hostname it is addressed to, if any) lies in the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecvIp {
+    pub packet: std::ops::Range<usize>,
+    pub name: Option<std::ops::Range<usize>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,12 +229,44 @@ impl Tunnel {
         !self.conn.is_dgram_send_queue_full()
     }
 
-    /// Receives the next IP packet into `buf`; returns its range in `buf`.
-    pub fn recv_ip(&mut self, buf: &mut [u8]) -> Option<std::ops::Range<usize>> {
+    /// Sends the IP packet in `buf[named_ip_overhead(name)..]` as addressed to `name` (its
+    /// destination is a synthetic address for that hostname); the header is written into the
+    /// front of `buf`.
+    pub fn send_named_ip(&mut self, buf: &mut [u8], name: &str) -> Result<(), TunnelError> {
+        if self.remote.is_none() {
+            return Err(TunnelError::NotReady);
+        }
+        let max = self.max_ip_len().unwrap_or(0);
+        let len = buf.len().saturating_sub(TUNNEL_IP_OVERHEAD);
+        if len > max {
+            return Err(TunnelError::TooBig { len, max });
+        }
+        if put_named_ip_header(buf, name).is_none() {
+            return Err(TunnelError::TooBig { len, max });
+        }
+        self.conn.dgram_send(buf)?;
+        Ok(())
+    }
+
+    /// Receives the next IP packet into `buf`: its range in `buf`, and the range of the
+    /// hostname it is addressed to, when it came as a named packet.
+    pub fn recv_ip(&mut self, buf: &mut [u8]) -> Option<RecvIp> {
         loop {
             let n = self.conn.dgram_recv(buf).ok()?;
             match Datagram::parse(&buf[..n]) {
-                Ok(Datagram::TunnelIp(_)) => return Some(TUNNEL_IP_OVERHEAD..n),
+                Ok(Datagram::TunnelIp(_)) => {
+                    return Some(RecvIp {
+                        packet: TUNNEL_IP_OVERHEAD..n,
+                        name: None,
+                    })
+                }
+                Ok(Datagram::NamedIp { name, .. }) => {
+                    let end = 2 + name.len();
+                    return Some(RecvIp {
+                        packet: end..n,
+                        name: Some(2..end),
+                    });
+                }
                 Ok(_) => tracing::debug!("tunnel {}: unexpected datagram type", self.peer.short()),
                 Err(e) => tracing::debug!("tunnel {}: bad datagram: {e}", self.peer.short()),
             }

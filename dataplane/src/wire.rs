@@ -4,6 +4,9 @@
 //!
 //! DATAGRAMs
 //! - `0x11` tunnel IP packet (end-to-end connection): `[0x11][IP packet]`
+//! - `0x13` tunnel IP packet to a name (end-to-end connection): `[0x13][name len u8][name]
+//!   [IP packet]`; the packet's destination is a synthetic address the agent handed out for
+//!   that hostname, which the connector resolves in its own network
 //! - `0x12` relay forward (control connection): `[0x12][peer id: 32][opaque end-to-end QUIC packet]`.
 //!   From a client the peer id names the destination; from the relay it names the source.
 //!
@@ -21,6 +24,7 @@ use crate::identity::PeerId;
 pub const VERSION: u8 = 1;
 pub const DGRAM_TUNNEL_IP: u8 = 0x11;
 pub const DGRAM_RELAY_FORWARD: u8 = 0x12;
+pub const DGRAM_TUNNEL_NAMED_IP: u8 = 0x13;
 pub const MSG_OBSERVED_ADDR: u8 = 0x21;
 pub const MSG_LOOKUP: u8 = 0x22;
 pub const MSG_LOOKUP_REPLY: u8 = 0x23;
@@ -57,8 +61,13 @@ fn check_type(b: u8) -> Result<u8, WireError> {
     }
     // Only version 1 exists; the type nibbles of v1 are 0x1? datagrams and 0x2? messages.
     match b {
-        DGRAM_TUNNEL_IP | DGRAM_RELAY_FORWARD | MSG_OBSERVED_ADDR | MSG_LOOKUP
-        | MSG_LOOKUP_REPLY | MSG_HELLO => Ok(b),
+        DGRAM_TUNNEL_IP
+        | DGRAM_RELAY_FORWARD
+        | DGRAM_TUNNEL_NAMED_IP
+        | MSG_OBSERVED_ADDR
+        | MSG_LOOKUP
+        | MSG_LOOKUP_REPLY
+        | MSG_HELLO => Ok(b),
         _ if !(0x10..0x30).contains(&b) => Err(WireError::Version(b >> 4)),
         _ => Err(WireError::UnknownType(b)),
     }
@@ -68,6 +77,7 @@ fn check_type(b: u8) -> Result<u8, WireError> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Datagram<'a> {
     TunnelIp(&'a [u8]),
+    NamedIp { name: &'a str, packet: &'a [u8] },
     RelayForward { peer: PeerId, packet: &'a [u8] },
 }
 
@@ -76,6 +86,17 @@ impl<'a> Datagram<'a> {
         let (&t, rest) = b.split_first().ok_or(WireError::Empty)?;
         match check_type(t)? {
             DGRAM_TUNNEL_IP => Ok(Datagram::TunnelIp(rest)),
+            DGRAM_TUNNEL_NAMED_IP => {
+                let (&len, rest) = rest.split_first().ok_or(WireError::Truncated)?;
+                let len = usize::from(len);
+                if len == 0 || rest.len() < len {
+                    return Err(WireError::Truncated);
+                }
+                let (name, packet) = rest.split_at(len);
+                let name = std::str::from_utf8(name)
+                    .map_err(|_| WireError::BadField("name is not UTF-8"))?;
+                Ok(Datagram::NamedIp { name, packet })
+            }
             DGRAM_RELAY_FORWARD => {
                 if rest.len() < PeerId::LEN {
                     return Err(WireError::Truncated);
@@ -87,6 +108,23 @@ impl<'a> Datagram<'a> {
             other => Err(WireError::UnknownType(other)),
         }
     }
+}
+
+/// Bytes the named tunnel header adds in front of an IP packet to `name`.
+pub fn named_ip_overhead(name: &str) -> usize {
+    2 + name.len()
+}
+
+/// Writes `[0x13][len][name]` into the front of `buf` (which must have
+/// [`named_ip_overhead`] bytes before the IP packet). None if the name is over 255 bytes.
+pub fn put_named_ip_header(buf: &mut [u8], name: &str) -> Option<()> {
+    let len = u8::try_from(name.len()).ok()?;
+    let end = 2 + name.len();
+    buf.get_mut(..end)?;
+    buf[0] = DGRAM_TUNNEL_NAMED_IP;
+    buf[1] = len;
+    buf[2..end].copy_from_slice(name.as_bytes());
+    Some(())
 }
 
 /// Writes a relay forward header into the first [`RELAY_FORWARD_OVERHEAD`] bytes of `buf`.

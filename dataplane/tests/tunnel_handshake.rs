@@ -148,7 +148,19 @@ fn tunnel_comes_up_and_carries_ip_packets() {
     pump(&mut p);
     let mut rx = [0u8; 2048];
     let r = p.conn.recv_ip(&mut rx).expect("packet arrives");
-    assert_eq!(&rx[r], &ip[..]);
+    assert_eq!(r.name, None);
+    assert_eq!(&rx[r.packet], &ip[..]);
+
+    // The same packet addressed to a name: the name travels in front of it.
+    let name = "wiki.corp.internal";
+    let head = sluice_dataplane::wire::named_ip_overhead(name);
+    let mut buf = vec![0u8; head];
+    buf.extend_from_slice(&ip);
+    p.agent.send_named_ip(&mut buf, name).unwrap();
+    pump(&mut p);
+    let r = p.conn.recv_ip(&mut rx).expect("named packet arrives");
+    assert_eq!(&rx[r.name.unwrap()], name.as_bytes());
+    assert_eq!(&rx[r.packet], &ip[..]);
     // The largest packet the tunnel takes fits a 1280-byte MTU.
     assert!(p.agent.max_ip_len().unwrap() >= 1280);
     let mut big = vec![0u8; 1 + p.agent.max_ip_len().unwrap() + 1];

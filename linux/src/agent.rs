@@ -5,17 +5,19 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use ipnet::IpNet;
 use sluice_dataplane::control::ControlEvent;
+use sluice_dataplane::dns::pool::SyntheticPool;
 use sluice_dataplane::identity::{PeerId, Role};
 use sluice_dataplane::packet::{self, Unreachable};
 use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls;
 use sluice_dataplane::tunnel::{Tunnel, TunnelError, TunnelEvent, VirtualPaths};
-use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;
+use sluice_dataplane::wire::{named_ip_overhead, TUNNEL_IP_OVERHEAD};
 use tokio::net::UdpSocket;
 use tun_rs::AsyncDevice;
 
@@ -25,6 +27,7 @@ use sluice_policy::Subject;
 
 use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, AgentConfig};
+use crate::dns::{self, DnsState, SharedDns};
 use crate::node::{self, ControlLink};
 use crate::{tun, AgentArgs};
 
@@ -40,6 +43,27 @@ const LOOKUP_RETRY: Duration = Duration::from_secs(2);
 const FLOW_CACHE: usize = 65_536;
 /// How often the policy file is checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+/// Sends one IP packet (in `buf[TUNNEL_IP_OVERHEAD..]`) into the tunnel; a packet to a
+/// synthetic address goes with the hostname it stands for, copied behind it in `scratch`.
+fn send_packet(
+    t: &mut Tunnel,
+    buf: &mut [u8],
+    name: Option<&str>,
+    scratch: &mut Vec<u8>,
+) -> Result<(), TunnelError> {
+    match name {
+        None => t.send_ip(buf),
+        Some(n) => {
+            let ip = &buf[TUNNEL_IP_OVERHEAD..];
+            let head = named_ip_overhead(n);
+            scratch.clear();
+            scratch.resize(head + ip.len(), 0);
+            scratch[head..].copy_from_slice(ip);
+            t.send_named_ip(scratch, n)
+        }
+    }
+}
 
 fn is_unicast_global(ip: std::net::IpAddr) -> bool {
     match ip {
@@ -87,8 +111,28 @@ pub fn run(args: AgentArgs) -> Result<()> {
     let rt = node::runtime()?;
     rt.block_on(async move {
         let dev = tun::create(&cfg.tun)?;
-        let nets = networks(watcher.policy());
+        let pool = SyntheticPool::new(
+            (cfg.dns.pool_v4.network(), cfg.dns.pool_v4.prefix_len()),
+            (cfg.dns.pool_v6.network(), cfg.dns.pool_v6.prefix_len()),
+            cfg.dns.max_names,
+        )
+        .map_err(|e| config::ConfigError(format!("{origin}: `dns`: {e}")))?;
+        let mut nets = networks(watcher.policy());
+        nets.push(IpNet::V4(pool.v4_net()));
+        nets.push(IpNet::V6(pool.v6_net()));
         tun::add_routes(&cfg.tun.name, &nets)?;
+        let dns_state: SharedDns = Arc::new(Mutex::new(DnsState {
+            pool,
+            policy: watcher.policy().clone(),
+        }));
+        let upstreams = match &cfg.dns.upstream {
+            Some(u) => u.clone(),
+            None => dns::upstreams_from_resolv_conf(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+        };
+        let dns_addr = SocketAddr::new(cfg.tun.ipv4.addr().into(), 53);
+        let dns_server = dns::serve(dns_addr, dns_state.clone(), upstreams);
         let socket =
             node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
         let local = socket.local_addr()?;
@@ -131,10 +175,13 @@ pub fn run(args: AgentArgs) -> Result<()> {
             tun_name: cfg.tun.name.clone(),
             routed: nets,
             resource_slots: Vec::new(),
+            dns: dns_state.clone(),
+            named_buf: Vec::with_capacity(2048),
             next_reload_check: Instant::now() + RELOAD_EVERY,
         };
         tokio::select! {
             r = agent.run(&dev, &socket) => r,
+            r = dns_server => r,
             _ = node::shutdown_signal() => {
                 tracing::info!("agent: shutting down ({})", agent.stats_line());
                 Ok(())
@@ -147,7 +194,8 @@ struct Slot {
     name: String,
     tunnel: Option<Tunnel>,
     lookup_sent: Option<Instant>,
-    queue: VecDeque<Vec<u8>>,
+    /// Packets (with the tunnel header's headroom) and the hostname each is addressed to.
+    queue: VecDeque<(Option<Arc<str>>, Vec<u8>)>,
     unavailable_until: Option<Instant>,
     next_keepalive: Instant,
 }
@@ -183,6 +231,10 @@ struct Agent {
     routed: Vec<IpNet>,
     /// Connector slot of each resource of the current policy, filled on first use.
     resource_slots: Vec<Option<usize>>,
+    /// The synthetic address pool and policy the DNS server shares with the packet path.
+    dns: SharedDns,
+    /// Scratch for packets sent to a name (the name goes in front of the packet).
+    named_buf: Vec<u8>,
     next_reload_check: Instant,
 }
 
@@ -313,8 +365,8 @@ impl Agent {
             return;
         };
         let mut buf = [0u8; 2048];
-        while let Some(range) = t.recv_ip(&mut buf) {
-            to_tun.push(buf[range].to_vec());
+        while let Some(r) = t.recv_ip(&mut buf) {
+            to_tun.push(buf[r.packet].to_vec());
         }
     }
 
@@ -332,15 +384,19 @@ impl Agent {
                 return;
             }
         };
-        let Some(i) = self.admit(&info, pkt, to_tun) else {
+        let Some((i, name)) = self.admit(&info, pkt, to_tun) else {
             return;
         };
         let now = Instant::now();
+        // A packet to a name carries the name in front: the tunnel has that much less room.
+        let extra = name
+            .as_deref()
+            .map_or(0, |n| named_ip_overhead(n) - TUNNEL_IP_OVERHEAD);
         let max = self.slots[i]
             .tunnel
             .as_ref()
             .and_then(|t| t.max_ip_len())
-            .map_or(self.mtu, |m| m.min(self.mtu));
+            .map_or(self.mtu, |m| m.saturating_sub(extra).min(self.mtu));
         if pkt.len() > max {
             self.stats.too_big += 1;
             if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
@@ -350,8 +406,7 @@ impl Agent {
         }
         let slot = &mut self.slots[i];
         if let Some(t) = slot.tunnel.as_mut().filter(|t| t.is_up()) {
-            // send_ip writes the tunnel header into the headroom: the packet is not copied.
-            match t.send_ip(buf) {
+            match send_packet(t, buf, name.as_deref(), &mut self.named_buf) {
                 Ok(()) => {}
                 Err(TunnelError::TooBig { max, .. }) => {
                     self.stats.too_big += 1;
@@ -377,7 +432,7 @@ impl Agent {
             self.stats.dropped += 1;
             return;
         }
-        slot.queue.push_back(buf.to_vec());
+        slot.queue.push_back((name, buf.to_vec()));
         if slot.tunnel.is_none()
             && slot
                 .lookup_sent
@@ -394,14 +449,14 @@ impl Agent {
         info: &packet::PacketInfo,
         pkt: &[u8],
         to_tun: &mut Vec<Vec<u8>>,
-    ) -> Option<usize> {
+    ) -> Option<(usize, Option<Arc<str>>)> {
         if !is_unicast_global(info.dst) {
             // Link-local and multicast chatter of the interface itself (IPv6 router
             // solicitations, MLD): not a flow to any resource.
             self.stats.no_route += 1;
             return None;
         }
-        let Some(flow) = access::flow_of(info) else {
+        let Some(mut flow): Option<sluice_policy::Flow<'_>> = access::flow_of(info) else {
             // The kernel routes only resource networks here; other protocols are not allowed.
             self.stats.no_route += 1;
             if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Prohibited) {
@@ -409,6 +464,24 @@ impl Agent {
             }
             return None;
         };
+        // A synthetic address stands for the hostname it was handed out for.
+        let name: Option<Arc<str>> = match self.dns.lock() {
+            Ok(mut st) if st.pool.contains(info.dst) => match st.pool.shared_name_of(info.dst) {
+                Some(n) => {
+                    st.pool.touch(info.dst, now_unix().max(0) as u64);
+                    Some(n)
+                }
+                None => {
+                    // An address no name holds (the pool recycled it, or it was never given).
+                    if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Host) {
+                        to_tun.push(icmp);
+                    }
+                    return None;
+                }
+            },
+            _ => None,
+        };
+        flow.hostname = name.as_deref();
         let sport = info.echo.map_or(info.src_port, |e| e.id);
         let key: FlowKey = (info.src, info.dst, info.proto, sport, info.dst_port);
         let now = now_unix();
@@ -432,7 +505,7 @@ impl Agent {
             }
         };
         match d.resource.filter(|_| d.allowed()) {
-            Some(r) => Some(self.slot_of_resource(r)),
+            Some(r) => Some((self.slot_of_resource(r), name)),
             None => {
                 self.stats.denied += 1;
                 // Answering an ICMP error with an ICMP error is never done; a RST is not
@@ -490,7 +563,16 @@ impl Agent {
         let policy = self.watcher.policy().clone();
         self.subject = policy.subject(&self.subject.user, &self.cert_groups);
         self.resource_slots.clear();
-        let nets = networks(&policy);
+        if let Ok(mut st) = self.dns.lock() {
+            st.policy = policy.clone();
+        }
+        let mut nets = networks(&policy);
+        if let Ok(st) = self.dns.lock() {
+            nets.push(IpNet::V4(st.pool.v4_net()));
+            nets.push(IpNet::V6(st.pool.v6_net()));
+        }
+        nets.sort();
+        nets.dedup();
         let added: Vec<IpNet> = nets
             .iter()
             .filter(|n| !self.routed.contains(n))
@@ -544,7 +626,7 @@ impl Agent {
                                 tracing::warn!("connector {name:?} is not connected to the relay");
                                 let slot = &mut self.slots[i];
                                 slot.unavailable_until = Some(now + UNAVAILABLE_FOR);
-                                for p in slot.queue.drain(..) {
+                                for (_, p) in slot.queue.drain(..) {
                                     let ip = &p[TUNNEL_IP_OVERHEAD..];
                                     if let Ok(info) = packet::inspect(ip) {
                                         if let Some(icmp) =
@@ -592,8 +674,8 @@ impl Agent {
                         slot.queue.len()
                     );
                     slot.unavailable_until = None;
-                    while let Some(mut p) = slot.queue.pop_front() {
-                        if t.send_ip(&mut p).is_err() {
+                    while let Some((name, mut p)) = slot.queue.pop_front() {
+                        if send_packet(t, &mut p, name.as_deref(), &mut self.named_buf).is_err() {
                             self.stats.dropped += 1;
                         }
                     }

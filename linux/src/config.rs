@@ -160,6 +160,53 @@ pub struct AgentConfig {
     /// Where every new-flow decision is written as a JSON line (default: standard output).
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Split DNS: the agent answers for resource hostnames itself.
+    #[serde(default)]
+    pub dns: DnsConfig,
+}
+
+/// The agent's DNS server, on its tunnel IPv4 address, port 53.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsConfig {
+    /// Synthetic IPv4 addresses for resource names. Pick a range no real network of the user
+    /// uses (the default is RFC 2544's benchmarking range, not CGNAT space).
+    #[serde(default = "default_pool_v4")]
+    pub pool_v4: Ipv4Net,
+    /// Synthetic IPv6 addresses for resource names.
+    #[serde(default = "default_pool_v6")]
+    pub pool_v6: Ipv6Net,
+    /// Most names held at once; past this the least recently used idle name is recycled.
+    #[serde(default = "default_max_names")]
+    pub max_names: u32,
+    /// Resolvers for every other name (default: the nameservers of /etc/resolv.conf at start).
+    #[serde(default)]
+    pub upstream: Option<Vec<SocketAddr>>,
+}
+
+fn default_pool_v4() -> Ipv4Net {
+    Ipv4Net::new(std::net::Ipv4Addr::new(198, 18, 0, 0), 15).unwrap_or_default()
+}
+fn default_pool_v6() -> Ipv6Net {
+    Ipv6Net::new(
+        std::net::Ipv6Addr::new(0xfd5c, 0x1ce0, 0xd5, 0, 0, 0, 0, 0),
+        96,
+    )
+    .unwrap_or_default()
+}
+fn default_max_names() -> u32 {
+    65_536
+}
+
+impl Default for DnsConfig {
+    fn default() -> Self {
+        DnsConfig {
+            pool_v4: default_pool_v4(),
+            pool_v6: default_pool_v6(),
+            max_names: default_max_names(),
+            upstream: None,
+        }
+    }
 }
 
 /// Reads and parses a YAML file; errors name the file, line, column and key.

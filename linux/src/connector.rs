@@ -59,7 +59,15 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             cfg.relay
         );
         let link = ControlLink::new(control_cfg, local, cfg.relay);
-        let (splicer, flow_rx) = Splicer::new(limits.dial_timeout);
+        // Resolves the hostnames agents address (split DNS) with this network's resolvers.
+        let resolver = match hickory_resolver::TokioResolver::builder_tokio().and_then(|b| b.build()) {
+            Ok(r) => Some(std::sync::Arc::new(r)),
+            Err(e) => {
+                tracing::warn!("no DNS resolver ({e}): flows to resource hostnames will fail");
+                None
+            }
+        };
+        let (splicer, flow_rx) = Splicer::new(limits.dial_timeout, resolver);
         let mut c = Connector {
             link,
             tunnel_cfg,
@@ -109,7 +117,7 @@ struct Gate<'a> {
 }
 
 impl FlowGate for Gate<'_> {
-    fn admit(&mut self, f: &NewFlow) -> bool {
+    fn admit(&mut self, f: &NewFlow<'_>) -> bool {
         let Some(subject) = self.subject else {
             return false;
         };
@@ -120,7 +128,7 @@ impl FlowGate for Gate<'_> {
         };
         let flow = Flow {
             dst: f.dst.ip(),
-            hostname: None,
+            hostname: f.hostname,
             proto,
             port: f.dst.port(),
         };
@@ -302,8 +310,9 @@ impl Connector {
             now: now_unix(),
         };
         let mut ip = [0u8; 2048];
-        while let Some(range) = s.tunnel.recv_ip(&mut ip) {
-            s.stack.input(&ip[range], &mut gate);
+        while let Some(r) = s.tunnel.recv_ip(&mut ip) {
+            let name = r.name.and_then(|n| std::str::from_utf8(&ip[n]).ok());
+            s.stack.input_named(&ip[r.packet.clone()], name, &mut gate);
         }
     }
 

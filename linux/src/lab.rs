@@ -46,6 +46,12 @@ pub const SVC_ADDR6: &str = "fd00:5c1c:5c::10";
 pub const SVC_NET6: &str = "fd00:5c1c:5c::/64";
 pub const RELAY_PORT: u16 = 4433;
 pub const SVC_ZONE: &str = "lab.internal";
+/// The private zone served inside the service network; `*.corp.internal` is a lab resource.
+pub const CORP_ZONE: &str = "corp.internal";
+/// The "public" resolver on the internet segment (a second address of the relay host).
+pub const UPSTREAM_DNS: &str = "192.0.2.53";
+/// What the upstream resolver answers for the lab's one public name.
+pub const PUBLIC_NAME: (&str, &str) = ("www.example.test", "192.0.2.80");
 
 struct Lab {
     prefix: String,
@@ -53,6 +59,8 @@ struct Lab {
 }
 
 const ROLES: [&str; 3] = ["relay", "connector", "agent"];
+/// Every process the lab starts, by the name of its log and pid files.
+const PROCESSES: [&str; 6] = ["relay", "connector", "agent", "http", "dns", "upstream-dns"];
 const NAMESPACES: [&str; 5] = ["inet", "relay", "agent", "conn", "svc"];
 
 impl Lab {
@@ -186,6 +194,8 @@ pub fn up(o: &LabOpts) -> Result<()> {
 fn build_network(lab: &Lab) -> Result<()> {
     for n in NAMESPACES {
         ip(&["netns", "add", &lab.ns(n)])?;
+        // Each namespace's own /etc/resolv.conf (ip netns exec mounts it over the host's).
+        fs::create_dir_all(netns_etc(lab, n))?;
         ipn(&lab.ns(n), &["link", "set", "lo", "up"])?;
     }
     let inet = lab.ns("inet");
@@ -248,6 +258,26 @@ fn build_network(lab: &Lab) -> Result<()> {
         ],
     )?;
     ipn(&svc, &["link", "set", "eth0", "up"])?;
+    ipn(
+        &lab.ns("relay"),
+        &["addr", "add", &format!("{UPSTREAM_DNS}/24"), "dev", "eth0"],
+    )?;
+    // The agent's namespace resolves through the agent (split DNS), which forwards what is not
+    // a resource to the upstream; the connector's namespace uses the private zone's server.
+    fs::write(
+        netns_etc(lab, "agent").join("resolv.conf"),
+        "nameserver 100.96.0.1\n",
+    )?;
+    fs::write(
+        netns_etc(lab, "conn").join("resolv.conf"),
+        format!("nameserver {SVC_ADDR}\n"),
+    )?;
+    for n in ["inet", "relay", "svc"] {
+        fs::write(
+            netns_etc(lab, n).join("resolv.conf"),
+            format!("nameserver {UPSTREAM_DNS}\n"),
+        )?;
+    }
     // Raw ICMP for the connector's pings needs nothing; ping sockets for lab users do.
     sysctl(
         &lab.ns("agent"),
@@ -299,7 +329,7 @@ fn write_configs(lab: &Lab) -> Result<()> {
     write(
         "agent.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\n",
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\ndns:\n  upstream: [\"{UPSTREAM_DNS}:53\"]\n",
             files("lab-agent")
         ),
     )?;
@@ -312,16 +342,35 @@ fn write_configs(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+fn netns_etc(lab: &Lab, short: &str) -> PathBuf {
+    PathBuf::from("/etc/netns").join(lab.ns(short))
+}
+
 /// The lab's default access: its agent (certificate group `lab`) reaches every port of the
 /// private service network. Tests that need restrictions overwrite DIR/policy.yaml; agent and
 /// connector reload it within a second.
 pub fn default_policy() -> String {
     format!(
-        "# Written by `sluice lab up`. See docs/policy.md.\n\
-version: 1\n\
-groups:\n  lab:\n    description: every lab agent (its certificate lists this group)\n\
-resources:\n  - name: lab-services\n    connector: lab-connector\n    addresses: [{SVC_NET}, {SVC_NET6}]\n    ports: [any]\n\
-rules:\n  - name: lab-all\n    action: allow\n    who: [group:lab]\n    to: [lab-services]\n"
+        r#"# Written by `sluice lab up`. See docs/policy.md.
+version: 1
+groups:
+  lab:
+    description: every lab agent (its certificate lists this group)
+resources:
+  - name: lab-services
+    connector: lab-connector
+    addresses: [{SVC_NET}, {SVC_NET6}]
+    ports: [any]
+  - name: corp-zone
+    connector: lab-connector
+    addresses: ["*.{CORP_ZONE}"]
+    ports: [any]
+rules:
+  - name: lab-all
+    action: allow
+    who: [group:lab]
+    to: [lab-services, corp-zone]
+"#
     )
 }
 
@@ -378,6 +427,29 @@ fn start_services(lab: &Lab) -> Result<()> {
             "--log-facility=-",
             &format!("--address=/web.{SVC_ZONE}/{SVC_ADDR}"),
             &format!("--address=/web.{SVC_ZONE}/{SVC_ADDR6}"),
+            // The private zone: other names in it do not exist (NXDOMAIN, not forwarded).
+            &format!("--local=/{CORP_ZONE}/"),
+            &format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR}"),
+            &format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR6}"),
+            &format!("--address=/app.dev.{CORP_ZONE}/{SVC_ADDR}"),
+        ],
+    )?;
+    spawn_in(
+        lab,
+        &lab.ns("relay"),
+        "upstream-dns",
+        &[
+            "dnsmasq",
+            "--keep-in-foreground",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address",
+            UPSTREAM_DNS,
+            "--pid-file",
+            "--log-facility=-",
+            "--local=/example.test/",
+            &format!("--address=/{}/{}", PUBLIC_NAME.0, PUBLIC_NAME.1),
         ],
     )?;
     wait_until(Duration::from_secs(10), "the lab's HTTP server", || {
@@ -455,7 +527,7 @@ fn wait_for_tunnel(lab: &Lab) -> Result<()> {
 }
 
 fn print_logs(lab: &Lab) {
-    for name in ["relay", "connector", "agent", "http", "dns"] {
+    for name in PROCESSES {
         if let Ok(text) = fs::read_to_string(lab.dir.join(format!("{name}.log"))) {
             let lines: Vec<&str> = text.lines().collect();
             eprintln!("--- {name}.log (last lines) ---");
@@ -504,7 +576,7 @@ fn teardown(lab: &Lab) {
     let mut pids: Vec<i32> = existing.iter().flat_map(|ns| ns_pids(ns)).collect();
     // `ip netns exec` parents too, from the pid files, in case the namespace is already gone.
     pids.extend(
-        ["relay", "connector", "agent", "http", "dns"]
+        PROCESSES
             .iter()
             .filter_map(|n| read_pid(lab, n))
             .map(|p| p as i32),
@@ -521,6 +593,9 @@ fn teardown(lab: &Lab) {
     }
     for ns in existing {
         let _ = ip(&["netns", "del", &ns]);
+    }
+    for n in NAMESPACES {
+        let _ = fs::remove_dir_all(netns_etc(lab, n));
     }
 }
 
@@ -562,7 +637,16 @@ fn print_status(lab: &Lab) {
             "svc",
             format!("http://{SVC_ADDR}/ and http://[{SVC_ADDR6}]/"),
         ),
-        ("dns", "svc", format!("{SVC_ADDR}:53 (web.{SVC_ZONE})")),
+        (
+            "dns",
+            "svc",
+            format!("{SVC_ADDR}:53 (zone {CORP_ZONE}: wiki, app.dev)"),
+        ),
+        (
+            "upstream-dns",
+            "relay",
+            format!("{UPSTREAM_DNS}:53 ({})", PUBLIC_NAME.0),
+        ),
     ];
     for (name, short, addr) in rows {
         let pid = read_pid(lab, name);

@@ -5,6 +5,7 @@ mod agent;
 mod ca;
 mod config;
 mod connector;
+mod dns;
 mod lab;
 mod node;
 mod policy_cmd;

@@ -19,6 +19,8 @@ use tokio::net::{TcpStream, UdpSocket};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinHandle;
 
+use hickory_resolver::TokioResolver;
+
 use crate::stack::{DialError, FlowId, Stack, StackEvent};
 
 /// Bytes a flow may read from its service before the agent side has taken them.
@@ -29,6 +31,63 @@ const CHUNK: usize = 16 * 1024;
 const TO_SERVICE_QUEUE: usize = 16;
 /// How long an ICMP echo waits for its reply.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long resolving a resource hostname may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Resolves a hostname the agent addressed, in the connector's own network.
+async fn resolve(resolver: Option<&TokioResolver>, host: &str) -> Result<Vec<IpAddr>, DialError> {
+    let Some(r) = resolver else {
+        return Err(DialError::Unreachable);
+    };
+    match tokio::time::timeout(RESOLVE_TIMEOUT, r.lookup_ip(host)).await {
+        Ok(Ok(found)) => {
+            let v: Vec<IpAddr> = found.iter().collect();
+            if v.is_empty() {
+                Err(DialError::Unreachable)
+            } else {
+                Ok(v)
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("resolving {host}: {e}");
+            Err(DialError::Unreachable)
+        }
+        Err(_) => Err(DialError::TimedOut),
+    }
+}
+
+/// Where a flow goes: its destination, or every address of its hostname on that port.
+async fn targets(
+    resolver: Option<&TokioResolver>,
+    dst: SocketAddr,
+    hostname: Option<&str>,
+) -> Result<Vec<SocketAddr>, DialError> {
+    match hostname {
+        Some(h) => Ok(resolve(resolver, h)
+            .await?
+            .into_iter()
+            .map(|ip| SocketAddr::new(ip, dst.port()))
+            .collect()),
+        None => Ok(vec![dst]),
+    }
+}
+
+/// Dials the targets in turn within one deadline: the first that accepts wins.
+async fn dial(targets: &[SocketAddr], timeout: Duration) -> Result<TcpStream, DialError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last = DialError::Unreachable;
+    for t in targets {
+        match tokio::time::timeout_at(deadline, TcpStream::connect(t)).await {
+            Ok(Ok(s)) => return Ok(s),
+            Ok(Err(e)) => {
+                tracing::debug!("dial {t} failed: {e}");
+                last = dial_error(&e);
+            }
+            Err(_) => return Err(DialError::TimedOut),
+        }
+    }
+    Err(last)
+}
 
 /// What flow tasks report to the loop that owns the stacks.
 #[derive(Debug)]
@@ -57,17 +116,23 @@ pub struct Splicer<K> {
     /// Signalled when a flow task drained a chunk toward its service.
     pub wake: Arc<Notify>,
     dial_timeout: Duration,
+    resolver: Option<Arc<TokioResolver>>,
     scratch: Vec<u8>,
 }
 
 impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
-    pub fn new(dial_timeout: Duration) -> (Self, mpsc::Receiver<(K, FlowMsg)>) {
+    /// `resolver` resolves hostnames agents address (split DNS); without one such flows fail.
+    pub fn new(
+        dial_timeout: Duration,
+        resolver: Option<Arc<TokioResolver>>,
+    ) -> (Self, mpsc::Receiver<(K, FlowMsg)>) {
         let (tx, rx) = mpsc::channel(4096);
         let s = Splicer {
             tx,
             flows: HashMap::new(),
             wake: Arc::new(Notify::new()),
             dial_timeout,
+            resolver,
             scratch: vec![0u8; CHUNK],
         };
         (s, rx)
@@ -81,13 +146,15 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
     pub fn handle_events(&mut self, key: K, stack: &mut Stack) {
         while let Some(ev) = stack.poll_event() {
             match ev {
-                StackEvent::DialTcp { id, dst } => {
+                StackEvent::DialTcp { id, dst, hostname } => {
                     let (to_service, rx) = mpsc::channel(TO_SERVICE_QUEUE);
                     let credit = Arc::new(Semaphore::new(CREDIT));
                     let task = tokio::spawn(tcp_flow(
                         key,
                         id,
                         dst,
+                        hostname,
+                        self.resolver.clone(),
                         self.dial_timeout,
                         self.tx.clone(),
                         rx,
@@ -104,9 +171,17 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                         },
                     );
                 }
-                StackEvent::OpenUdp { id, dst } => {
+                StackEvent::OpenUdp { id, dst, hostname } => {
                     let (to_service, rx) = mpsc::channel(256);
-                    let task = tokio::spawn(udp_flow(key, id, dst, self.tx.clone(), rx));
+                    let task = tokio::spawn(udp_flow(
+                        key,
+                        id,
+                        dst,
+                        hostname,
+                        self.resolver.clone(),
+                        self.tx.clone(),
+                        rx,
+                    ));
                     self.flows.insert(
                         (key, id),
                         FlowHandle {
@@ -129,15 +204,41 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                 }
                 StackEvent::Echo {
                     dst,
+                    hostname,
                     id,
                     seq,
                     payload,
                     request,
                 } => {
                     let tx = self.tx.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let answered = crate::ping::echo(dst, id, seq, &payload, ECHO_TIMEOUT);
-                        let _ = tx.blocking_send((key, FlowMsg::EchoReply { request, answered }));
+                    let resolver = self.resolver.clone();
+                    tokio::spawn(async move {
+                        let dst = match hostname {
+                            Some(h) => match resolve(resolver.as_deref(), &h).await {
+                                Ok(ips) => ips[0],
+                                Err(_) => {
+                                    let _ = tx
+                                        .send((
+                                            key,
+                                            FlowMsg::EchoReply {
+                                                request,
+                                                answered: false,
+                                            },
+                                        ))
+                                        .await;
+                                    return;
+                                }
+                            },
+                            None => dst,
+                        };
+                        let answered = tokio::task::spawn_blocking(move || {
+                            crate::ping::echo(dst, id, seq, &payload, ECHO_TIMEOUT)
+                        })
+                        .await
+                        .unwrap_or(false);
+                        let _ = tx
+                            .send((key, FlowMsg::EchoReply { request, answered }))
+                            .await;
                     });
                 }
                 StackEvent::ShutdownWrite { id } => {
@@ -236,26 +337,28 @@ async fn tcp_flow<K: Copy + Send + 'static>(
     key: K,
     id: FlowId,
     dst: SocketAddr,
+    hostname: Option<String>,
+    resolver: Option<Arc<TokioResolver>>,
     dial_timeout: Duration,
     tx: mpsc::Sender<(K, FlowMsg)>,
     mut from_agent: mpsc::Receiver<Vec<u8>>,
     credit: Arc<Semaphore>,
     wake: Arc<Notify>,
 ) {
-    let stream = match tokio::time::timeout(dial_timeout, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            tracing::debug!("flow {id}: dial {dst} failed: {e}");
-            let _ = tx
-                .send((key, FlowMsg::Dialed(id, Err(dial_error(&e)))))
-                .await;
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("flow {id}: dial {dst} timed out");
-            let _ = tx
-                .send((key, FlowMsg::Dialed(id, Err(DialError::TimedOut))))
-                .await;
+    let dialed = match targets(resolver.as_deref(), dst, hostname.as_deref()).await {
+        Ok(t) => dial(&t, dial_timeout).await,
+        Err(e) => Err(e),
+    };
+    let stream = match dialed {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::debug!(
+                "flow {id}: dial {} failed: {e:?}",
+                hostname
+                    .as_deref()
+                    .map_or(dst.to_string(), |h| format!("{h}:{}", dst.port()))
+            );
+            let _ = tx.send((key, FlowMsg::Dialed(id, Err(e)))).await;
             return;
         }
     };
@@ -307,13 +410,25 @@ async fn tcp_flow<K: Copy + Send + 'static>(
     tokio::join!(reader, writer);
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn udp_flow<K: Copy + Send + 'static>(
     key: K,
     id: FlowId,
     dst: SocketAddr,
+    hostname: Option<String>,
+    resolver: Option<Arc<TokioResolver>>,
     tx: mpsc::Sender<(K, FlowMsg)>,
     mut from_agent: mpsc::Receiver<Vec<u8>>,
 ) {
+    let dst = match targets(resolver.as_deref(), dst, hostname.as_deref()).await {
+        Ok(t) => t[0],
+        Err(_) => {
+            let _ = tx
+                .send((key, FlowMsg::UdpFailed(id, Unreachable::Host)))
+                .await;
+            return;
+        }
+    };
     let bind: SocketAddr = match dst.ip() {
         IpAddr::V4(_) => "0.0.0.0:0".parse().unwrap_or(dst),
         IpAddr::V6(_) => "[::]:0".parse().unwrap_or(dst),

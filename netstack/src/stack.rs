@@ -69,24 +69,26 @@ pub enum FlowKind {
 
 /// A flow the stack is about to open, for the access decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NewFlow {
+pub struct NewFlow<'a> {
     pub kind: FlowKind,
     pub src: SocketAddr,
     /// Destination; the port is 0 for ICMP.
     pub dst: SocketAddr,
+    /// The hostname the agent addressed (its destination is then a synthetic address).
+    pub hostname: Option<&'a str>,
 }
 
 /// Decides whether a new flow may open (the connector's policy enforcement). Denied TCP flows
 /// get a RST and other flows ICMP "administratively prohibited", at once.
 pub trait FlowGate {
-    fn admit(&mut self, flow: &NewFlow) -> bool;
+    fn admit(&mut self, flow: &NewFlow<'_>) -> bool;
 }
 
 /// Admits everything (tests, and deployments without a policy).
 pub struct AdmitAll;
 
 impl FlowGate for AdmitAll {
-    fn admit(&mut self, _: &NewFlow) -> bool {
+    fn admit(&mut self, _: &NewFlow<'_>) -> bool {
         true
     }
 }
@@ -102,15 +104,18 @@ pub enum DialError {
 /// Work for the shell.
 #[derive(Debug, PartialEq, Eq)]
 pub enum StackEvent {
-    /// Dial the real TCP service at `dst`, then call [`Stack::tcp_dialed`].
+    /// Dial the real TCP service at `dst` (or at `hostname`, resolved, on `dst`'s port), then
+    /// call [`Stack::tcp_dialed`].
     DialTcp {
         id: FlowId,
         dst: SocketAddr,
+        hostname: Option<String>,
     },
-    /// Open a UDP socket to `dst`; then send it [`StackEvent::UdpSend`] payloads.
+    /// Open a UDP socket to `dst` (or `hostname`); then send it [`StackEvent::UdpSend`] payloads.
     OpenUdp {
         id: FlowId,
         dst: SocketAddr,
+        hostname: Option<String>,
     },
     UdpSend {
         id: FlowId,
@@ -119,6 +124,7 @@ pub enum StackEvent {
     /// Send an ICMP echo to `dst`; call [`Stack::echo_reply`] when it answers.
     Echo {
         dst: IpAddr,
+        hostname: Option<String>,
         id: u16,
         seq: u16,
         payload: Vec<u8>,
@@ -147,6 +153,7 @@ enum TcpPhase {
 
 struct TcpFlow {
     key: FlowKey,
+    hostname: Option<String>,
     phase: TcpPhase,
     /// Bytes from the service not yet accepted by smoltcp.
     pending: Vec<u8>,
@@ -158,6 +165,7 @@ struct TcpFlow {
 
 struct UdpFlow {
     key: FlowKey,
+    hostname: Option<String>,
     last_active: Instant,
 }
 
@@ -256,6 +264,12 @@ impl Stack {
 
     /// Feeds one IP packet from the agent; `gate` decides on flows it would open.
     pub fn input(&mut self, pkt: &[u8], gate: &mut dyn FlowGate) {
+        self.input_named(pkt, None, gate)
+    }
+
+    /// Feeds one IP packet the agent addressed to `hostname` (its destination is a synthetic
+    /// address standing for that name).
+    pub fn input_named(&mut self, pkt: &[u8], hostname: Option<&str>, gate: &mut dyn FlowGate) {
         let info = match packet::inspect(pkt) {
             Ok(i) => i,
             Err(_) => {
@@ -269,9 +283,9 @@ impl Stack {
             return;
         }
         match info.proto {
-            PROTO_TCP => self.input_tcp(pkt, info, gate),
-            PROTO_UDP => self.input_udp(pkt, info, gate),
-            PROTO_ICMP | PROTO_ICMPV6 => self.input_icmp(pkt, info, gate),
+            PROTO_TCP => self.input_tcp(pkt, info, hostname, gate),
+            PROTO_UDP => self.input_udp(pkt, info, hostname, gate),
+            PROTO_ICMP | PROTO_ICMPV6 => self.input_icmp(pkt, info, hostname, gate),
             _ => {
                 if let Some(p) = packet::icmp_unreachable(pkt, &info, Unreachable::Prohibited) {
                     self.output.push_back(p);
@@ -293,7 +307,13 @@ impl Stack {
         }
     }
 
-    fn input_tcp(&mut self, pkt: &[u8], info: PacketInfo, gate: &mut dyn FlowGate) {
+    fn input_tcp(
+        &mut self,
+        pkt: &[u8],
+        info: PacketInfo,
+        hostname: Option<&str>,
+        gate: &mut dyn FlowGate,
+    ) {
         let key = FlowKey {
             src: info.src_socket(),
             dst: info.dst_socket(),
@@ -316,6 +336,7 @@ impl Stack {
                     kind: FlowKind::Tcp,
                     src: key.src,
                     dst: key.dst,
+                    hostname,
                 };
                 if !gate.admit(&flow) {
                     self.refuse(pkt, &info);
@@ -334,6 +355,7 @@ impl Stack {
                     id,
                     TcpFlow {
                         key,
+                        hostname: hostname.map(str::to_string),
                         phase: TcpPhase::Dialing {
                             syn: pkt.to_vec(),
                             info,
@@ -345,8 +367,11 @@ impl Stack {
                         last_active: self.now,
                     },
                 );
-                self.events
-                    .push_back(StackEvent::DialTcp { id, dst: key.dst });
+                self.events.push_back(StackEvent::DialTcp {
+                    id,
+                    dst: key.dst,
+                    hostname: hostname.map(str::to_string),
+                });
             }
             // A segment of no flow we know: smoltcp answers it with a RST.
             None => self.device.rx.push_back(pkt.to_vec()),
@@ -461,7 +486,13 @@ impl Stack {
             .collect()
     }
 
-    fn input_udp(&mut self, pkt: &[u8], info: PacketInfo, gate: &mut dyn FlowGate) {
+    fn input_udp(
+        &mut self,
+        pkt: &[u8],
+        info: PacketInfo,
+        hostname: Option<&str>,
+        gate: &mut dyn FlowGate,
+    ) {
         let key = FlowKey {
             src: info.src_socket(),
             dst: info.dst_socket(),
@@ -478,6 +509,7 @@ impl Stack {
             kind: FlowKind::Udp,
             src: key.src,
             dst: key.dst,
+            hostname,
         };
         if !gate.admit(&flow) {
             self.refuse(pkt, &info);
@@ -496,11 +528,15 @@ impl Stack {
             id,
             UdpFlow {
                 key,
+                hostname: hostname.map(str::to_string),
                 last_active: self.now,
             },
         );
-        self.events
-            .push_back(StackEvent::OpenUdp { id, dst: key.dst });
+        self.events.push_back(StackEvent::OpenUdp {
+            id,
+            dst: key.dst,
+            hostname: hostname.map(str::to_string),
+        });
         self.events.push_back(StackEvent::UdpSend { id, payload });
     }
 
@@ -531,13 +567,20 @@ impl Stack {
         }
     }
 
-    fn input_icmp(&mut self, pkt: &[u8], info: PacketInfo, gate: &mut dyn FlowGate) {
+    fn input_icmp(
+        &mut self,
+        pkt: &[u8],
+        info: PacketInfo,
+        hostname: Option<&str>,
+        gate: &mut dyn FlowGate,
+    ) {
         match info.echo {
             Some(e) if e.request => {
                 let flow = NewFlow {
                     kind: FlowKind::Icmp,
                     src: SocketAddr::new(info.src, 0),
                     dst: SocketAddr::new(info.dst, 0),
+                    hostname,
                 };
                 if !gate.admit(&flow) {
                     self.refuse(pkt, &info);
@@ -546,6 +589,7 @@ impl Stack {
                 let payload = info.payload(pkt).get(8..).unwrap_or(&[]).to_vec();
                 self.events.push_back(StackEvent::Echo {
                     dst: info.dst,
+                    hostname: hostname.map(str::to_string),
                     id: e.id,
                     seq: e.seq,
                     payload,
@@ -643,12 +687,17 @@ impl Stack {
     /// now refuses: TCP with a RST to the app, UDP by closing the service side.
     pub fn recheck(&mut self, gate: &mut dyn FlowGate) -> usize {
         let mut cut = 0;
-        let tcp: Vec<(FlowId, FlowKey)> = self.tcp.iter().map(|(id, f)| (*id, f.key)).collect();
-        for (id, key) in tcp {
+        let tcp: Vec<(FlowId, FlowKey, Option<String>)> = self
+            .tcp
+            .iter()
+            .map(|(id, f)| (*id, f.key, f.hostname.clone()))
+            .collect();
+        for (id, key, hostname) in tcp {
             let flow = NewFlow {
                 kind: FlowKind::Tcp,
                 src: key.src,
                 dst: key.dst,
+                hostname: hostname.as_deref(),
             };
             if gate.admit(&flow) {
                 continue;
@@ -670,12 +719,17 @@ impl Stack {
                 .poll(self.now, &mut self.device, &mut self.sockets);
             self.remove_tcp(id);
         }
-        let udp: Vec<(FlowId, FlowKey)> = self.udp.iter().map(|(id, f)| (*id, f.key)).collect();
-        for (id, key) in udp {
+        let udp: Vec<(FlowId, FlowKey, Option<String>)> = self
+            .udp
+            .iter()
+            .map(|(id, f)| (*id, f.key, f.hostname.clone()))
+            .collect();
+        for (id, key, hostname) in udp {
             let flow = NewFlow {
                 kind: FlowKind::Udp,
                 src: key.src,
                 dst: key.dst,
+                hostname: hostname.as_deref(),
             };
             if !gate.admit(&flow) {
                 cut += 1;

@@ -56,7 +56,12 @@ fn refused_dial_answers_the_syn_with_a_reset() {
     s.input(&tcp(40000, 1000, None, true, false, &[]), &mut AdmitAll);
     s.input(&tcp(40000, 1000, None, true, false, &[]), &mut AdmitAll); // retransmitted SYN while dialing
     let ev = events(&mut s);
-    let [StackEvent::DialTcp { id, dst }] = &ev[..] else {
+    let [StackEvent::DialTcp {
+        id,
+        dst,
+        hostname: None,
+    }] = &ev[..]
+    else {
         panic!("{ev:?}")
     };
     assert_eq!(dst.to_string(), "198.51.100.10:80");
@@ -139,7 +144,12 @@ fn udp_and_echo_go_to_the_shell() {
     b.write(&mut q, b"query").unwrap();
     s.input(&q, &mut AdmitAll);
     let ev = events(&mut s);
-    let [StackEvent::OpenUdp { id, dst }, StackEvent::UdpSend { payload, .. }] = &ev[..] else {
+    let [StackEvent::OpenUdp {
+        id,
+        dst,
+        hostname: None,
+    }, StackEvent::UdpSend { payload, .. }] = &ev[..]
+    else {
         panic!("{ev:?}")
     };
     assert_eq!(dst.to_string(), "198.51.100.10:53");
@@ -252,4 +262,35 @@ impl FlowGate for NoOne {
     fn admit(&mut self, _: &NewFlow) -> bool {
         false
     }
+}
+
+#[test]
+fn packets_to_a_name_carry_it_to_the_gate_and_the_dial() {
+    struct Names(Vec<String>);
+    impl FlowGate for Names {
+        fn admit(&mut self, f: &NewFlow<'_>) -> bool {
+            self.0.push(f.hostname.unwrap_or("-").to_string());
+            f.hostname == Some("wiki.corp.internal")
+        }
+    }
+    let (mut s, _) = stack();
+    let mut gate = Names(Vec::new());
+    s.input_named(
+        &tcp(40020, 1, None, true, false, &[]),
+        Some("wiki.corp.internal"),
+        &mut gate,
+    );
+    let ev = events(&mut s);
+    assert!(
+        matches!(&ev[..], [StackEvent::DialTcp { hostname: Some(h), .. }] if h == "wiki.corp.internal"),
+        "{ev:?}"
+    );
+    s.input_named(
+        &tcp(40021, 1, None, true, false, &[]),
+        Some("other.corp.internal"),
+        &mut gate,
+    );
+    assert!(events(&mut s).is_empty());
+    assert!(outputs(&mut s).iter().any(|(_, i)| i.tcp.rst));
+    assert_eq!(gate.0, vec!["wiki.corp.internal", "other.corp.internal"]);
 }

@@ -301,7 +301,11 @@ pub fn compile(text: &str, file: &str, now: i64) -> Result<Compiled, PolicyError
                 Some(l) => (l.line(), l.column()),
                 None => cx.loc().nearest(&key),
             };
-            let mut key = if key == "." { String::new() } else { key };
+            let mut key = if key == "." || key == "?" {
+                String::new()
+            } else {
+                key
+            };
             let (mut line, mut column) = (line, column);
             // A repeated mapping key: point at the repeat (the index keeps the last position).
             let text = inner.to_string();

@@ -288,6 +288,22 @@ impl Policy {
         }
     }
 
+    /// Whether some resource names `host` (exactly or under a wildcard domain): the agent answers
+    /// DNS for such names itself. `host` is lowercase, without the trailing dot.
+    pub fn has_hostname(&self, host: &str) -> bool {
+        if self.names.contains_key(host) {
+            return true;
+        }
+        let mut rest = host;
+        while let Some(i) = rest.find('.') {
+            rest = &rest[i + 1..];
+            if self.wildcards.contains_key(rest) {
+                return true;
+            }
+        }
+        false
+    }
+
     /// Calls `f` for each resource whose addresses and ports match the flow.
     pub fn for_each_resource(&self, flow: &Flow<'_>, mut f: impl FnMut(ResourceId)) {
         let mut check = |r: ResourceId| {

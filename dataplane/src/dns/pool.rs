@@ -59,7 +59,7 @@ impl Offsets for Ipv6Net {
 }
 
 struct Slot {
-    name: String,
+    name: std::sync::Arc<str>,
     last_used: u64,
     live_flows: u32,
 }
@@ -148,7 +148,7 @@ impl SyntheticPool {
             let &(t, victim) = self.idle.iter().next()?;
             self.idle.remove(&(t, victim));
             if let Some(old) = self.slots.remove(&victim) {
-                self.by_name.remove(&old.name);
+                self.by_name.remove(&*old.name);
             }
             victim
         };
@@ -156,7 +156,7 @@ impl SyntheticPool {
         self.slots.insert(
             slot,
             Slot {
-                name: name.to_string(),
+                name: name.into(),
                 last_used: now,
                 live_flows: 0,
             },
@@ -182,7 +182,22 @@ impl SyntheticPool {
     pub fn name_of(&self, ip: IpAddr) -> Option<&str> {
         self.slot_of(ip)
             .and_then(|s| self.slots.get(&s))
-            .map(|s| s.name.as_str())
+            .map(|s| &*s.name)
+    }
+
+    /// The same, shared: the packet path keeps it without copying the string.
+    pub fn shared_name_of(&self, ip: IpAddr) -> Option<std::sync::Arc<str>> {
+        self.slot_of(ip)
+            .and_then(|s| self.slots.get(&s))
+            .map(|s| s.name.clone())
+    }
+
+    pub fn v4_net(&self) -> Ipv4Net {
+        self.v4
+    }
+
+    pub fn v6_net(&self) -> Ipv6Net {
+        self.v6
     }
 
     fn touch_slot(&mut self, slot: u32, now: u64) {
@@ -192,6 +207,13 @@ impl SyntheticPool {
                 self.idle.insert((now, slot));
             }
             s.last_used = now;
+        }
+    }
+
+    /// Traffic to `ip` now: its name becomes the most recently used.
+    pub fn touch(&mut self, ip: IpAddr, now: u64) {
+        if let Some(slot) = self.slot_of(ip) {
+            self.touch_slot(slot, now);
         }
     }
 
