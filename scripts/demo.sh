@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The Sluice demo: builds the lab (relay, connector, private web server, agent with a TUN device,
-# each in its own network namespace), fetches a page through the tunnel, shows the path the
+# The Sluice demo: builds the lab (relay, connector, private web server and DNS zone, agent with a TUN device,
+# each in its own network namespace), fetches a page by hostname through the tunnel, shows the path the
 # packets took, and takes the lab down again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,15 +14,21 @@ echo
 echo "== The agent's namespace has no route to the private network except the tunnel:"
 ip -n demo-agent route
 echo
-echo "== curl http://198.51.100.10/ from demo-agent (through the tunnel):"
-ip netns exec demo-agent curl -sS --max-time 5 http://198.51.100.10/
+echo "== dig wiki.corp.internal from demo-agent: the agent answers with a synthetic address"
+ip netns exec demo-agent dig +short wiki.corp.internal
+echo
+echo "== curl http://wiki.corp.internal/ from demo-agent: through the tunnel; the connector resolves"
+echo "   the name in the private zone and dials the real server"
+ip netns exec demo-agent curl -sS --max-time 5 http://wiki.corp.internal/
 echo
 echo "== What the roles logged:"
 for r in agent relay connector; do
   echo "-- $r"; grep -E 'tunnel|connected|handshake done|sees us' /run/sluice-lab/demo-/$r.log | head -n 6
 done
+echo "-- the connector's audit log (every flow decision)"
+tail -n 2 /run/sluice-lab/demo-/connector-audit.jsonl
 echo
-echo "== Stopping the agent: the same address becomes unreachable from demo-agent"
+echo "== Stopping the agent: the private service becomes unreachable from demo-agent"
 kill "$(cat /run/sluice-lab/demo-/agent.pid)"; sleep 1
 if ip netns exec demo-agent curl -sS --max-time 2 http://198.51.100.10/ >/dev/null 2>&1; then
   echo "unexpected: the page is still reachable without the agent"; exit 1

@@ -252,6 +252,9 @@ impl Agent {
         let mut tun_buf = vec![0u8; 65_536];
         let mut to_tun: Vec<Vec<u8>> = Vec::new();
         // One timer, re-armed each round, rather than a new one per packet.
+        // The control link's first Initial is queued already: send it now, not at the first
+        // timer (a second later).
+        self.flush(socket).await;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         loop {

@@ -176,6 +176,9 @@ impl Connector {
         let mut udp_buf = vec![0u8; 65_536];
         let wake = self.splicer.wake.clone();
         // One timer, re-armed each round, rather than a new one per packet.
+        // The control link's first Initial is queued already: send it now, not at the first
+        // timer (a second later).
+        self.flush(socket).await;
         let timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(timer);
         loop {
