@@ -411,45 +411,29 @@ fn start_services(lab: &Lab) -> Result<()> {
             &www,
         ],
     )?;
-    spawn_in(
+    dnsmasq(
         lab,
-        &svc,
+        "svc",
         "dns",
+        SVC_ADDR,
         &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address",
-            SVC_ADDR,
-            "--pid-file",
-            "--log-facility=-",
-            &format!("--address=/web.{SVC_ZONE}/{SVC_ADDR}"),
-            &format!("--address=/web.{SVC_ZONE}/{SVC_ADDR6}"),
+            format!("--address=/web.{SVC_ZONE}/{SVC_ADDR}"),
+            format!("--address=/web.{SVC_ZONE}/{SVC_ADDR6}"),
             // The private zone: other names in it do not exist (NXDOMAIN, not forwarded).
-            &format!("--local=/{CORP_ZONE}/"),
-            &format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR}"),
-            &format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR6}"),
-            &format!("--address=/app.dev.{CORP_ZONE}/{SVC_ADDR}"),
+            format!("--local=/{CORP_ZONE}/"),
+            format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR}"),
+            format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR6}"),
+            format!("--address=/app.dev.{CORP_ZONE}/{SVC_ADDR}"),
         ],
     )?;
-    spawn_in(
+    dnsmasq(
         lab,
-        &lab.ns("relay"),
+        "relay",
         "upstream-dns",
+        UPSTREAM_DNS,
         &[
-            "dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address",
-            UPSTREAM_DNS,
-            "--pid-file",
-            "--log-facility=-",
-            "--local=/example.test/",
-            &format!("--address=/{}/{}", PUBLIC_NAME.0, PUBLIC_NAME.1),
+            "--local=/example.test/".to_string(),
+            format!("--address=/{}/{}", PUBLIC_NAME.0, PUBLIC_NAME.1),
         ],
     )?;
     wait_until(Duration::from_secs(10), "the lab's HTTP server", || {
@@ -469,6 +453,23 @@ fn start_services(lab: &Lab) -> Result<()> {
             .status()
             .is_ok_and(|s| s.success())
     })
+}
+
+/// A dnsmasq that answers only what `records` says (no upstream, no /etc/hosts).
+fn dnsmasq(lab: &Lab, short: &str, name: &str, listen: &str, records: &[String]) -> Result<u32> {
+    let mut args = vec![
+        "dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--listen-address",
+        listen,
+        "--pid-file",
+        "--log-facility=-",
+    ];
+    args.extend(records.iter().map(String::as_str));
+    spawn_in(lab, &lab.ns(short), name, &args)
 }
 
 fn start_role(lab: &Lab, role: &str) -> Result<()> {

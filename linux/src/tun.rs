@@ -24,31 +24,18 @@ pub fn create(cfg: &TunConfig) -> Result<AsyncDevice> {
     })
 }
 
-/// Removes routes added by [`add_routes`] (a policy no longer names those networks).
-pub fn remove_routes(dev: &str, nets: &[IpNet]) -> Result<()> {
-    for net in nets {
-        let family = if matches!(net, IpNet::V4(_)) {
-            "-4"
-        } else {
-            "-6"
-        };
-        let out = Command::new("ip")
-            .args([family, "route", "del", &net.to_string(), "dev", dev])
-            .output()
-            .context("cannot run `ip` (install iproute2)")?;
-        if !out.status.success() {
-            bail!(
-                "ip route del {net} dev {dev}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Routes each network through the device. The routes vanish with the device when the agent
 /// exits, so nothing is left behind even after a crash.
 pub fn add_routes(dev: &str, nets: &[IpNet]) -> Result<()> {
+    routes("replace", dev, nets)
+}
+
+/// Removes routes added by [`add_routes`] (a policy no longer names those networks).
+pub fn remove_routes(dev: &str, nets: &[IpNet]) -> Result<()> {
+    routes("del", dev, nets)
+}
+
+fn routes(op: &str, dev: &str, nets: &[IpNet]) -> Result<()> {
     for net in nets {
         let family = if matches!(net, IpNet::V4(_)) {
             "-4"
@@ -56,12 +43,12 @@ pub fn add_routes(dev: &str, nets: &[IpNet]) -> Result<()> {
             "-6"
         };
         let out = Command::new("ip")
-            .args([family, "route", "replace", &net.to_string(), "dev", dev])
+            .args([family, "route", op, &net.to_string(), "dev", dev])
             .output()
             .context("cannot run `ip` (install iproute2)")?;
         if !out.status.success() {
             bail!(
-                "ip route replace {net} dev {dev}: {}",
+                "ip route {op} {net} dev {dev}: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
