@@ -31,7 +31,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
             creds.identity.peer_id.short()
         );
         tokio::select! {
-            r = sluice_relay::run::serve(socket, quic, None) => r.context("relay failed")?,
+            r = sluice_relay::run::serve(socket, quic) => r.context("relay failed")?,
             _ = node::shutdown_signal() => tracing::info!("relay: shutting down"),
         }
         Ok(())

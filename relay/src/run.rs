@@ -11,11 +11,7 @@ use crate::server::{Relay, RelayStats};
 const STATS_EVERY: Duration = Duration::from_secs(30);
 
 /// Serves relay clients on `socket` until the future is dropped.
-pub async fn serve(
-    socket: UdpSocket,
-    config: quiche::Config,
-    stats_out: Option<tokio::sync::watch::Sender<RelayStats>>,
-) -> std::io::Result<()> {
+pub async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()> {
     let local = socket.local_addr()?;
     let mut relay = Relay::new(config, local);
     let mut buf = vec![0u8; 65_536];
@@ -51,9 +47,6 @@ pub async fn serve(
             }
         }
         flush(&socket, &mut relay, &mut out).await;
-        if let Some(tx) = &stats_out {
-            tx.send_replace(relay.stats());
-        }
     }
 }
 
