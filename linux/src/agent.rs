@@ -29,7 +29,7 @@ use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, AgentConfig};
 use crate::dns::{self, DnsState, SharedDns};
 use crate::node::{self, ControlLink};
-use crate::{tun, AgentArgs};
+use crate::{resolvconf, tun, AgentArgs};
 
 /// Packets read from the TUN device in one round before the tunnels are flushed.
 const TUN_BATCH: usize = 64;
@@ -125,13 +125,31 @@ pub fn run(args: AgentArgs) -> Result<()> {
             pool,
             policy: watcher.policy().clone(),
         }));
-        let upstreams = match &cfg.dns.upstream {
+        let dns_addr = SocketAddr::new(cfg.tun.ipv4.addr().into(), 53);
+        if cfg.dns.configure_system {
+            // A previous agent killed before it could restore the system's resolver: undo it
+            // first, so the upstreams read below are the real ones.
+            resolvconf::recover()?;
+        }
+        let upstreams: Vec<SocketAddr> = match &cfg.dns.upstream {
             Some(u) => u.clone(),
             None => dns::upstreams_from_resolv_conf(
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             ),
+        }
+        .into_iter()
+        .filter(|u| *u != dns_addr)
+        .collect();
+        // Restored when this goes out of scope: on return, error, or signal.
+        let _system_dns = if cfg.dns.configure_system {
+            Some(resolvconf::take_over(
+                &cfg.tun.name,
+                &dns_addr.ip().to_string(),
+                &watcher.policy().dns_domains(),
+            )?)
+        } else {
+            None
         };
-        let dns_addr = SocketAddr::new(cfg.tun.ipv4.addr().into(), 53);
         let dns_server = dns::serve(dns_addr, dns_state.clone(), upstreams);
         let socket =
             node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;

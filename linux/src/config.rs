@@ -182,6 +182,14 @@ pub struct DnsConfig {
     /// Resolvers for every other name (default: the nameservers of /etc/resolv.conf at start).
     #[serde(default)]
     pub upstream: Option<Vec<SocketAddr>>,
+    /// Make the agent the system's resolver while it runs (systemd-resolved routing domains,
+    /// or /etc/resolv.conf, restored on exit).
+    #[serde(default = "default_true")]
+    pub configure_system: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_pool_v4() -> Ipv4Net {
@@ -205,6 +213,7 @@ impl Default for DnsConfig {
             pool_v6: default_pool_v6(),
             max_names: default_max_names(),
             upstream: None,
+            configure_system: true,
         }
     }
 }

@@ -262,17 +262,14 @@ fn build_network(lab: &Lab) -> Result<()> {
         &lab.ns("relay"),
         &["addr", "add", &format!("{UPSTREAM_DNS}/24"), "dev", "eth0"],
     )?;
-    // The agent's namespace resolves through the agent (split DNS), which forwards what is not
-    // a resource to the upstream; the connector's namespace uses the private zone's server.
-    fs::write(
-        netns_etc(lab, "agent").join("resolv.conf"),
-        "nameserver 100.96.0.1\n",
-    )?;
+    // The agent's namespace starts with the upstream as its resolver, like any machine; the
+    // agent takes resolution over while it runs (split DNS) and gives it back when it stops.
+    // The connector's namespace uses the private zone's server.
     fs::write(
         netns_etc(lab, "conn").join("resolv.conf"),
         format!("nameserver {SVC_ADDR}\n"),
     )?;
-    for n in ["inet", "relay", "svc"] {
+    for n in ["agent", "inet", "relay", "svc"] {
         fs::write(
             netns_etc(lab, n).join("resolv.conf"),
             format!("nameserver {UPSTREAM_DNS}\n"),
@@ -329,7 +326,7 @@ fn write_configs(lab: &Lab) -> Result<()> {
     write(
         "agent.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\ndns:\n  upstream: [\"{UPSTREAM_DNS}:53\"]\n",
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\n",
             files("lab-agent")
         ),
     )?;
@@ -596,6 +593,10 @@ fn teardown(lab: &Lab) {
         let _ = ip(&["netns", "del", &ns]);
     }
     for n in NAMESPACES {
+        // A killed agent leaves its resolv.conf backup behind; it goes with the file.
+        if let Ok(b) = crate::resolvconf::backup_path(&netns_etc(lab, n).join("resolv.conf")) {
+            let _ = fs::remove_file(b);
+        }
         let _ = fs::remove_dir_all(netns_etc(lab, n));
     }
 }

@@ -123,3 +123,63 @@ fn a_thousand_names_resolve_without_collision() {
     let again = short(&lab, &["-f", file.to_str().unwrap()]);
     assert_eq!(again, out);
 }
+
+/// Waits until `f` holds (or fails the test after `secs`).
+fn wait_for(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < Duration::from_secs(secs), "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_system_resolver_is_restored_after_a_stop_and_after_a_crash() {
+    require_root();
+    let lab = Lab::up("tdnsr-");
+    let conf = std::path::PathBuf::from(format!("/etc/netns/{}/resolv.conf", lab.ns("agent")));
+    let original = "nameserver 192.0.2.53\n";
+    let read = || fs::read_to_string(&conf).unwrap_or_default();
+    assert!(
+        read().contains("nameserver 100.96.0.1"),
+        "the agent took resolution over:\n{}",
+        read()
+    );
+
+    lab.stop("agent", "TERM");
+    assert_eq!(read(), original, "restored exactly on SIGTERM");
+
+    lab.start("agent", "agent");
+    wait_for(10, "agent took over again", || {
+        read().contains("100.96.0.1")
+    });
+    lab.stop("agent", "KILL");
+    assert!(
+        read().contains("100.96.0.1"),
+        "a killed agent cannot restore"
+    );
+
+    // The next start restores the original first (and reads the real upstream from it).
+    lab.start("agent", "agent");
+    wait_for(10, "agent took over after the crash", || {
+        lab.log("agent").matches("DNS on").count() >= 3
+    });
+    assert!(
+        lab.log("agent")
+            .contains("restored /etc/resolv.conf as a previous agent left it changed"),
+        "{}",
+        lab.log("agent")
+    );
+    assert!(
+        lab.log("agent").contains("forwarded to 192.0.2.53:53"),
+        "{}",
+        lab.log("agent")
+    );
+    assert_eq!(short(&lab, &["www.example.test"]), "192.0.2.80");
+    lab.stop("agent", "TERM");
+    assert_eq!(
+        read(),
+        original,
+        "restored exactly after the crash and a clean stop"
+    );
+}

@@ -288,6 +288,20 @@ impl Policy {
         }
     }
 
+    /// The DNS names resources use: exact hostnames and wildcard domains (without `*.`), for
+    /// routing those domains' queries to the agent.
+    pub fn dns_domains(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .names
+            .keys()
+            .chain(self.wildcards.keys())
+            .cloned()
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
     /// Whether some resource names `host` (exactly or under a wildcard domain): the agent answers
     /// DNS for such names itself. `host` is lowercase, without the trailing dot.
     pub fn has_hostname(&self, host: &str) -> bool {
