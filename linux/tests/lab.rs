@@ -362,7 +362,7 @@ fn bad_input_is_refused_cleanly() {
     let d = ca.display();
     fs::write(
         &cfg,
-        format!("relay: 192.0.2.1:4433\ncert: {d}/mallory.pem\nkey: {d}/mallory.key\nca: {}/ca/ca.pem\ntun:\n  name: intruder0\npolicy: {}/mallory-policy.yaml\n", lab.dir.display(), tmp.display()),
+        format!("relay: 192.0.2.1:4433\ncert: {d}/mallory.pem\nkey: {d}/mallory.key\nca: {}/ca/ca.pem\ntun:\n  name: intruder0\n  ipv4: 100.96.9.1/32\n  ipv6: fd5c:1ce0:9::1/128\ndns:\n  configure_system: false\n  pool_v4: 198.19.0.0/16\n  pool_v6: fd5c:1ce0:d9::/96\npolicy: {}/mallory-policy.yaml\n", lab.dir.display(), tmp.display()),
     )
     .unwrap();
     let child = Command::new("ip")
