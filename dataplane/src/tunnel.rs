@@ -212,16 +212,22 @@ impl Tunnel {
     /// Sends the IP packet in `buf[TUNNEL_IP_OVERHEAD..]`; the first byte is overwritten with
     /// the tunnel header so the packet is not copied here.
     pub fn send_ip(&mut self, buf: &mut [u8]) -> Result<(), TunnelError> {
+        self.check_room(buf.len())?;
+        buf[0] = DGRAM_TUNNEL_IP;
+        self.conn.dgram_send(buf)?;
+        Ok(())
+    }
+
+    /// Whether a DATAGRAM of `total` bytes (header included) can go now.
+    fn check_room(&self, total: usize) -> Result<(), TunnelError> {
         if self.remote.is_none() {
             return Err(TunnelError::NotReady);
         }
         let max = self.max_ip_len().unwrap_or(0);
-        let len = buf.len().saturating_sub(TUNNEL_IP_OVERHEAD);
+        let len = total.saturating_sub(TUNNEL_IP_OVERHEAD);
         if len > max {
             return Err(TunnelError::TooBig { len, max });
         }
-        buf[0] = DGRAM_TUNNEL_IP;
-        self.conn.dgram_send(buf)?;
         Ok(())
     }
 
@@ -233,16 +239,13 @@ impl Tunnel {
     /// destination is a synthetic address for that hostname); the header is written into the
     /// front of `buf`.
     pub fn send_named_ip(&mut self, buf: &mut [u8], name: &str) -> Result<(), TunnelError> {
-        if self.remote.is_none() {
-            return Err(TunnelError::NotReady);
-        }
-        let max = self.max_ip_len().unwrap_or(0);
-        let len = buf.len().saturating_sub(TUNNEL_IP_OVERHEAD);
-        if len > max {
-            return Err(TunnelError::TooBig { len, max });
-        }
+        self.check_room(buf.len())?;
         if put_named_ip_header(buf, name).is_none() {
-            return Err(TunnelError::TooBig { len, max });
+            let max = self.max_ip_len().unwrap_or(0);
+            return Err(TunnelError::TooBig {
+                len: buf.len(),
+                max,
+            });
         }
         self.conn.dgram_send(buf)?;
         Ok(())

@@ -195,6 +195,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             resource_slots: Vec::new(),
             dns: dns_state.clone(),
             named_buf: Vec::with_capacity(2048),
+            pool_nets: (cfg.dns.pool_v4.trunc(), cfg.dns.pool_v6.trunc()),
             next_reload_check: Instant::now() + RELOAD_EVERY,
         };
         tokio::select! {
@@ -253,6 +254,8 @@ struct Agent {
     dns: SharedDns,
     /// Scratch for packets sent to a name (the name goes in front of the packet).
     named_buf: Vec<u8>,
+    /// The synthetic pools, to tell without a lock whether a packet goes to a name.
+    pool_nets: (ipnet::Ipv4Net, ipnet::Ipv6Net),
     next_reload_check: Instant,
 }
 
@@ -486,12 +489,14 @@ impl Agent {
             return None;
         };
         // A synthetic address stands for the hostname it was handed out for.
-        let name: Option<Arc<str>> = match self.dns.lock() {
-            Ok(mut st) if st.pool.contains(info.dst) => match st.pool.shared_name_of(info.dst) {
-                Some(n) => {
-                    st.pool.touch(info.dst, now_unix().max(0) as u64);
-                    Some(n)
-                }
+        // Only packets to the synthetic pools take the lock the DNS server shares.
+        let synthetic = match info.dst {
+            std::net::IpAddr::V4(a) => self.pool_nets.0.contains(&a),
+            std::net::IpAddr::V6(a) => self.pool_nets.1.contains(&a),
+        };
+        let name: Option<Arc<str>> = if synthetic {
+            match self.synthetic_name(info.dst) {
+                Some(n) => Some(n),
                 None => {
                     // An address no name holds (the pool recycled it, or it was never given).
                     if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Host) {
@@ -499,8 +504,9 @@ impl Agent {
                     }
                     return None;
                 }
-            },
-            _ => None,
+            }
+        } else {
+            None
         };
         flow.hostname = name.as_deref();
         let sport = info.echo.map_or(info.src_port, |e| e.id);
@@ -558,6 +564,14 @@ impl Agent {
         }
         self.resource_slots[r] = Some(i);
         i
+    }
+
+    /// The hostname a synthetic address stands for, marking the name as in use.
+    fn synthetic_name(&self, ip: std::net::IpAddr) -> Option<Arc<str>> {
+        let mut st = self.dns.lock().ok()?;
+        let name = st.pool.shared_name_of(ip)?;
+        st.pool.touch(ip, now_unix().max(0) as u64);
+        Some(name)
     }
 
     fn slot_index(&mut self, connector: &str) -> usize {
