@@ -9,10 +9,11 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use crate::identity::{identity_from_der, PeerId, Role};
+use crate::msgstream::MessageStream;
 use crate::session::QuicSession;
 use crate::tls;
 use crate::wire::{
-    put_relay_forward_header, ControlDecoder, ControlMessage, Datagram, RELAY_FORWARD_OVERHEAD,
+    put_relay_forward_header, ControlMessage, Datagram, MAX_CONTROL_MESSAGE, RELAY_FORWARD_OVERHEAD,
 };
 
 /// The control stream: the client's first bidirectional stream.
@@ -46,13 +47,11 @@ pub struct ControlClient {
     conn: quiche::Connection,
     local: SocketAddr,
     relay: SocketAddr,
-    decoder: ControlDecoder,
-    pending_out: Vec<u8>,
+    stream: MessageStream,
     events: VecDeque<ControlEvent>,
     connected: bool,
     closed_reported: bool,
     observed: Option<SocketAddr>,
-    scratch: Vec<u8>,
 }
 
 impl ControlClient {
@@ -69,13 +68,11 @@ impl ControlClient {
             conn,
             local,
             relay,
-            decoder: ControlDecoder::default(),
-            pending_out: Vec::new(),
+            stream: MessageStream::new(CONTROL_STREAM, MAX_CONTROL_MESSAGE),
             events: VecDeque::new(),
             connected: false,
             closed_reported: false,
             observed: None,
-            scratch: vec![0u8; 65_536],
         })
     }
 
@@ -144,8 +141,9 @@ impl ControlClient {
     }
 
     pub fn lookup(&mut self, name: &str) -> Result<(), ControlError> {
-        ControlMessage::Lookup { name: name.into() }.encode(&mut self.pending_out)?;
-        self.flush_stream();
+        self.stream
+            .queue(&ControlMessage::Lookup { name: name.into() })?;
+        self.stream.flush(&mut self.conn);
         Ok(())
     }
 
@@ -165,22 +163,6 @@ impl ControlClient {
         }
     }
 
-    fn flush_stream(&mut self) {
-        if self.pending_out.is_empty() || !self.conn.is_established() {
-            return;
-        }
-        match self
-            .conn
-            .stream_send(CONTROL_STREAM, &self.pending_out, false)
-        {
-            Ok(n) => {
-                self.pending_out.drain(..n);
-            }
-            Err(quiche::Error::Done) => {}
-            Err(e) => tracing::debug!("control: stream send failed: {e}"),
-        }
-    }
-
     fn after_io_impl(&mut self) {
         if !self.connected && self.conn.is_established() {
             match self.conn.peer_cert().map(identity_from_der) {
@@ -193,10 +175,8 @@ impl ControlClient {
                     let hello = ControlMessage::Hello {
                         software: concat!("sluice ", env!("CARGO_PKG_VERSION")).into(),
                     };
-                    let mut first = Vec::new();
-                    if hello.encode(&mut first).is_ok() {
-                        first.append(&mut self.pending_out);
-                        self.pending_out = first;
+                    if let Err(e) = self.stream.queue_first(&hello) {
+                        tracing::debug!("control: cannot send hello: {e}");
                     }
                 }
                 other => {
@@ -205,11 +185,9 @@ impl ControlClient {
                 }
             }
         }
-        self.flush_stream();
-        while let Ok((n, _fin)) = self.conn.stream_recv(CONTROL_STREAM, &mut self.scratch) {
-            self.decoder.push(&self.scratch[..n]);
-        }
-        while let Some(msg) = self.decoder.next_message() {
+        self.stream.flush(&mut self.conn);
+        self.stream.read(&mut self.conn);
+        while let Some(msg) = self.stream.next_message() {
             match msg {
                 Ok(ControlMessage::ObservedAddr(a)) => {
                     if self.observed != Some(a) {

@@ -4,6 +4,8 @@
 pub mod control;
 pub mod dns;
 pub mod identity;
+pub mod msgstream;
+pub mod nat;
 pub mod packet;
 pub mod session;
 pub mod tls;

@@ -84,7 +84,7 @@ pub struct QuicParams {
     pub max_udp_payload: usize,
     pub idle_timeout_ms: u64,
     pub dgram_queue: usize,
-    /// Streams are used only by control connections.
+    /// Whether the connection carries framed messages on streams (both kinds now do).
     pub streams: bool,
 }
 

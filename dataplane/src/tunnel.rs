@@ -12,9 +12,18 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use crate::identity::{identity_from_der, Identity, PeerId};
+use crate::msgstream::MessageStream;
 use crate::session::QuicSession;
 use crate::tls;
-use crate::wire::{put_named_ip_header, Datagram, DGRAM_TUNNEL_IP, TUNNEL_IP_OVERHEAD};
+use crate::wire::{
+    put_named_ip_header, ControlMessage, Datagram, WireError, DGRAM_TUNNEL_IP, MAX_TUNNEL_MESSAGE,
+    TUNNEL_IP_OVERHEAD,
+};
+
+/// The tunnel's message stream: the agent's first bidirectional stream.
+pub const TUNNEL_STREAM: u64 = 0;
+/// Application close code for a peer that broke the message stream's framing.
+pub const CLOSE_BAD_MESSAGE: u64 = 0x1;
 
 /// The local address of every relayed path (it names no socket).
 pub const RELAY_PATH_LOCAL: SocketAddr = SocketAddr::new(
@@ -65,6 +74,8 @@ pub struct RecvIp {
 pub enum TunnelEvent {
     /// Handshake done and the peer is who we expected.
     Up(Identity),
+    /// A message from the peer on the tunnel's message stream.
+    Message(ControlMessage),
     Closed(String),
 }
 
@@ -76,6 +87,8 @@ pub enum TunnelError {
     NotReady,
     #[error("packet of {len} bytes exceeds the tunnel's {max}")]
     TooBig { len: usize, max: usize },
+    #[error("message: {0}")]
+    Wire(#[from] WireError),
 }
 
 pub struct Tunnel {
@@ -86,6 +99,7 @@ pub struct Tunnel {
     remote: Option<Identity>,
     closed_reported: bool,
     events: VecDeque<TunnelEvent>,
+    stream: MessageStream,
 }
 
 fn random_cid() -> [u8; quiche::MAX_CONN_ID_LEN] {
@@ -144,6 +158,7 @@ impl Tunnel {
             remote: None,
             closed_reported: false,
             events: VecDeque::new(),
+            stream: MessageStream::new(TUNNEL_STREAM, MAX_TUNNEL_MESSAGE),
         }
     }
 
@@ -276,6 +291,17 @@ impl Tunnel {
         }
     }
 
+    /// Sends a message to the peer on the tunnel's message stream (reliable, in order). The
+    /// agent's first message opens the stream; the connector only answers.
+    pub fn send_message(&mut self, msg: &ControlMessage) -> Result<(), TunnelError> {
+        if !self.is_up() {
+            return Err(TunnelError::NotReady);
+        }
+        self.stream.queue(msg)?;
+        self.stream.flush(&mut self.conn);
+        Ok(())
+    }
+
     pub fn rtt(&self) -> Option<Duration> {
         self.conn.path_stats().next().map(|p| p.rtt)
     }
@@ -283,6 +309,23 @@ impl Tunnel {
     fn after_io_impl(&mut self) {
         if self.remote.is_none() && self.conn.is_established() {
             self.check_identity();
+        }
+        if self.remote.is_some() {
+            self.stream.flush(&mut self.conn);
+            self.stream.read(&mut self.conn);
+            while let Some(m) = self.stream.next_message() {
+                match m {
+                    Ok(m) => self.events.push_back(TunnelEvent::Message(m)),
+                    Err(e) => {
+                        tracing::warn!(
+                            "tunnel {}: closing, the peer sent a bad message: {e}",
+                            self.peer.short()
+                        );
+                        let _ = self.conn.close(true, CLOSE_BAD_MESSAGE, b"bad message");
+                        break;
+                    }
+                }
+            }
         }
         if self.is_closed() && !self.closed_reported {
             self.closed_reported = true;

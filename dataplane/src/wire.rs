@@ -16,10 +16,26 @@
 //! - `0x22` lookup (client → relay): `[name len u8][name]`
 //! - `0x23` lookup reply: `[name len u8][name][found 0|1][peer id: 32 if found]`
 //! - `0x24` hello (client → relay, first message; opens the stream): `[software len u8][software]`
+//!
+//! End-to-end tunnels carry messages in the same framing on the agent's first bidirectional
+//! stream (opened by the agent's first message):
+//! - `0x25` DNS query (agent → connector): `[request id u32][DNS message]`, a query for a
+//!   resource name's records other than A/AAAA, resolved in the connector's network
+//! - `0x26` DNS answer (connector → agent): `[request id u32][DNS message]`
+//! - `0x27` candidates (both ways), the sender's addresses for a direct path: `[generation u32]
+//!   [punch secret u64][count u8]` then per candidate `[kind u8][family 4|6][address][port u16]
+//!   [priority u32]`. Receiving the peer's candidates is the signal to start punching.
+//!
+//! Punch packets are plain UDP between the peers' tunnel sockets (connectivity checks), told
+//! apart from QUIC by their first byte (QUIC always sets bit 0x40):
+//! - `0x14` punch, `0x15` punch ack: `[to peer id: 32][from peer id: 32][secret u64][txid u64]`,
+//!   where the secret is the one the *receiver* announced in its candidates (so only the peer
+//!   at the other end of the authenticated tunnel can make one), and an ack echoes the txid.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::identity::PeerId;
+use crate::nat::candidate::{Candidate, Kind};
 
 pub const VERSION: u8 = 1;
 pub const DGRAM_TUNNEL_IP: u8 = 0x11;
@@ -29,13 +45,24 @@ pub const MSG_OBSERVED_ADDR: u8 = 0x21;
 pub const MSG_LOOKUP: u8 = 0x22;
 pub const MSG_LOOKUP_REPLY: u8 = 0x23;
 pub const MSG_HELLO: u8 = 0x24;
+pub const MSG_DNS_QUERY: u8 = 0x25;
+pub const MSG_DNS_ANSWER: u8 = 0x26;
+pub const MSG_CANDIDATES: u8 = 0x27;
+pub const PUNCH: u8 = 0x14;
+pub const PUNCH_ACK: u8 = 0x15;
+/// Length of a punch packet.
+pub const PUNCH_LEN: usize = 1 + 2 * PeerId::LEN + 8 + 8;
+/// Most candidates one message carries.
+pub const MAX_CANDIDATES: usize = 32;
 
 /// Bytes a relay forward header adds in front of an end-to-end packet.
 pub const RELAY_FORWARD_OVERHEAD: usize = 1 + PeerId::LEN;
 /// Bytes the tunnel header adds in front of an IP packet.
 pub const TUNNEL_IP_OVERHEAD: usize = 1;
-/// Largest control message body.
+/// Largest message body a relay accepts on a control stream.
 pub const MAX_CONTROL_MESSAGE: usize = 1024;
+/// Largest message body on a tunnel's stream: a whole DNS message (64 KiB, as over TCP) fits.
+pub const MAX_TUNNEL_MESSAGE: usize = u16::MAX as usize;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
@@ -67,7 +94,12 @@ fn check_type(b: u8) -> Result<u8, WireError> {
         | MSG_OBSERVED_ADDR
         | MSG_LOOKUP
         | MSG_LOOKUP_REPLY
-        | MSG_HELLO => Ok(b),
+        | MSG_HELLO
+        | MSG_DNS_QUERY
+        | MSG_DNS_ANSWER
+        | MSG_CANDIDATES
+        | PUNCH
+        | PUNCH_ACK => Ok(b),
         _ if !(0x10..0x30).contains(&b) => Err(WireError::Version(b >> 4)),
         _ => Err(WireError::UnknownType(b)),
     }
@@ -136,10 +168,93 @@ pub fn put_relay_forward_header(buf: &mut [u8], peer: &PeerId) {
 /// A control message on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ControlMessage {
-    Hello { software: String },
+    Hello {
+        software: String,
+    },
     ObservedAddr(SocketAddr),
-    Lookup { name: String },
-    LookupReply { name: String, peer: Option<PeerId> },
+    Lookup {
+        name: String,
+    },
+    LookupReply {
+        name: String,
+        peer: Option<PeerId>,
+    },
+    /// A DNS query message for the connector to resolve; `id` pairs it with its answer.
+    DnsQuery {
+        id: u32,
+        message: Vec<u8>,
+    },
+    DnsAnswer {
+        id: u32,
+        message: Vec<u8>,
+    },
+    Candidates {
+        generation: u32,
+        secret: u64,
+        list: Vec<Candidate>,
+    },
+}
+
+/// A connectivity check (or its answer) between the peers of a tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Punch {
+    pub ack: bool,
+    pub to: PeerId,
+    pub from: PeerId,
+    pub secret: u64,
+    pub txid: u64,
+}
+
+impl Punch {
+    pub fn encode(&self) -> [u8; PUNCH_LEN] {
+        let mut b = [0u8; PUNCH_LEN];
+        b[0] = if self.ack { PUNCH_ACK } else { PUNCH };
+        b[1..33].copy_from_slice(&self.to.0);
+        b[33..65].copy_from_slice(&self.from.0);
+        b[65..73].copy_from_slice(&self.secret.to_be_bytes());
+        b[73..81].copy_from_slice(&self.txid.to_be_bytes());
+        b
+    }
+
+    /// Whether a UDP payload is a punch rather than QUIC (which always sets bit 0x40).
+    pub fn is_punch(b: &[u8]) -> bool {
+        matches!(b.first(), Some(&PUNCH) | Some(&PUNCH_ACK))
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Punch, WireError> {
+        let mut r = Reader(b);
+        let ack = match check_type(r.u8().map_err(|_| WireError::Empty)?)? {
+            PUNCH => false,
+            PUNCH_ACK => true,
+            other => return Err(WireError::UnknownType(other)),
+        };
+        let to = PeerId::from_slice(r.take(PeerId::LEN)?).ok_or(WireError::Truncated)?;
+        let from = PeerId::from_slice(r.take(PeerId::LEN)?).ok_or(WireError::Truncated)?;
+        let secret = r.u64()?;
+        let txid = r.u64()?;
+        r.finish()?;
+        Ok(Punch {
+            ack,
+            to,
+            from,
+            secret,
+            txid,
+        })
+    }
+}
+
+fn put_addr(out: &mut Vec<u8>, addr: &SocketAddr) {
+    match addr.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&addr.port().to_be_bytes());
 }
 
 fn put_name(out: &mut Vec<u8>, name: &str) -> Result<(), WireError> {
@@ -162,6 +277,35 @@ impl<'a> Reader<'a> {
     }
     fn u8(&mut self) -> Result<u8, WireError> {
         Ok(self.take(1)?[0])
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let b: [u8; 8] = self.take(8)?.try_into().map_err(|_| WireError::Truncated)?;
+        Ok(u64::from_be_bytes(b))
+    }
+    fn addr(&mut self) -> Result<SocketAddr, WireError> {
+        let ip = match self.u8()? {
+            4 => {
+                let o: [u8; 4] = self.take(4)?.try_into().map_err(|_| WireError::Truncated)?;
+                IpAddr::V4(Ipv4Addr::from(o))
+            }
+            6 => {
+                let o: [u8; 16] = self
+                    .take(16)?
+                    .try_into()
+                    .map_err(|_| WireError::Truncated)?;
+                IpAddr::V6(Ipv6Addr::from(o))
+            }
+            _ => return Err(WireError::BadField("address family")),
+        };
+        let p = self.take(2)?;
+        Ok(SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]])))
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.0)
     }
     fn name(&mut self) -> Result<String, WireError> {
         let n = self.u8()? as usize;
@@ -189,17 +333,26 @@ impl ControlMessage {
             }
             ControlMessage::ObservedAddr(addr) => {
                 out.push(MSG_OBSERVED_ADDR);
-                match addr.ip() {
-                    IpAddr::V4(ip) => {
-                        out.push(4);
-                        out.extend_from_slice(&ip.octets());
-                    }
-                    IpAddr::V6(ip) => {
-                        out.push(6);
-                        out.extend_from_slice(&ip.octets());
-                    }
+                put_addr(out, addr);
+            }
+            ControlMessage::Candidates {
+                generation,
+                secret,
+                list,
+            } => {
+                if list.len() > MAX_CANDIDATES {
+                    out.truncate(start);
+                    return Err(WireError::BadField("too many candidates"));
                 }
-                out.extend_from_slice(&addr.port().to_be_bytes());
+                out.push(MSG_CANDIDATES);
+                out.extend_from_slice(&generation.to_be_bytes());
+                out.extend_from_slice(&secret.to_be_bytes());
+                out.push(list.len() as u8);
+                for c in list {
+                    out.push(c.kind.code());
+                    put_addr(out, &c.addr);
+                    out.extend_from_slice(&c.priority.to_be_bytes());
+                }
             }
             ControlMessage::Lookup { name } => {
                 out.push(MSG_LOOKUP);
@@ -216,9 +369,19 @@ impl ControlMessage {
                     None => out.push(0),
                 }
             }
+            ControlMessage::DnsQuery { id, message }
+            | ControlMessage::DnsAnswer { id, message } => {
+                out.push(if matches!(self, ControlMessage::DnsQuery { .. }) {
+                    MSG_DNS_QUERY
+                } else {
+                    MSG_DNS_ANSWER
+                });
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(message);
+            }
         }
         let len = out.len() - start - 2;
-        if len > MAX_CONTROL_MESSAGE {
+        if len > MAX_TUNNEL_MESSAGE {
             out.truncate(start);
             return Err(WireError::TooLarge(len));
         }
@@ -231,21 +394,30 @@ impl ControlMessage {
         let mut r = Reader(b);
         let t = check_type(r.u8().map_err(|_| WireError::Empty)?)?;
         let msg = match t {
-            MSG_OBSERVED_ADDR => {
-                let ip = match r.u8()? {
-                    4 => {
-                        let o: [u8; 4] = r.take(4)?.try_into().map_err(|_| WireError::Truncated)?;
-                        IpAddr::V4(Ipv4Addr::from(o))
-                    }
-                    6 => {
-                        let o: [u8; 16] =
-                            r.take(16)?.try_into().map_err(|_| WireError::Truncated)?;
-                        IpAddr::V6(Ipv6Addr::from(o))
-                    }
-                    _ => return Err(WireError::BadField("address family")),
-                };
-                let p = r.take(2)?;
-                ControlMessage::ObservedAddr(SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]])))
+            MSG_OBSERVED_ADDR => ControlMessage::ObservedAddr(r.addr()?),
+            MSG_CANDIDATES => {
+                let generation = r.u32()?;
+                let secret = r.u64()?;
+                let n = usize::from(r.u8()?);
+                if n > MAX_CANDIDATES {
+                    return Err(WireError::BadField("too many candidates"));
+                }
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let kind = Kind::from_code(r.u8()?).ok_or(WireError::BadField("kind"))?;
+                    let addr = r.addr()?;
+                    let priority = r.u32()?;
+                    list.push(Candidate {
+                        kind,
+                        addr,
+                        priority,
+                    });
+                }
+                ControlMessage::Candidates {
+                    generation,
+                    secret,
+                    list,
+                }
             }
             MSG_HELLO => ControlMessage::Hello {
                 software: r.name()?,
@@ -262,6 +434,14 @@ impl ControlMessage {
                 };
                 ControlMessage::LookupReply { name, peer }
             }
+            MSG_DNS_QUERY => ControlMessage::DnsQuery {
+                id: r.u32()?,
+                message: r.rest().to_vec(),
+            },
+            MSG_DNS_ANSWER => ControlMessage::DnsAnswer {
+                id: r.u32()?,
+                message: r.rest().to_vec(),
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -270,12 +450,28 @@ impl ControlMessage {
 }
 
 /// Reassembles length-prefixed control messages from a byte stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ControlDecoder {
     buf: Vec<u8>,
+    limit: usize,
+}
+
+impl Default for ControlDecoder {
+    /// A decoder for a relay's control stream: small messages only.
+    fn default() -> Self {
+        ControlDecoder::with_limit(MAX_CONTROL_MESSAGE)
+    }
 }
 
 impl ControlDecoder {
+    /// A decoder refusing message bodies over `limit` bytes.
+    pub fn with_limit(limit: usize) -> Self {
+        ControlDecoder {
+            buf: Vec::new(),
+            limit,
+        }
+    }
+
     pub fn push(&mut self, data: &[u8]) {
         self.buf.extend_from_slice(data);
     }
@@ -287,7 +483,7 @@ impl ControlDecoder {
             return None;
         }
         let len = u16::from_be_bytes([self.buf[0], self.buf[1]]) as usize;
-        if len > MAX_CONTROL_MESSAGE {
+        if len > self.limit {
             return Some(Err(WireError::TooLarge(len)));
         }
         if self.buf.len() < 2 + len {
@@ -339,6 +535,73 @@ mod tests {
             name: "x".into(),
             peer: None,
         });
+        roundtrip(ControlMessage::DnsQuery {
+            id: 7,
+            message: vec![1, 2, 3],
+        });
+        roundtrip(ControlMessage::DnsAnswer {
+            id: u32::MAX,
+            message: Vec::new(),
+        });
+        roundtrip(ControlMessage::Candidates {
+            generation: 3,
+            secret: 0x0123_4567_89ab_cdef,
+            list: vec![
+                Candidate {
+                    kind: Kind::Host,
+                    addr: "192.0.2.10:4500".parse().unwrap(),
+                    priority: 7,
+                },
+                Candidate {
+                    kind: Kind::ServerReflexive,
+                    addr: "[2001:db8::1]:1".parse().unwrap(),
+                    priority: u32::MAX,
+                },
+            ],
+        });
+    }
+
+    #[test]
+    fn punches_roundtrip_and_never_look_like_quic() {
+        let p = Punch {
+            ack: true,
+            to: PeerId([1; 32]),
+            from: PeerId([2; 32]),
+            secret: 42,
+            txid: 7,
+        };
+        let b = p.encode();
+        assert_eq!(Punch::parse(&b), Ok(p));
+        assert!(Punch::is_punch(&b));
+        assert_eq!(b[0] & 0x40, 0, "QUIC's fixed bit is clear");
+        assert_eq!(Punch::parse(&b[..80]), Err(WireError::Truncated));
+    }
+
+    #[test]
+    fn message_size_limits() {
+        let big = ControlMessage::DnsAnswer {
+            id: 1,
+            message: vec![0; MAX_TUNNEL_MESSAGE - 5],
+        };
+        let mut out = Vec::new();
+        big.encode(&mut out).unwrap();
+        // A relay's decoder refuses it; a tunnel's takes it.
+        let mut d = ControlDecoder::default();
+        d.push(&out);
+        assert!(matches!(
+            d.next_message(),
+            Some(Err(WireError::TooLarge(_)))
+        ));
+        let mut d = ControlDecoder::with_limit(MAX_TUNNEL_MESSAGE);
+        d.push(&out);
+        assert_eq!(d.next_message(), Some(Ok(big)));
+        let too_big = ControlMessage::DnsAnswer {
+            id: 1,
+            message: vec![0; MAX_TUNNEL_MESSAGE],
+        };
+        let mut out = Vec::new();
+        assert!(too_big.encode(&mut out).is_err());
+        assert!(out.is_empty());
     }
 
     #[test]
@@ -365,6 +628,7 @@ mod tests {
         fn parsers_never_panic(b in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = Datagram::parse(&b);
             let _ = ControlMessage::parse(&b);
+            let _ = Punch::parse(&b);
             let mut d = ControlDecoder::default();
             d.push(&b);
             while let Some(Ok(_)) = d.next_message() {}

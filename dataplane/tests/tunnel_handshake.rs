@@ -8,6 +8,7 @@ use std::time::Duration;
 use sluice_dataplane::identity::{self, OffsetDateTime, PeerId, PemPair, Role};
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
+use sluice_dataplane::wire::ControlMessage;
 
 fn params() -> QuicParams {
     QuicParams {
@@ -15,7 +16,7 @@ fn params() -> QuicParams {
         max_udp_payload: 1350,
         idle_timeout_ms: 5_000,
         dgram_queue: 64,
-        streams: false,
+        streams: true,
     }
 }
 
@@ -165,6 +166,23 @@ fn tunnel_comes_up_and_carries_ip_packets() {
     assert!(p.agent.max_ip_len().unwrap() >= 1280);
     let mut big = vec![0u8; 1 + p.agent.max_ip_len().unwrap() + 1];
     assert!(p.agent.send_ip(&mut big).is_err());
+
+    // Messages ride the tunnel's stream, reliably and whole, however large (a DNS answer can
+    // be 64 KiB): the agent's query opens the stream, the connector answers on it.
+    let query = ControlMessage::DnsQuery {
+        id: 1,
+        message: vec![7; 300],
+    };
+    p.agent.send_message(&query).unwrap();
+    pump(&mut p);
+    assert_eq!(events(&mut p.conn), vec![TunnelEvent::Message(query)]);
+    let answer = ControlMessage::DnsAnswer {
+        id: 1,
+        message: (0..60_000u32).map(|i| i as u8).collect(),
+    };
+    p.conn.send_message(&answer).unwrap();
+    pump(&mut p);
+    assert_eq!(events(&mut p.agent), vec![TunnelEvent::Message(answer)]);
 }
 
 #[test]

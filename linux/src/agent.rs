@@ -3,7 +3,7 @@
 //! One task owns everything (TUN, UDP socket, control link, tunnels), so packets of a flow keep
 //! their order and no locks sit on the packet path.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,8 +17,9 @@ use sluice_dataplane::packet::{self, Unreachable};
 use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls;
 use sluice_dataplane::tunnel::{Tunnel, TunnelError, TunnelEvent, VirtualPaths};
-use sluice_dataplane::wire::{named_ip_overhead, TUNNEL_IP_OVERHEAD};
+use sluice_dataplane::wire::{named_ip_overhead, ControlMessage, TUNNEL_IP_OVERHEAD};
 use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
 use tun_rs::AsyncDevice;
 
 use sluice_policy::cache::FlowCache;
@@ -27,7 +28,7 @@ use sluice_policy::Subject;
 
 use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, AgentConfig};
-use crate::dns::{self, DnsState, SharedDns};
+use crate::dns::{self, ConnectorQuery, ConnectorReply, DnsState, FlowKey, SharedDns};
 use crate::node::{self, ControlLink};
 use crate::{resolvconf, tun, AgentArgs};
 
@@ -43,6 +44,8 @@ const LOOKUP_RETRY: Duration = Duration::from_secs(2);
 const FLOW_CACHE: usize = 65_536;
 /// How often the policy file is checked for changes.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
+/// DNS queries held per connector while its tunnel comes up.
+const DNS_QUEUE_MAX: usize = 64;
 
 /// Sends one IP packet (in `buf[TUNNEL_IP_OVERHEAD..]`) into the tunnel; a packet to a
 /// synthetic address goes with the hostname it stands for, copied behind it in `scratch`.
@@ -79,9 +82,6 @@ fn networks(p: &sluice_policy::Policy) -> Vec<IpNet> {
     v.dedup();
     v
 }
-
-/// A flow as the agent caches decisions: source, destination, protocol, ports (ICMP: echo id).
-type FlowKey = (std::net::IpAddr, std::net::IpAddr, u8, u16, u16);
 
 pub fn run(args: AgentArgs) -> Result<()> {
     let origin = args.config.display().to_string();
@@ -124,6 +124,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         let dns_state: SharedDns = Arc::new(Mutex::new(DnsState {
             pool,
             policy: watcher.policy().clone(),
+            flows: Default::default(),
         }));
         let dns_addr = SocketAddr::new(cfg.tun.ipv4.addr().into(), 53);
         if cfg.dns.configure_system {
@@ -150,7 +151,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
         } else {
             None
         };
-        let dns_server = dns::serve(dns_addr, dns_state.clone(), upstreams);
+        let (ask_tx, ask_rx) = mpsc::channel(256);
+        let dns_server = dns::serve(dns_addr, dns_state.clone(), upstreams, ask_tx);
         let socket =
             node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
         let local = socket.local_addr()?;
@@ -197,9 +199,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
             named_buf: Vec::with_capacity(2048),
             pool_nets: (cfg.dns.pool_v4.trunc(), cfg.dns.pool_v6.trunc()),
             next_reload_check: Instant::now() + RELOAD_EVERY,
+            dns_pending: HashMap::new(),
+            next_dns_id: 0,
         };
         tokio::select! {
-            r = agent.run(&dev, &socket) => r,
+            r = agent.run(&dev, &socket, ask_rx) => r,
             r = dns_server => r,
             _ = node::shutdown_signal() => {
                 tracing::info!("agent: shutting down ({})", agent.stats_line());
@@ -215,8 +219,17 @@ struct Slot {
     lookup_sent: Option<Instant>,
     /// Packets (with the tunnel header's headroom) and the hostname each is addressed to.
     queue: VecDeque<(Option<Arc<str>>, Vec<u8>)>,
+    /// DNS queries for the connector, held while its tunnel comes up.
+    dns_queue: Vec<ControlMessage>,
     unavailable_until: Option<Instant>,
     next_keepalive: Instant,
+}
+
+impl Slot {
+    /// Whether something waits for this connector's tunnel.
+    fn waiting(&self) -> bool {
+        !self.queue.is_empty() || !self.dns_queue.is_empty()
+    }
 }
 
 #[derive(Default)]
@@ -257,6 +270,9 @@ struct Agent {
     /// The synthetic pools, to tell without a lock whether a packet goes to a name.
     pool_nets: (ipnet::Ipv4Net, ipnet::Ipv6Net),
     next_reload_check: Instant,
+    /// DNS queries sent to connectors, by request id, and where their answers go.
+    dns_pending: HashMap<u32, oneshot::Sender<ConnectorReply>>,
+    next_dns_id: u32,
 }
 
 impl Agent {
@@ -268,7 +284,12 @@ impl Agent {
         )
     }
 
-    async fn run(&mut self, dev: &AsyncDevice, socket: &UdpSocket) -> Result<()> {
+    async fn run(
+        &mut self,
+        dev: &AsyncDevice,
+        socket: &UdpSocket,
+        mut asks: mpsc::Receiver<ConnectorQuery>,
+    ) -> Result<()> {
         let mut udp_buf = vec![0u8; 65_536];
         let mut tun_buf = vec![0u8; 65_536];
         let mut to_tun: Vec<Vec<u8>> = Vec::new();
@@ -299,6 +320,7 @@ impl Agent {
                         self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
                     }
                 }
+                Some(q) = asks.recv() => self.on_connector_query(q, Instant::now()),
                 _ = &mut timer => self.on_timeout(Instant::now(), &mut to_tun),
             }
             self.on_control_events(&mut to_tun);
@@ -332,6 +354,12 @@ impl Agent {
         if now >= self.next_reload_check {
             self.next_reload_check = now + RELOAD_EVERY;
             self.check_reload();
+            // Queries whose asker gave up (it timed out) need no answer.
+            self.dns_pending.retain(|_, tx| !tx.is_closed());
+            if let Ok(mut st) = self.dns.lock() {
+                let st = &mut *st;
+                st.flows.sweep(&mut st.pool, now_unix().max(0) as u64);
+            }
         }
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
@@ -347,7 +375,7 @@ impl Agent {
                 }
             }
             if slot.tunnel.is_none()
-                && !slot.queue.is_empty()
+                && slot.waiting()
                 && slot
                     .lookup_sent
                     .is_none_or(|t| now.duration_since(t) > LOOKUP_RETRY)
@@ -488,6 +516,8 @@ impl Agent {
             }
             return None;
         };
+        let sport = info.echo.map_or(info.src_port, |e| e.id);
+        let key: FlowKey = (info.src, info.dst, info.proto, sport, info.dst_port);
         // A synthetic address stands for the hostname it was handed out for.
         // Only packets to the synthetic pools take the lock the DNS server shares.
         let synthetic = match info.dst {
@@ -495,7 +525,7 @@ impl Agent {
             std::net::IpAddr::V6(a) => self.pool_nets.1.contains(&a),
         };
         let name: Option<Arc<str>> = if synthetic {
-            match self.synthetic_name(info.dst) {
+            match self.synthetic_name(info, key) {
                 Some(n) => Some(n),
                 None => {
                     // An address no name holds (the pool recycled it, or it was never given).
@@ -509,8 +539,6 @@ impl Agent {
             None
         };
         flow.hostname = name.as_deref();
-        let sport = info.echo.map_or(info.src_port, |e| e.id);
-        let key: FlowKey = (info.src, info.dst, info.proto, sport, info.dst_port);
         let now = now_unix();
         let generation = self.watcher.generation();
         let d = match self.flows.get(&key, generation, now) {
@@ -566,12 +594,56 @@ impl Agent {
         i
     }
 
-    /// The hostname a synthetic address stands for, marking the name as in use.
-    fn synthetic_name(&self, ip: std::net::IpAddr) -> Option<Arc<str>> {
+    /// The hostname a packet's synthetic destination stands for; the packet's flow keeps the
+    /// name's addresses in use.
+    fn synthetic_name(&self, info: &packet::PacketInfo, key: FlowKey) -> Option<Arc<str>> {
         let mut st = self.dns.lock().ok()?;
-        let name = st.pool.shared_name_of(ip)?;
-        st.pool.touch(ip, now_unix().max(0) as u64);
+        let st = &mut *st;
+        let name = st.pool.shared_name_of(info.dst)?;
+        let now = now_unix().max(0) as u64;
+        st.flows
+            .packet(&mut st.pool, key, info.dst, info.proto, info.tcp, now);
         Some(name)
+    }
+
+    /// A query for a resource name's records other than A/AAAA: sent to the connector serving
+    /// the name, if this user may see them.
+    fn on_connector_query(&mut self, q: ConnectorQuery, now: Instant) {
+        let policy = self.watcher.policy().clone();
+        let Some(r) = policy.name_allowed(&self.subject, &q.name, now_unix(), None) else {
+            let _ = q.reply.send(ConnectorReply::Hidden);
+            return;
+        };
+        let i = self.slot_of_resource(r);
+        self.next_dns_id = self.next_dns_id.wrapping_add(1);
+        let id = self.next_dns_id;
+        let msg = ControlMessage::DnsQuery {
+            id,
+            message: q.query,
+        };
+        let slot = &mut self.slots[i];
+        if let Some(t) = slot.tunnel.as_mut().filter(|t| t.is_up()) {
+            if let Err(e) = t.send_message(&msg) {
+                tracing::debug!("tunnel to {}: cannot send a DNS query: {e}", slot.name);
+                let _ = q.reply.send(ConnectorReply::Unavailable);
+                return;
+            }
+        } else if slot.unavailable_until.is_some_and(|u| now < u)
+            || slot.dns_queue.len() >= DNS_QUEUE_MAX
+        {
+            let _ = q.reply.send(ConnectorReply::Unavailable);
+            return;
+        } else {
+            slot.dns_queue.push(msg);
+            if slot.tunnel.is_none()
+                && slot
+                    .lookup_sent
+                    .is_none_or(|t| now.duration_since(t) > LOOKUP_RETRY)
+            {
+                self.start_lookup(i, now);
+            }
+        }
+        self.dns_pending.insert(id, q.reply);
     }
 
     fn slot_index(&mut self, connector: &str) -> usize {
@@ -583,6 +655,7 @@ impl Agent {
             tunnel: None,
             lookup_sent: None,
             queue: VecDeque::new(),
+            dns_queue: Vec::new(),
             unavailable_until: None,
             next_keepalive: Instant::now(),
         });
@@ -644,7 +717,7 @@ impl Agent {
             match ev {
                 ControlEvent::Connected { .. } => {
                     for i in 0..self.slots.len() {
-                        if self.slots[i].tunnel.is_none() && !self.slots[i].queue.is_empty() {
+                        if self.slots[i].tunnel.is_none() && self.slots[i].waiting() {
                             self.start_lookup(i, now);
                         }
                     }
@@ -661,6 +734,13 @@ impl Agent {
                                 tracing::warn!("connector {name:?} is not connected to the relay");
                                 let slot = &mut self.slots[i];
                                 slot.unavailable_until = Some(now + UNAVAILABLE_FOR);
+                                for m in slot.dns_queue.drain(..) {
+                                    if let ControlMessage::DnsQuery { id, .. } = m {
+                                        if let Some(tx) = self.dns_pending.remove(&id) {
+                                            let _ = tx.send(ConnectorReply::Unavailable);
+                                        }
+                                    }
+                                }
                                 for (_, p) in slot.queue.drain(..) {
                                     let ip = &p[TUNNEL_IP_OVERHEAD..];
                                     if let Ok(info) = packet::inspect(ip) {
@@ -714,6 +794,22 @@ impl Agent {
                             self.stats.dropped += 1;
                         }
                     }
+                    for m in slot.dns_queue.drain(..) {
+                        if let Err(e) = t.send_message(&m) {
+                            tracing::debug!(
+                                "tunnel to {}: cannot send a DNS query: {e}",
+                                slot.name
+                            );
+                        }
+                    }
+                }
+                TunnelEvent::Message(ControlMessage::DnsAnswer { id, message }) => {
+                    if let Some(tx) = self.dns_pending.remove(&id) {
+                        let _ = tx.send(ConnectorReply::Answer(message));
+                    }
+                }
+                TunnelEvent::Message(other) => {
+                    tracing::debug!("tunnel to {}: unexpected message {other:?}", slot.name);
                 }
                 TunnelEvent::Closed(why) => {
                     tracing::warn!("tunnel to connector {:?} closed: {why}", slot.name);

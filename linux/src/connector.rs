@@ -10,7 +10,7 @@ use sluice_dataplane::identity::{PeerId, Role};
 use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls;
 use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
-use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;
+use sluice_dataplane::wire::{ControlMessage, TUNNEL_IP_OVERHEAD};
 use sluice_netstack::splice::{FlowMsg, Splicer};
 use sluice_netstack::stack::{Limits, Stack};
 use tokio::net::UdpSocket;
@@ -23,6 +23,7 @@ use sluice_policy::{Flow, Policy, Proto, Subject};
 use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, ConnectorConfig};
 use crate::node::{self, ControlLink};
+use crate::remote_dns;
 use crate::ConnectorArgs;
 
 pub fn run(args: ConnectorArgs) -> Result<()> {
@@ -67,7 +68,8 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
                 None
             }
         };
-        let (splicer, flow_rx) = Splicer::new(limits.dial_timeout, resolver);
+        let (splicer, flow_rx) = Splicer::new(limits.dial_timeout, resolver.clone());
+        let (dns_done, dns_rx) = mpsc::channel(256);
         let mut c = Connector {
             link,
             tunnel_cfg,
@@ -82,9 +84,11 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             watcher,
             audit,
             next_reload_check: Instant::now() + RELOAD_EVERY,
+            resolver,
+            dns_done,
         };
         tokio::select! {
-            r = c.run(&socket, flow_rx) => r,
+            r = c.run(&socket, flow_rx, dns_rx) => r,
             _ = node::shutdown_signal() => {
                 tracing::info!("connector: shutting down with {} agent(s), {} flow(s)", c.sessions.len(), c.splicer.flow_count());
                 Ok(())
@@ -104,6 +108,8 @@ struct Session {
     subject: Option<Subject>,
     /// The agent's peer id in short form: the audit log's device.
     device: String,
+    /// DNS lookups running for this agent.
+    dns_in_flight: usize,
 }
 
 /// The connector's policy check of a new (or re-checked) flow of one agent.
@@ -165,6 +171,8 @@ struct Connector {
     watcher: PolicyWatcher,
     audit: AuditSink,
     next_reload_check: Instant,
+    resolver: Option<std::sync::Arc<hickory_resolver::TokioResolver>>,
+    dns_done: mpsc::Sender<remote_dns::Done>,
 }
 
 impl Connector {
@@ -172,6 +180,7 @@ impl Connector {
         &mut self,
         socket: &UdpSocket,
         mut flow_rx: mpsc::Receiver<(PeerId, FlowMsg)>,
+        mut dns_rx: mpsc::Receiver<remote_dns::Done>,
     ) -> Result<()> {
         let mut udp_buf = vec![0u8; 65_536];
         let wake = self.splicer.wake.clone();
@@ -197,6 +206,15 @@ impl Connector {
                     self.on_flow_msg(peer, msg);
                     while let Ok((peer, msg)) = flow_rx.try_recv() {
                         self.on_flow_msg(peer, msg);
+                    }
+                }
+                Some((peer, id, answer)) = dns_rx.recv() => {
+                    if let Some(s) = self.sessions.get_mut(&peer) {
+                        s.dns_in_flight = s.dns_in_flight.saturating_sub(1);
+                        let msg = ControlMessage::DnsAnswer { id, message: answer };
+                        if let Err(e) = s.tunnel.send_message(&msg) {
+                            tracing::debug!("to agent peer {}: cannot answer DNS: {e}", peer.short());
+                        }
                     }
                 }
                 _ = wake.notified() => {}
@@ -284,6 +302,7 @@ impl Connector {
                             next_keepalive: Instant::now() + node::TUNNEL_KEEPALIVE,
                             subject: None,
                             device: peer.short(),
+                            dns_in_flight: 0,
                         },
                     );
                 }
@@ -344,6 +363,35 @@ impl Connector {
                     ),
                     TunnelEvent::Closed(why) => {
                         tracing::info!("tunnel from agent peer {} closed: {why}", peer.short())
+                    }
+                    TunnelEvent::Message(ControlMessage::DnsQuery { id, message }) => {
+                        let q = remote_dns::Query {
+                            policy: self.watcher.policy(),
+                            subject: s.subject.as_ref(),
+                            me: &self.me,
+                            peer: *peer,
+                            id,
+                            now: now_unix(),
+                        };
+                        let started = remote_dns::start(
+                            q,
+                            message,
+                            self.resolver.as_ref(),
+                            &mut s.dns_in_flight,
+                            &self.dns_done,
+                        );
+                        if let remote_dns::Outcome::Answer(a) = started {
+                            let msg = ControlMessage::DnsAnswer { id, message: a };
+                            if let Err(e) = s.tunnel.send_message(&msg) {
+                                tracing::debug!(
+                                    "to agent peer {}: cannot answer DNS: {e}",
+                                    peer.short()
+                                );
+                            }
+                        }
+                    }
+                    TunnelEvent::Message(other) => {
+                        tracing::debug!("agent peer {}: unexpected message {other:?}", peer.short())
                     }
                 }
             }

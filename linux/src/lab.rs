@@ -421,6 +421,17 @@ fn start_services(lab: &Lab) -> Result<()> {
             format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR}"),
             format!("--address=/wiki.{CORP_ZONE}/{SVC_ADDR6}"),
             format!("--address=/app.dev.{CORP_ZONE}/{SVC_ADDR}"),
+            // Records the agent cannot synthesize: the connector resolves them here.
+            format!("--txt-record=wiki.{CORP_ZONE},team=docs"),
+            format!("--mx-host=wiki.{CORP_ZONE},mail.{CORP_ZONE},10"),
+            format!("--srv-host=_http._tcp.wiki.{CORP_ZONE},wiki.{CORP_ZONE},80,0,0"),
+            // Larger than a classic 512-byte UDP answer: clients must retry over TCP.
+            format!(
+                "--txt-record=big.{CORP_ZONE},{},{},{}",
+                "a".repeat(250),
+                "b".repeat(250),
+                "c".repeat(250)
+            ),
         ],
     )?;
     dnsmasq(

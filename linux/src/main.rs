@@ -10,6 +10,7 @@ mod lab;
 mod node;
 mod policy_cmd;
 mod relay;
+mod remote_dns;
 mod resolvconf;
 mod tun;
 

@@ -49,7 +49,7 @@ pub fn tunnel_params() -> QuicParams {
         max_udp_payload: TUNNEL_UDP_PAYLOAD,
         idle_timeout_ms: 120_000,
         dgram_queue: 8192,
-        streams: false,
+        streams: true,
     }
 }
 

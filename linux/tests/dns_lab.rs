@@ -76,6 +76,38 @@ fn resource_names_get_synthetic_addresses_and_reach_the_service() {
     );
 }
 
+/// Records the agent cannot make up (MX, TXT, SRV) come from the private zone, through the
+/// connector; an answer too large for UDP makes the client retry over TCP and arrives whole.
+#[test]
+fn other_record_types_of_resource_names_come_from_the_private_zone() {
+    require_root();
+    let lab = Lab::up("tdrr-");
+    assert_eq!(
+        short(&lab, &["MX", "wiki.corp.internal"]),
+        "10 mail.corp.internal."
+    );
+    assert_eq!(short(&lab, &["TXT", "wiki.corp.internal"]), "\"team=docs\"");
+    assert_eq!(
+        short(&lab, &["SRV", "_http._tcp.wiki.corp.internal"]),
+        "0 0 80 wiki.corp.internal."
+    );
+    // Without EDNS a client takes 512 bytes over UDP: dig gets TC, asks again over TCP.
+    let big = dig(&lab, &["+noedns", "TXT", "big.corp.internal"]);
+    assert!(big.contains("Truncated, retrying in TCP mode"), "{big}");
+    for c in ["a", "b", "c"] {
+        assert!(big.contains(&c.repeat(250)), "{big}");
+    }
+    // A name the zone does not have.
+    let nx = dig(&lab, &["MX", "nothere.corp.internal"]);
+    assert!(nx.contains("status: NXDOMAIN"), "{nx}");
+    // HTTPS records would carry the real servers' address hints: none are given.
+    let https = dig(&lab, &["HTTPS", "wiki.corp.internal"]);
+    assert!(
+        https.contains("status: NOERROR") && https.contains("ANSWER: 0"),
+        "{https}"
+    );
+}
+
 #[test]
 fn other_names_are_answered_by_the_upstream_unchanged() {
     require_root();

@@ -305,17 +305,9 @@ impl Policy {
     /// Whether some resource names `host` (exactly or under a wildcard domain): the agent answers
     /// DNS for such names itself. `host` is lowercase, without the trailing dot.
     pub fn has_hostname(&self, host: &str) -> bool {
-        if self.names.contains_key(host) {
-            return true;
-        }
-        let mut rest = host;
-        while let Some(i) = rest.find('.') {
-            rest = &rest[i + 1..];
-            if self.wildcards.contains_key(rest) {
-                return true;
-            }
-        }
-        false
+        let mut found = false;
+        self.for_each_named(host, |_| found = true);
+        found
     }
 
     /// Calls `f` for each resource whose addresses and ports match the flow.
@@ -345,17 +337,57 @@ impl Policy {
             } else {
                 host
             };
-            if let Some(rs) = self.names.get(host) {
-                rs.iter().for_each(|r| check(*r));
-            }
-            let mut rest = host;
-            while let Some(i) = rest.find('.') {
-                rest = &rest[i + 1..];
-                if let Some(rs) = self.wildcards.get(rest) {
-                    rs.iter().for_each(|r| check(*r));
-                }
+            self.for_each_named(host, check);
+        }
+    }
+
+    /// Calls `f` for each resource that names `host` (exactly or under a wildcard domain),
+    /// whatever its ports. `host` is lowercase, without the trailing dot.
+    fn for_each_named(&self, host: &str, mut f: impl FnMut(ResourceId)) {
+        if let Some(rs) = self.names.get(host) {
+            rs.iter().for_each(|r| f(*r));
+        }
+        let mut rest = host;
+        while let Some(i) = rest.find('.') {
+            rest = &rest[i + 1..];
+            if let Some(rs) = self.wildcards.get(rest) {
+                rs.iter().for_each(|r| f(*r));
             }
         }
+    }
+
+    /// The resource through which `subject` may see the DNS records of `host` (other than the
+    /// synthetic A/AAAA): one naming it with an unexpired allow rule for the subject, on any
+    /// port, served by `connector` when given. Records of a private zone are private data, so
+    /// they follow the allow rules; deny rules act on flows (a deny on some ports does not hide
+    /// a name). `host` is lowercase, without the trailing dot.
+    pub fn name_allowed(
+        &self,
+        subject: &Subject,
+        host: &str,
+        now: i64,
+        connector: Option<&str>,
+    ) -> Option<ResourceId> {
+        let mut best: Option<(RuleId, ResourceId)> = None;
+        self.for_each_named(host, |r| {
+            if connector.is_some_and(|c| self.resources[r as usize].connector != c) {
+                return;
+            }
+            for p in &subject.principals {
+                let Some(rules) = self.allow[r as usize].get(p) else {
+                    continue;
+                };
+                let live = rules
+                    .iter()
+                    .find(|&&rule| self.rules[rule as usize].expires.is_none_or(|e| e > now));
+                if let Some(&rule) = live {
+                    if best.is_none_or(|(b, _)| rule < b) {
+                        best = Some((rule, r));
+                    }
+                }
+            }
+        });
+        best.map(|(_, r)| r)
     }
 
     /// Decides a flow for a subject at `now` (Unix seconds).

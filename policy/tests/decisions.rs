@@ -497,3 +497,34 @@ fn hostnames_match_case_insensitively() {
     ];
     run(&p, &at_now(rows));
 }
+
+/// The DNS records of a resource name (other than the agent's synthetic A/AAAA) are visible to
+/// those an allow rule lets reach it, through the connector that serves it.
+#[test]
+fn name_records_follow_allow_rules() {
+    let p = policy();
+    let seen = |user: &str, host: &str, conn: Option<&str>| {
+        p.name_allowed(&p.subject(user, &[]), host, NOW, conn)
+            .map(|r| p.resource(r).name.clone())
+    };
+    assert_eq!(seen("bob", "git.example.com", None).as_deref(), Some("git"));
+    assert_eq!(
+        seen("bob", "git.example.com", Some("conn-2")).as_deref(),
+        Some("git")
+    );
+    // Served elsewhere, or not allowed, or not a resource: hidden.
+    assert_eq!(seen("bob", "git.example.com", Some("conn-1")), None);
+    assert_eq!(seen("mallory", "git.example.com", None), None);
+    assert_eq!(seen("bob", "www.example.org", None), None);
+    // Under a wildcard, but not the domain itself.
+    assert_eq!(
+        seen("dave", "wiki.corp.example", None).as_deref(),
+        Some("corp-sites")
+    );
+    assert_eq!(seen("dave", "corp.example", None), None);
+    // Allowed as a user rather than through a group.
+    assert_eq!(
+        seen("erin", "payroll.example.com", None).as_deref(),
+        Some("payroll")
+    );
+}

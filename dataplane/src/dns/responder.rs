@@ -12,7 +12,7 @@ use crate::dns::pool::SyntheticPool;
 /// after its name lost it.
 pub const SYNTHETIC_TTL: u32 = 10;
 /// The UDP payload we advertise in EDNS answers (the DNS flag day value).
-const EDNS_PAYLOAD: u16 = 1232;
+pub(crate) const EDNS_PAYLOAD: u16 = 1232;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
@@ -20,6 +20,9 @@ pub enum Reply {
     Answer(Vec<u8>),
     /// Not a resource name: pass the query to the upstream resolver and its answer back.
     Forward,
+    /// A resource name's records other than A/AAAA (MX, TXT, SRV, ...): the connector serving
+    /// it resolves them in its network (see [`crate::dns::records`]).
+    AskConnector { name: String },
     /// Not a DNS message we can even answer with an error.
     Drop,
 }
@@ -93,8 +96,10 @@ pub fn respond(
             // Every synthetic address belongs to a name with live flows.
             None => resp.metadata.response_code = ResponseCode::ServFail,
         },
-        // Other types of a resource name: the name exists, with no records of that type here.
-        _ => {}
+        // HTTPS/SVCB records carry address hints and ECH keys of the real servers: an app
+        // using the hints would bypass the synthetic address (unrouted), so the name has none.
+        RecordType::HTTPS | RecordType::SVCB | RecordType::ANY => {}
+        _ => return Reply::AskConnector { name },
     }
     match resp.to_vec() {
         Ok(v) => Reply::Answer(v),
@@ -161,9 +166,21 @@ mod tests {
         };
         assert_eq!(p.name_of(v6.into()), Some("wiki.corp.internal"));
 
-        // Other types: an empty answer, not an error.
+        // Other types come from the connector's network.
+        assert_eq!(
+            respond(
+                &query("wiki.corp.internal.", RecordType::MX),
+                &mut p,
+                corp,
+                3
+            ),
+            Reply::AskConnector {
+                name: "wiki.corp.internal".into()
+            }
+        );
+        // HTTPS: no records (their address hints would bypass the tunnel).
         let Reply::Answer(a) = respond(
-            &query("wiki.corp.internal.", RecordType::MX),
+            &query("wiki.corp.internal.", RecordType::HTTPS),
             &mut p,
             corp,
             3,
