@@ -122,7 +122,7 @@ pub fn gather(interface_ips: &[IpAddr], port: u16, observed: Option<SocketAddr>)
             });
         }
     }
-    v.sort_by(|a, b| b.priority.cmp(&a.priority));
+    v.sort_by_key(|c| std::cmp::Reverse(c.priority));
     v
 }
 
