@@ -4,3 +4,4 @@
 //! open are the ones the tunnel then uses.
 
 pub mod candidate;
+pub mod traversal;
