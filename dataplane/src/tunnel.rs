@@ -76,6 +76,10 @@ pub enum TunnelEvent {
     Up(Identity),
     /// A message from the peer on the tunnel's message stream.
     Message(ControlMessage),
+    /// The connection now runs over this path (after a migration).
+    PathChanged(Path),
+    /// (Agent) QUIC could not validate the direct path to this address.
+    DirectFailed(SocketAddr),
     Closed(String),
 }
 
@@ -91,6 +95,14 @@ pub enum TunnelError {
     Wire(#[from] WireError),
 }
 
+/// The path a tunnel's packets take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    Relay,
+    /// Plain UDP to the peer at this address.
+    Direct(SocketAddr),
+}
+
 pub struct Tunnel {
     conn: quiche::Connection,
     peer: PeerId,
@@ -100,6 +112,7 @@ pub struct Tunnel {
     closed_reported: bool,
     events: VecDeque<TunnelEvent>,
     stream: MessageStream,
+    path: Path,
 }
 
 fn random_cid() -> [u8; quiche::MAX_CONN_ID_LEN] {
@@ -159,6 +172,7 @@ impl Tunnel {
             closed_reported: false,
             events: VecDeque::new(),
             stream: MessageStream::new(TUNNEL_STREAM, MAX_TUNNEL_MESSAGE),
+            path: Path::Relay,
         }
     }
 
@@ -194,6 +208,96 @@ impl Tunnel {
             tracing::debug!("tunnel {}: dropped a packet: {e}", self.peer.short());
         }
         self.after_io_impl();
+    }
+
+    /// Feeds one QUIC packet that arrived directly from the peer at `from` on our socket's
+    /// `local` address.
+    pub fn recv_direct(&mut self, pkt: &mut [u8], from: SocketAddr, local: SocketAddr) {
+        let info = quiche::RecvInfo { from, to: local };
+        if let Err(e) = self.conn.recv(pkt, info) {
+            tracing::debug!("tunnel {}: dropped a direct packet: {e}", self.peer.short());
+        }
+        self.after_io_impl();
+    }
+
+    /// The path in use.
+    pub fn path(&self) -> Path {
+        self.path
+    }
+
+    /// (Agent) asks QUIC to validate the direct path from our `local` address to `peer`; once
+    /// validated the connection migrates to it ([`TunnelEvent::PathChanged`]).
+    pub fn probe_direct(&mut self, local: SocketAddr, peer: SocketAddr) -> Result<(), TunnelError> {
+        self.conn.probe_path(local, peer)?;
+        Ok(())
+    }
+
+    /// (Agent) moves the connection back onto the relay (the direct path stopped working).
+    pub fn use_relay(&mut self) -> Result<(), TunnelError> {
+        if self.path != Path::Relay {
+            self.conn.migrate(RELAY_PATH_LOCAL, self.relay_path)?;
+            self.path = Path::Relay;
+            self.events.push_back(TunnelEvent::PathChanged(Path::Relay));
+        }
+        Ok(())
+    }
+
+    /// Connection ids of ours the peer may use: a direct packet's destination id is one of
+    /// them (the connector demultiplexes direct packets by them).
+    pub fn source_cids(&self) -> Vec<Vec<u8>> {
+        self.conn.source_ids().map(|c| c.to_vec()).collect()
+    }
+
+    /// Gives the peer spare connection ids: a new path needs one each way.
+    fn issue_spare_cids(&mut self) {
+        while self.conn.scids_left() > 0 {
+            let cid = random_cid();
+            let token = rand::random::<u128>();
+            if self
+                .conn
+                .new_scid(&quiche::ConnectionId::from_ref(&cid), token, false)
+                .is_err()
+            {
+                break;
+            }
+        }
+    }
+
+    fn on_path_events(&mut self) {
+        while let Some(ev) = self.conn.path_event_next() {
+            match ev {
+                quiche::PathEvent::Validated(local, peer) if peer != self.relay_path => {
+                    if self.conn.is_server() {
+                        continue;
+                    }
+                    match self.conn.migrate(local, peer) {
+                        Ok(_) => {
+                            self.path = Path::Direct(peer);
+                            self.events.push_back(TunnelEvent::PathChanged(self.path));
+                        }
+                        Err(e) => {
+                            tracing::debug!(
+                                "tunnel {}: cannot migrate to {peer}: {e}",
+                                self.peer.short()
+                            );
+                            self.events.push_back(TunnelEvent::DirectFailed(peer));
+                        }
+                    }
+                }
+                quiche::PathEvent::FailedValidation(_, peer) if peer != self.relay_path => {
+                    self.events.push_back(TunnelEvent::DirectFailed(peer));
+                }
+                quiche::PathEvent::PeerMigrated(_, peer) => {
+                    self.path = if peer == self.relay_path {
+                        Path::Relay
+                    } else {
+                        Path::Direct(peer)
+                    };
+                    self.events.push_back(TunnelEvent::PathChanged(self.path));
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Writes the next QUIC packet into `out`: its length and whether it goes over the relay
@@ -311,6 +415,8 @@ impl Tunnel {
             self.check_identity();
         }
         if self.remote.is_some() {
+            self.issue_spare_cids();
+            self.on_path_events();
             self.stream.flush(&mut self.conn);
             self.stream.read(&mut self.conn);
             while let Some(m) = self.stream.next_message() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sluice_dataplane::identity::{self, OffsetDateTime, PeerId, PemPair, Role};
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
-use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
+use sluice_dataplane::tunnel::{Path, Tunnel, TunnelEvent, VirtualPaths};
 use sluice_dataplane::wire::ControlMessage;
 
 fn params() -> QuicParams {
@@ -301,4 +301,131 @@ fn wrong_name_or_key_is_refused_after_the_handshake() {
     assert!(!p.agent.is_up());
     let why = closed_reason(&events(&mut p.agent)).expect("agent closed");
     assert!(why.contains("peer id mismatch"), "{why}");
+}
+
+/// The agent's socket address and the connector's, for direct packets in memory.
+const A_LOCAL: &str = "192.0.2.10:5000";
+const C_LOCAL: &str = "192.0.2.20:6000";
+
+/// Like [`pump`], with direct packets delivered between the two local addresses unless
+/// `direct_up` is false (a NAT dropping them).
+fn pump_paths(p: &mut Pair, direct_up: bool) -> (usize, usize) {
+    let (a, c): (std::net::SocketAddr, std::net::SocketAddr) =
+        (A_LOCAL.parse().unwrap(), C_LOCAL.parse().unwrap());
+    let (mut relayed, mut direct) = (0, 0);
+    let mut buf = vec![0u8; 2048];
+    for _ in 0..200 {
+        let mut moved = false;
+        while let Some((n, to)) = p.agent.send(&mut buf) {
+            moved = true;
+            match to {
+                None => {
+                    relayed += 1;
+                    p.conn.recv_relayed(&mut buf[..n]);
+                }
+                Some(to) => {
+                    direct += 1;
+                    if direct_up && to == c {
+                        p.conn.recv_direct(&mut buf[..n], a, c);
+                    }
+                }
+            }
+        }
+        while let Some((n, to)) = p.conn.send(&mut buf) {
+            moved = true;
+            match to {
+                None => {
+                    relayed += 1;
+                    p.agent.recv_relayed(&mut buf[..n]);
+                }
+                Some(to) => {
+                    direct += 1;
+                    if direct_up && to == a {
+                        p.agent.recv_direct(&mut buf[..n], c, a);
+                    }
+                }
+            }
+        }
+        if !moved {
+            break;
+        }
+    }
+    (relayed, direct)
+}
+
+fn path_events(t: &mut Tunnel) -> Vec<TunnelEvent> {
+    events(t)
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e,
+                TunnelEvent::PathChanged(_) | TunnelEvent::DirectFailed(_)
+            )
+        })
+        .collect()
+}
+
+/// The one connection moves from the relay to a direct path once QUIC validated it, carries
+/// packets there only, and moves back to the relay on demand; datagrams flow all along.
+#[test]
+fn the_connection_migrates_to_a_direct_path_and_back() {
+    let d = Dir::new("migrate");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &[], day()).unwrap(),
+        "alice",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair(&agent, &conn, "conn-1", None);
+    pump(&mut p);
+    assert!(p.agent.is_up() && p.conn.is_up());
+    events(&mut p.agent);
+    events(&mut p.conn);
+    assert_eq!(p.agent.path(), Path::Relay);
+
+    let (a, c) = (A_LOCAL.parse().unwrap(), C_LOCAL.parse().unwrap());
+    p.agent.probe_direct(a, c).unwrap();
+    pump_paths(&mut p, true);
+    assert_eq!(
+        path_events(&mut p.agent),
+        [TunnelEvent::PathChanged(Path::Direct(c))]
+    );
+    assert_eq!(p.agent.path(), Path::Direct(c));
+
+    let ip = [
+        0x45u8, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    let mut rx = [0u8; 2048];
+    for _ in 0..3 {
+        let mut buf = vec![0u8];
+        buf.extend_from_slice(&ip);
+        p.agent.send_ip(&mut buf).unwrap();
+        let (relayed, direct) = pump_paths(&mut p, true);
+        assert_eq!(relayed, 0, "nothing goes over the relay once direct");
+        assert!(direct > 0);
+        let r = p.conn.recv_ip(&mut rx).expect("packet arrives directly");
+        assert_eq!(&rx[r.packet], &ip[..]);
+    }
+    // The connector saw the agent migrate.
+    assert_eq!(p.conn.path(), Path::Direct(a));
+
+    // Back to the relay (the direct path died): the same connection carries on.
+    p.agent.use_relay().unwrap();
+    let mut buf = vec![0u8];
+    buf.extend_from_slice(&ip);
+    p.agent.send_ip(&mut buf).unwrap();
+    let (relayed, _) = pump_paths(&mut p, false);
+    assert!(relayed > 0);
+    let r = p
+        .conn
+        .recv_ip(&mut rx)
+        .expect("packet arrives over the relay");
+    assert_eq!(&rx[r.packet], &ip[..]);
+    assert_eq!(p.conn.path(), Path::Relay);
+    assert!(p.agent.is_up() && p.conn.is_up());
 }

@@ -811,6 +811,12 @@ impl Agent {
                 TunnelEvent::Message(other) => {
                     tracing::debug!("tunnel to {}: unexpected message {other:?}", slot.name);
                 }
+                TunnelEvent::PathChanged(path) => {
+                    tracing::info!("tunnel to {}: now on path {path:?}", slot.name);
+                }
+                TunnelEvent::DirectFailed(addr) => {
+                    tracing::info!("tunnel to {}: direct path to {addr} failed", slot.name);
+                }
                 TunnelEvent::Closed(why) => {
                     tracing::warn!("tunnel to connector {:?} closed: {why}", slot.name);
                 }

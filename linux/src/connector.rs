@@ -393,6 +393,11 @@ impl Connector {
                     TunnelEvent::Message(other) => {
                         tracing::debug!("agent peer {}: unexpected message {other:?}", peer.short())
                     }
+                    TunnelEvent::PathChanged(path) => tracing::info!(
+                        "tunnel from agent peer {}: now on path {path:?}",
+                        peer.short()
+                    ),
+                    TunnelEvent::DirectFailed(_) => {}
                 }
             }
             if s.tunnel.is_closed() {
