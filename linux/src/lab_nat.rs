@@ -727,12 +727,19 @@ impl Report {
         l
     }
 
-    /// The evidence behind the line.
+    /// The evidence behind the line, two indented lines: which public address each responder
+    /// saw (responders that saw the same one grouped), and which unsolicited answers got in.
     pub fn detail(&self) -> String {
-        let seen: Vec<String> = self
-            .seen
+        let mut groups: Vec<(&str, Vec<&str>)> = Vec::new();
+        for s in &self.seen {
+            match groups.iter_mut().find(|(m, _)| *m == s.mapped) {
+                Some((_, to)) => to.push(&s.responder),
+                None => groups.push((&s.mapped, vec![&s.responder])),
+            }
+        }
+        let mapped: Vec<String> = groups
             .iter()
-            .map(|s| format!("{} at {}", s.mapped, s.responder))
+            .map(|(m, to)| format!("{m} to {}", to.join(", ")))
             .collect();
         let unsol: Vec<String> = self
             .unsolicited
@@ -740,10 +747,10 @@ impl Report {
             .map(|u| format!("{} {}", u.from, if u.let_in { "let in" } else { "dropped" }))
             .collect();
         format!(
-            "  {} ({}) seen as {}; unsolicited from {}",
+            "  mapped: {} in {} -> {}\n  unsolicited: {}",
             self.local,
             self.namespace,
-            seen.join(", "),
+            mapped.join("; "),
             unsol.join(", ")
         )
     }
@@ -910,6 +917,29 @@ mod tests {
             "agent NAT port-restricted: mapping endpoint-independent, filtering address-and-port-dependent"
         );
         assert!(r.translated);
+        assert_eq!(
+            r.detail(),
+            "  mapped: 10.0.1.10:40000 in sl-agent -> 192.0.2.11:40000 to 192.0.2.1:3478, 192.0.2.1:3479, 192.0.2.2:3478\n  unsolicited: 192.0.2.1:3479 dropped, 192.0.2.2:3478 dropped"
+        );
+        let sym = Observations {
+            seen: [
+                a("192.0.2.11:1111"),
+                a("192.0.2.11:2222"),
+                a("192.0.2.11:1111"),
+            ],
+            ..o.clone()
+        };
+        let r = Report::new(
+            Side::Agent,
+            Some(NatType::Symmetric),
+            "sl-agent".into(),
+            &sym,
+        );
+        assert!(
+            r.detail().contains("192.0.2.11:1111 to 192.0.2.1:3478, 192.0.2.2:3478; 192.0.2.11:2222 to 192.0.2.1:3479"),
+            "{}",
+            r.detail()
+        );
         let r = Report::new(Side::Agent, Some(NatType::FullCone), "sl-agent".into(), &o);
         assert_eq!(r.as_configured, Some(false));
         assert!(r.line().contains("NOT AS CONFIGURED"));
