@@ -245,7 +245,7 @@ pub fn build_router(lab: &Lab, side: Side, nat: NatType) -> Result<()> {
 pub fn ruleset(nat: NatType, host: &str) -> String {
     let dnat = matches!(nat, NatType::FullCone | NatType::AddressRestricted);
     let mut r = format!(
-        "# Written by `sluice lab up`: a {nat} NAT in front of {host}.\ntable ip sluice_nat {{\n"
+        "# Written by `sluice lab up`: NAT type {nat}, in front of {host}.\ntable ip sluice_nat {{\n"
     );
     if nat == NatType::AddressRestricted {
         r.push_str(
