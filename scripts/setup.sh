@@ -8,7 +8,7 @@ need_pkgs=()
 have() { command -v "$1" >/dev/null 2>&1; }
 # command -> Debian package
 for pair in cmake:cmake ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils \
-            dnsmasq:dnsmasq-base python3:python3 ping:iputils-ping pgrep:procps sha256sum:coreutils \
+            dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping pgrep:procps sha256sum:coreutils \
             sshd:openssh-server ssh:openssh-client; do
   have "${pair%%:*}" || need_pkgs+=("${pair#*:}")
 done

@@ -9,7 +9,9 @@
 //! ```
 //! `{p}` is the name prefix (default `sl-`), so several labs can exist side by side. The
 //! private service network 198.51.100.0/24 (and fd00:5c1c:5c::/64) is reachable only from
-//! `{p}conn`; the agent reaches it only through the tunnel. docs/lab.md documents every piece.
+//! `{p}conn`; the agent reaches it only through the tunnel. With `--nat-agent` or
+//! `--nat-connector`, that side sits behind a NAT router instead (lab_nat.rs).
+//! docs/lab.md documents every piece.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,6 +22,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::ca;
+use crate::lab_nat::{self, NatConfig, NatType, Side, SIDES};
 
 #[derive(Args, Clone)]
 pub struct LabOpts {
@@ -33,6 +36,18 @@ pub struct LabOpts {
     /// Do not start relay, connector and agent (just the network and the services).
     #[arg(long)]
     pub no_roles: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct UpOpts {
+    #[command(flatten)]
+    pub lab: LabOpts,
+    /// Put the agent behind a NAT router of this type.
+    #[arg(long, value_enum, default_value_t = NatType::None)]
+    pub nat_agent: NatType,
+    /// Put the connector behind a NAT router of this type.
+    #[arg(long, value_enum, default_value_t = NatType::None)]
+    pub nat_connector: NatType,
 }
 
 pub const RELAY_ADDR: &str = "192.0.2.1";
@@ -53,38 +68,45 @@ pub const UPSTREAM_DNS: &str = "192.0.2.53";
 /// What the upstream resolver answers for the lab's one public name.
 pub const PUBLIC_NAME: (&str, &str) = ("www.example.test", "192.0.2.80");
 
-struct Lab {
-    prefix: String,
-    dir: PathBuf,
+pub struct Lab {
+    pub prefix: String,
+    pub dir: PathBuf,
 }
 
 const ROLES: [&str; 3] = ["relay", "connector", "agent"];
 /// Every process the lab starts, by the name of its log and pid files.
 const PROCESSES: [&str; 6] = ["relay", "connector", "agent", "http", "dns", "upstream-dns"];
 const NAMESPACES: [&str; 5] = ["inet", "relay", "agent", "conn", "svc"];
+/// The NAT routers' namespaces, made only for the sides `--nat-*` puts behind one.
+const ROUTERS: [&str; 2] = ["nat-agent", "nat-conn"];
+
+/// Every namespace a lab may have: what `down` looks for, whatever the lab was built with.
+fn all_namespaces() -> impl Iterator<Item = &'static str> {
+    NAMESPACES.into_iter().chain(ROUTERS)
+}
 
 impl Lab {
-    fn new(o: &LabOpts) -> Result<Self> {
-        if o.prefix.is_empty()
-            || o.prefix.len() > 8
-            || !o
-                .prefix
+    pub fn new(prefix: &str, dir: Option<PathBuf>) -> Result<Self> {
+        if prefix.is_empty()
+            || prefix.len() > 8
+            || !prefix
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-')
         {
-            bail!("--prefix {:?}: use 1-8 characters from a-z 0-9 -", o.prefix);
+            bail!("--prefix {prefix:?}: use 1-8 characters from a-z 0-9 -");
         }
-        let dir = o
-            .dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("/run/sluice-lab/{}", o.prefix)));
+        let dir = dir.unwrap_or_else(|| PathBuf::from(format!("/run/sluice-lab/{prefix}")));
         Ok(Lab {
-            prefix: o.prefix.clone(),
+            prefix: prefix.to_string(),
             dir,
         })
     }
 
-    fn ns(&self, short: &str) -> String {
+    fn from_opts(o: &LabOpts) -> Result<Self> {
+        Lab::new(&o.prefix, o.dir.clone())
+    }
+
+    pub fn ns(&self, short: &str) -> String {
         format!("{}{short}", self.prefix)
     }
 
@@ -97,12 +119,16 @@ impl Lab {
         })
     }
 
-    fn ns_exists(&self, short: &str) -> bool {
+    pub fn ns_exists(&self, short: &str) -> bool {
         Path::new("/run/netns").join(self.ns(short)).exists()
+    }
+
+    fn any_ns_exists(&self) -> bool {
+        all_namespaces().any(|n| self.ns_exists(n))
     }
 }
 
-fn run(cmd: &str, args: &[&str]) -> Result<()> {
+pub fn run(cmd: &str, args: &[&str]) -> Result<()> {
     let out = Command::new(cmd)
         .args(args)
         .output()
@@ -122,13 +148,13 @@ fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// `ip -n NS ...`
-fn ipn(ns: &str, args: &[&str]) -> Result<()> {
+pub fn ipn(ns: &str, args: &[&str]) -> Result<()> {
     let mut a = vec!["-n", ns];
     a.extend_from_slice(args);
     ip(&a)
 }
 
-fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
+pub fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
     run(
         "ip",
         &[
@@ -142,19 +168,26 @@ fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
     )
 }
 
-pub fn up(o: &LabOpts) -> Result<()> {
-    let lab = Lab::new(o)?;
-    if NAMESPACES.iter().any(|n| lab.ns_exists(n)) {
+pub fn up(u: &UpOpts) -> Result<()> {
+    let o = &u.lab;
+    let lab = Lab::from_opts(o)?;
+    let nat = NatConfig {
+        agent: u.nat_agent,
+        connector: u.nat_connector,
+    };
+    if lab.any_ns_exists() {
         println!("lab {}: removing what a previous lab left", lab.prefix);
         teardown(&lab);
     }
     let t0 = Instant::now();
-    if let Err(e) = build_network(&lab) {
+    // Before the network: the NAT routers' rulesets are written there.
+    fs::create_dir_all(&lab.dir).with_context(|| format!("cannot create {}", lab.dir.display()))?;
+    if let Err(e) = build_network(&lab, nat) {
         teardown(&lab);
         return Err(e.context("building the lab network failed"));
     }
-    fs::create_dir_all(&lab.dir).with_context(|| format!("cannot create {}", lab.dir.display()))?;
     let r = (|| -> Result<()> {
+        nat.write(&lab)?;
         write_identities(&lab)?;
         write_configs(&lab)?;
         start_services(&lab)?;
@@ -172,7 +205,7 @@ pub fn up(o: &LabOpts) -> Result<()> {
             }
             wait_for_tunnel(&lab)?;
         }
-        Ok(())
+        probe_nats(&lab, nat)
     })();
     if let Err(e) = r {
         print_logs(&lab);
@@ -191,8 +224,36 @@ pub fn up(o: &LabOpts) -> Result<()> {
     Ok(())
 }
 
-fn build_network(lab: &Lab) -> Result<()> {
-    for n in NAMESPACES {
+/// Measures each NAT router and prints what it does; an error when one does not behave as its
+/// type says (a NAT lab with the wrong NAT would make every test on it meaningless).
+fn probe_nats(lab: &Lab, nat: NatConfig) -> Result<()> {
+    let sides: Vec<Side> = SIDES
+        .into_iter()
+        .filter(|&s| nat.of(s) != NatType::None)
+        .collect();
+    if sides.is_empty() {
+        return Ok(());
+    }
+    let reports = lab_nat::probe(lab, &sides, Some(nat))?;
+    for r in &reports {
+        println!("{}", r.line());
+    }
+    if let Some(r) = reports.iter().find(|r| r.as_configured == Some(false)) {
+        bail!(
+            "the {} NAT router does not behave as its type says:\n{}",
+            r.side,
+            r.detail()
+        );
+    }
+    Ok(())
+}
+
+fn build_network(lab: &Lab, nat: NatConfig) -> Result<()> {
+    let routers = SIDES
+        .into_iter()
+        .filter(|&s| nat.of(s) != NatType::None)
+        .map(|s| s.site().router);
+    for n in NAMESPACES.into_iter().chain(routers) {
         ip(&["netns", "add", &lab.ns(n)])?;
         // Each namespace's own /etc/resolv.conf (ip netns exec mounts it over the host's).
         fs::create_dir_all(netns_etc(lab, n))?;
@@ -201,11 +262,15 @@ fn build_network(lab: &Lab) -> Result<()> {
     let inet = lab.ns("inet");
     ipn(&inet, &["link", "add", "br0", "type", "bridge"])?;
     ipn(&inet, &["link", "set", "br0", "up"])?;
-    for (short, addr) in [
-        ("relay", RELAY_ADDR),
-        ("agent", AGENT_ADDR),
-        ("conn", CONN_ADDR),
+    for (short, addr, side) in [
+        ("relay", RELAY_ADDR, None),
+        ("agent", AGENT_ADDR, Some(Side::Agent)),
+        ("conn", CONN_ADDR, Some(Side::Connector)),
     ] {
+        if let Some(side) = side.filter(|&s| nat.of(s) != NatType::None) {
+            lab_nat::build_router(lab, side, nat.of(side))?;
+            continue;
+        }
         let ns = lab.ns(short);
         // Created inside the namespaces directly: nothing touches the host's own interfaces.
         ipn(
@@ -258,10 +323,14 @@ fn build_network(lab: &Lab) -> Result<()> {
         ],
     )?;
     ipn(&svc, &["link", "set", "eth0", "up"])?;
-    ipn(
-        &lab.ns("relay"),
-        &["addr", "add", &format!("{UPSTREAM_DNS}/24"), "dev", "eth0"],
-    )?;
+    // Second addresses of the relay host: the upstream resolver, and the NAT probe's second
+    // responder address (filtering by address needs an address the client never contacted).
+    for a in [UPSTREAM_DNS.to_string(), lab_nat::PROBE_ADDR_B.to_string()] {
+        ipn(
+            &lab.ns("relay"),
+            &["addr", "add", &format!("{a}/24"), "dev", "eth0"],
+        )?;
+    }
     // The agent's namespace starts with the upstream as its resolver, like any machine; the
     // agent takes resolution over while it runs (split DNS) and gives it back when it stops.
     // The connector's namespace uses the private zone's server.
@@ -269,7 +338,10 @@ fn build_network(lab: &Lab) -> Result<()> {
         netns_etc(lab, "conn").join("resolv.conf"),
         format!("nameserver {SVC_ADDR}\n"),
     )?;
-    for n in ["agent", "inet", "relay", "svc"] {
+    for n in ["agent", "inet", "relay", "svc"]
+        .into_iter()
+        .chain(ROUTERS.into_iter().filter(|r| lab.ns_exists(r)))
+    {
         fs::write(
             netns_etc(lab, n).join("resolv.conf"),
             format!("nameserver {UPSTREAM_DNS}\n"),
@@ -577,8 +649,7 @@ fn ns_pids(ns: &str) -> Vec<i32> {
 fn teardown(lab: &Lab) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
-    let existing: Vec<String> = NAMESPACES
-        .iter()
+    let existing: Vec<String> = all_namespaces()
         .filter(|n| lab.ns_exists(n))
         .map(|n| lab.ns(n))
         .collect();
@@ -603,7 +674,7 @@ fn teardown(lab: &Lab) {
     for ns in existing {
         let _ = ip(&["netns", "del", &ns]);
     }
-    for n in NAMESPACES {
+    for n in all_namespaces() {
         // A killed agent leaves its resolv.conf backup behind; it goes with the file.
         if let Ok(b) = crate::resolvconf::backup_path(&netns_etc(lab, n).join("resolv.conf")) {
             let _ = fs::remove_file(b);
@@ -613,8 +684,8 @@ fn teardown(lab: &Lab) {
 }
 
 pub fn down(o: &LabOpts) -> Result<()> {
-    let lab = Lab::new(o)?;
-    let present = NAMESPACES.iter().any(|n| lab.ns_exists(n)) || lab.dir.exists();
+    let lab = Lab::from_opts(o)?;
+    let present = lab.any_ns_exists() || lab.dir.exists();
     teardown(&lab);
     if lab.dir.exists() {
         fs::remove_dir_all(&lab.dir)
@@ -629,8 +700,18 @@ pub fn down(o: &LabOpts) -> Result<()> {
 }
 
 fn print_status(lab: &Lab) {
+    // A side is behind a router when the router's namespace exists, whatever the file says.
+    let behind = |side: Side| lab.ns_exists(side.site().router);
+    let side_addr = |side: Side| {
+        let s = side.site();
+        if behind(side) {
+            format!("{} behind NAT {}", s.host, s.wan)
+        } else {
+            s.direct.to_string()
+        }
+    };
     println!(
-        "{:<10} {:<12} {:<8} {:<8} address",
+        "{:<12} {:<14} {:<8} {:<8} address",
         "role", "namespace", "pid", "state"
     );
     let rows = [
@@ -638,12 +719,18 @@ fn print_status(lab: &Lab) {
         (
             "connector",
             "conn",
-            format!("{CONN_ADDR}, {CONN_SVC_ADDR} (service side)"),
+            format!(
+                "{}, {CONN_SVC_ADDR} (service side)",
+                side_addr(Side::Connector)
+            ),
         ),
         (
             "agent",
             "agent",
-            format!("{AGENT_ADDR}, TUN sluice0 routes {SVC_NET} {SVC_NET6}"),
+            format!(
+                "{}, TUN sluice0 routes {SVC_NET} {SVC_NET6}",
+                side_addr(Side::Agent)
+            ),
         ),
         (
             "http",
@@ -670,16 +757,42 @@ fn print_status(lab: &Lab) {
         };
         let pid = pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
         println!(
-            "{name:<10} {:<12} {pid:<8} {state:<8} {addr}",
+            "{name:<12} {:<14} {pid:<8} {state:<8} {addr}",
             lab.ns(short)
         );
+    }
+    if SIDES.into_iter().any(behind) {
+        let nat = NatConfig::read(lab);
+        println!("{:<12} {:<14} {:<19} addresses", "NAT of", "router", "type");
+        for side in SIDES {
+            let s = side.site();
+            if behind(side) {
+                let t = nat.map_or("unknown", |n| n.of(side).as_str());
+                println!(
+                    "{:<12} {:<14} {t:<19} wan {}, lan {}/24 in front of {}",
+                    side.as_str(),
+                    lab.ns(s.router),
+                    s.wan,
+                    s.gateway,
+                    s.host
+                );
+            } else {
+                println!(
+                    "{:<12} {:<14} {:<19} {} on the bridge",
+                    side.as_str(),
+                    "-",
+                    "none",
+                    s.direct
+                );
+            }
+        }
     }
     println!("logs: {}/*.log", lab.dir.display());
 }
 
 pub fn status(o: &LabOpts) -> Result<()> {
-    let lab = Lab::new(o)?;
-    if !NAMESPACES.iter().any(|n| lab.ns_exists(n)) {
+    let lab = Lab::from_opts(o)?;
+    if !lab.any_ns_exists() {
         println!(
             "lab {} is not up (start it with `sluice lab up`)",
             lab.prefix

@@ -7,6 +7,7 @@ mod config;
 mod connector;
 mod dns;
 mod lab;
+mod lab_nat;
 mod node;
 mod policy_cmd;
 mod relay;
@@ -191,11 +192,13 @@ pub enum CaCmd {
 #[derive(Subcommand)]
 pub enum LabCmd {
     /// Build the lab's namespaces and start relay, connector, agent and services in them.
-    Up(lab::LabOpts),
+    Up(lab::UpOpts),
     /// Stop everything the lab started and delete its namespaces (safe to run any time).
     Down(lab::LabOpts),
     /// Say what runs where.
     Status(lab::LabOpts),
+    /// Measure each side's NAT in RFC 4787 terms (mapping and filtering behaviour).
+    NatProbe(lab_nat::ProbeOpts),
 }
 
 fn init_logging() {
@@ -238,6 +241,7 @@ fn main() -> ExitCode {
         Cmd::Lab(LabCmd::Up(o)) => lab::up(&o),
         Cmd::Lab(LabCmd::Down(o)) => lab::down(&o),
         Cmd::Lab(LabCmd::Status(o)) => lab::status(&o),
+        Cmd::Lab(LabCmd::NatProbe(o)) => lab_nat::probe_cmd(&o),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

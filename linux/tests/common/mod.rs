@@ -16,18 +16,28 @@ pub const DATA_PORT: u16 = 9000;
 pub struct Lab {
     pub prefix: String,
     pub dir: PathBuf,
+    /// What `sluice lab up` printed.
+    pub up_output: String,
 }
 
 impl Lab {
     pub fn up(prefix: &str) -> Lab {
+        Lab::up_with(prefix, &[])
+    }
+
+    /// `sluice lab up` with extra flags (e.g. `--nat-agent symmetric`).
+    pub fn up_with(prefix: &str, extra: &[&str]) -> Lab {
+        let out = Command::new(BIN)
+            .args(["lab", "up", "--prefix", prefix])
+            .args(extra)
+            .output()
+            .unwrap();
+        // Built before the check, so a lab left up by a failed `up` is taken down on drop.
         let lab = Lab {
             prefix: prefix.into(),
             dir: PathBuf::from(format!("/run/sluice-lab/{prefix}")),
+            up_output: String::from_utf8_lossy(&out.stdout).into_owned(),
         };
-        let out = Command::new(BIN)
-            .args(["lab", "up", "--prefix", prefix])
-            .output()
-            .unwrap();
         assert!(
             out.status.success(),
             "lab up failed:\n{}\n{}",
