@@ -546,8 +546,7 @@ def restart_agent(row):
     logf = open(d / "agent.log", "ab")
     t0 = time.monotonic()
     p = subprocess.Popen(nsx(ns, State.sluice, "agent", "--config", d / "agent.yaml"),
-                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                         start_new_session=True)
+                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, process_group=0)
     logf.close()
     (d / "agent.pid").write_text(str(p.pid))
     State.procs.append(p)
@@ -741,6 +740,11 @@ def summarize(row, run_info):
             d[k] = statistics.median(vals)
             d[f"{k}_range"] = [min(vals), max(vals)]
     d.update(row.final)
+    if row.name == "sluice-direct" and d.get("cpu_s_per_gb_relay", 0) > 0.2 * d.get("cpu_s_per_gb_agent", 1):
+        # On a direct path the relay only sees keepalives: its CPU per GB should be near 0.
+        d["warning"] = (f"the relay used {d['cpu_s_per_gb_relay']:.2f} CPU s/GB: the traffic "
+                        "probably went through the relay, not a direct path")
+        log(f"sluice-direct: {d['warning']}")
     d["reps"] = len(row.reps)
     d["info"] = dict(row.info, sender_ns=row.sender, receiver_ns=row.receiver, target=row.target,
                      processes=sorted(row.procs))
@@ -785,7 +789,7 @@ def cell(d, field, digits, ranges):
     v = d.get(field)
     s = fmt(v, digits)
     r = d.get(f"{field}_range")
-    if ranges and r and d.get("reps", 0) > 1:
+    if ranges and r and d.get("reps", 0) > 1 and fmt(r[0], digits) != fmt(r[1], digits):
         s += f" ({fmt(r[0], digits)}-{fmt(r[1], digits)})"
     return s
 
@@ -803,7 +807,8 @@ def table_lines(rows, markdown=False):
         body.append([d["name"]] + [cell(d, f, dg, markdown) for _, f, dg in COLUMNS])
         if not markdown and d.get("reps", 0) > 1:
             body.append([""] + [
-                "" if isinstance(f, tuple) or not d.get(f"{f}_range") else
+                "" if isinstance(f, tuple) or not d.get(f"{f}_range")
+                or fmt(d[f"{f}_range"][0], dg) == fmt(d[f"{f}_range"][1], dg) else
                 f"{fmt(d[f'{f}_range'][0], dg)}-{fmt(d[f'{f}_range'][1], dg)}"
                 for _, f, dg in COLUMNS])
     out += render(heads, body, markdown)
@@ -872,7 +877,8 @@ def write_csv(rows, path):
         for d in rows:
             flat = {"name": d["name"],
                     "status": ("skipped: " + d["skipped"]) if d.get("skipped") else
-                    ("error: " + d["error"]) if d.get("error") else "ok"}
+                    ("error: " + d["error"]) if d.get("error") else
+                    ("warning: " + d["warning"]) if d.get("warning") else "ok"}
             for k, v in d.items():
                 if k.endswith("_range") and isinstance(v, list):
                     flat[k[:-6] + "_min"], flat[k[:-6] + "_max"] = v
@@ -1001,6 +1007,9 @@ def parse_args(argv):
                     help="do not install missing tools (wireguard-tools, wireguard-go, iperf3 "
                          "with apt-get, boringtun-cli with cargo); rows missing one are skipped")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="results directory (bench/results)")
+    ap.add_argument("--report", metavar="JSON",
+                    help="measure nothing: print the table of an earlier run's JSON and redraw "
+                         "its .md and .svg next to it")
     a = ap.parse_args(argv)
     a.reps = a.reps or (1 if a.quick else 3)
     a.secs = a.secs or (2 if a.quick else 10)
@@ -1131,22 +1140,40 @@ def write_results(cfg, rows, run_info, started):
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = started.strftime("%Y%m%d-%H%M%S") + ("-quick" if cfg.quick else "")
-    subtitle = (f"{run_info['date'][:16].replace('T', ' ')} · commit {run_info['machine']['git_head']}"
-                f" · {run_info['machine']['nproc']} vCPUs, {run_info['machine']['kernel']}"
-                f" · median of {cfg.reps} × {cfg.secs} s")
-    md = ["```"] + legend(cfg, run_info) + ["```", ""] + table_lines(rows, markdown=True)
-    paths = []
     for name in (stamp, "latest"):
         (out / f"{name}.json").write_text(json.dumps(rows, indent=1) + "\n")
         write_csv(rows, out / f"{name}.csv")
-        write_svg(rows, out / f"{name}.svg", subtitle)
-        (out / f"{name}.md").write_text("\n".join(md) + "\n")
-        paths.append(out / f"{name}.json")
+        write_report(cfg, rows, run_info, out / name)
     return out / stamp
+
+
+def write_report(cfg, rows, run_info, stem):
+    m = run_info["machine"]
+    subtitle = (f"{run_info['date'][:16].replace('T', ' ')} · commit {m['git_head']}"
+                f" · {m['nproc']} vCPUs, {m['kernel']} · median of {cfg.reps} × {cfg.secs} s")
+    md = ["```"] + legend(cfg, run_info) + ["```", ""] + table_lines(rows, markdown=True)
+    write_svg(rows, f"{stem}.svg", subtitle)
+    Path(f"{stem}.md").write_text("\n".join(md) + "\n")
+
+
+def report(path):
+    rows = json.loads(Path(path).read_text())
+    run_info = rows[0]["run"]
+    cfg = argparse.Namespace(reps=run_info["reps"], secs=run_info["secs"],
+                             udp_secs=run_info["udp_secs"], rr_secs=run_info["rr_secs"],
+                             pings=run_info["pings"], quick=run_info["mode"] == "quick")
+    stem = Path(path).with_suffix("")
+    write_report(cfg, rows, run_info, stem)
+    print("\n".join(legend(cfg, run_info)) + "\n")
+    print("\n".join(table_lines(rows)))
+    print(f"\nredrawn: {stem}.md, {stem}.svg")
+    return 0
 
 
 def main(argv):
     cfg = parse_args(argv)
+    if cfg.report:
+        return report(cfg.report)
     lock = open("/run/sluice-bench-compare.lock", "w")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1177,6 +1204,9 @@ def main(argv):
     print("\n".join(legend(cfg, run_info)))
     print()
     print("\n".join(table_lines(rows)))
+    for d in rows:
+        if d.get("warning"):
+            print(f"warning: {d['name']}: {d['warning']}")
     print()
     print(f"results: {stem}.{{json,csv,md,svg}} and {stem.parent}/latest.{{json,csv,md,svg}}")
     return 0
