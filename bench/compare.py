@@ -2,7 +2,9 @@
 """Sluice beside WireGuard: throughput, latency, request rate, CPU and memory, in one run.
 
     bench/compare.py [--quick] [--reps N] [--secs S] [--sluice PATH] [--only ROWS]
-                     [--direct-lab-args ARGS] [--idle-conns N] [--no-install] [--out DIR]
+                     [--direct-lab-args ARGS] [--relay-lab-args ARGS] [--idle-conns N]
+                     [--no-install] [--out DIR]
+    bench/compare.py --report RESULTS.json     # reprint a run, redraw its .md and .svg
 
 Rows (each path is "sender namespace -> tunnel -> receiver namespace"):
   veth              two namespaces joined by a veth pair, no tunnel: the machine's limit
@@ -753,6 +755,48 @@ def summarize(row, run_info):
     return d
 
 
+def add_cross_ratios(rows):
+    """Sluice rows against boringtun, repetition by repetition (issue 6 states its targets so)."""
+    bt = next((d for d in rows if d["name"] == "boringtun" and d.get("per_rep")), None)
+    for d in rows:
+        if not d["name"].startswith("sluice") or not d.get("per_rep") or not bt:
+            continue
+        pairs = list(zip(d["per_rep"], bt["per_rep"]))
+        if len(d["per_rep"]) != len(bt["per_rep"]):
+            pairs = [(d, bt)]  # a repetition failed: compare the medians
+        for field, key in (("tcp1_gbps", "tcp1_x_boringtun"), ("tcp4_gbps", "tcp4_x_boringtun")):
+            vals = [a[field] / b[field] for a, b in pairs if a.get(field) and b.get(field)]
+            if vals:
+                d[key] = statistics.median(vals)
+                d[f"{key}_range"] = [min(vals), max(vals)]
+
+
+def targets_lines(rows):
+    """Issue 6's targets for this pass, checked against this run."""
+    by = {d["name"]: d for d in rows}
+    bt, relay, direct = by.get("boringtun", {}), by.get("sluice-relay", {}), by.get("sluice-direct", {})
+
+    def verdict(ok):
+        return "met" if ok else "MISSED"
+    out = ["issue 6 targets (ratios within each repetition, medians):"]
+    for d, need in ((direct, 2.0), (relay, 1.0)):
+        name = d.get("name") or ("sluice-direct" if need == 2.0 else "sluice-relay")
+        r = d.get("tcp1_x_boringtun")
+        what = f"  {name}: single-stream TCP (up) >= {need:g}x boringtun: "
+        out.append(what + (f"{r:.2f}x  {verdict(r >= need)}" if r is not None else
+                           f"not measured ({d.get('skipped') or d.get('error') or 'no boringtun row'})"))
+    for d in (relay, direct):
+        if d.get("rtt_added_ms") is not None and bt.get("rtt_added_ms") is not None:
+            out.append(f"  {d['name']}: added RTT over veth <= boringtun's ({bt['rtt_added_ms']:.3f} ms): "
+                       f"{d['rtt_added_ms']:.3f} ms  {verdict(d['rtt_added_ms'] <= bt['rtt_added_ms'])}")
+    for d in (relay, direct):
+        if d.get("connector_rss_idle_mib") is not None:
+            out.append(f"  {d['name']}: connector RSS with {d.get('idle_conns_opened')} idle TCP flows "
+                       f"< 64 MiB: {d['connector_rss_idle_mib']:.1f} MiB  "
+                       f"{verdict(d['connector_rss_idle_mib'] < 64)}")
+    return out
+
+
 def fmt(v, digits=None):
     if v is None:
         return "-"
@@ -772,6 +816,7 @@ COLUMNS = [
     ("cpu s/GB", "cpu_s_per_gb", 2), ("rss MiB", "peak_rss_mib", 1),
 ]
 SLUICE_COLUMNS = [
+    ("tcp1 up x boringtun", "tcp1_x_boringtun", 2),
     ("start->1st byte s", "startup_s", 3),
     ("cpu s/GB up agent/relay/conn", ("cpu_s_per_gb_agent", "cpu_s_per_gb_relay",
                                       "cpu_s_per_gb_connector"), 2),
@@ -1133,7 +1178,9 @@ def benchmark(cfg):
         **watch.summary(),
         "machine": machine,
     }
-    return [summarize(r, run_info) for r in rows], run_info, started
+    summaries = [summarize(r, run_info) for r in rows]
+    add_cross_ratios(summaries)
+    return summaries, run_info, started
 
 
 def write_results(cfg, rows, run_info, started):
@@ -1151,13 +1198,15 @@ def write_report(cfg, rows, run_info, stem):
     m = run_info["machine"]
     subtitle = (f"{run_info['date'][:16].replace('T', ' ')} · commit {m['git_head']}"
                 f" · {m['nproc']} vCPUs, {m['kernel']} · median of {cfg.reps} × {cfg.secs} s")
-    md = ["```"] + legend(cfg, run_info) + ["```", ""] + table_lines(rows, markdown=True)
+    md = (["```"] + legend(cfg, run_info) + ["```", ""] + table_lines(rows, markdown=True)
+          + ["", "```"] + targets_lines(rows) + ["```"])
     write_svg(rows, f"{stem}.svg", subtitle)
     Path(f"{stem}.md").write_text("\n".join(md) + "\n")
 
 
 def report(path):
     rows = json.loads(Path(path).read_text())
+    add_cross_ratios(rows)
     run_info = rows[0]["run"]
     cfg = argparse.Namespace(reps=run_info["reps"], secs=run_info["secs"],
                              udp_secs=run_info["udp_secs"], rr_secs=run_info["rr_secs"],
@@ -1166,6 +1215,8 @@ def report(path):
     write_report(cfg, rows, run_info, stem)
     print("\n".join(legend(cfg, run_info)) + "\n")
     print("\n".join(table_lines(rows)))
+    print()
+    print("\n".join(targets_lines(rows)))
     print(f"\nredrawn: {stem}.md, {stem}.svg")
     return 0
 
@@ -1204,6 +1255,8 @@ def main(argv):
     print("\n".join(legend(cfg, run_info)))
     print()
     print("\n".join(table_lines(rows)))
+    print()
+    print("\n".join(targets_lines(rows)))
     for d in rows:
         if d.get("warning"):
             print(f"warning: {d['name']}: {d['warning']}")
