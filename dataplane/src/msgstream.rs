@@ -57,6 +57,10 @@ impl MessageStream {
 
     /// Takes in whatever the stream has received.
     pub fn read(&mut self, conn: &mut quiche::Connection) {
+        // Called after every packet: most carry nothing for the stream, so skip the buffer.
+        if !conn.stream_readable(self.id) {
+            return;
+        }
         let mut buf = [0u8; 4096];
         while let Ok((n, _fin)) = conn.stream_recv(self.id, &mut buf) {
             self.decoder.push(&buf[..n]);
