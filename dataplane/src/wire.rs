@@ -57,6 +57,19 @@ pub const MAX_CANDIDATES: usize = 32;
 
 /// Bytes a relay forward header adds in front of an end-to-end packet.
 pub const RELAY_FORWARD_OVERHEAD: usize = 1 + PeerId::LEN;
+/// UDP payload of control connections (to and from the relay): fits a 1500-byte link with
+/// IPv6 and room to spare.
+pub const CONTROL_UDP_PAYLOAD: usize = 1452;
+/// What quiche reserves around one DATAGRAM frame when it checks the frame fits
+/// (`dgram_max_writable_len`): short header byte, a 20-byte connection id, the longest packet
+/// number (4), the AEAD tag (16), frame type and a 2-byte length. Its worst case, since the
+/// packet number grows with packets in flight.
+pub const QUIC_DGRAM_OVERHEAD: usize = 1 + 20 + 4 + 16 + 1 + 2;
+/// UDP payload of end-to-end packets: a whole one must fit a relay forward DATAGRAM of a
+/// control connection, or the relayed path drops it (and loses every packet quiche coalesced
+/// into it).
+pub const TUNNEL_UDP_PAYLOAD: usize =
+    CONTROL_UDP_PAYLOAD - QUIC_DGRAM_OVERHEAD - RELAY_FORWARD_OVERHEAD;
 /// Bytes the tunnel header adds in front of an IP packet.
 pub const TUNNEL_IP_OVERHEAD: usize = 1;
 /// Largest message body a relay accepts on a control stream.

@@ -8,12 +8,16 @@ use std::time::Duration;
 use sluice_dataplane::identity::{self, OffsetDateTime, PeerId, PemPair, Role};
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::tunnel::{Path, Tunnel, TunnelEvent, VirtualPaths};
-use sluice_dataplane::wire::ControlMessage;
+use sluice_dataplane::wire::{self, ControlMessage};
 
 fn params() -> QuicParams {
+    params_with(1350)
+}
+
+fn params_with(max_udp_payload: usize) -> QuicParams {
     QuicParams {
         alpn: tls::ALPN_TUNNEL,
-        max_udp_payload: 1350,
+        max_udp_payload,
         idle_timeout_ms: 5_000,
         dgram_queue: 64,
         streams: true,
@@ -94,9 +98,19 @@ fn pair(
     expect_name: &str,
     expect_peer: Option<PeerId>,
 ) -> Pair {
+    pair_with(agent, conn, expect_name, expect_peer, &params())
+}
+
+fn pair_with(
+    agent: &Credentials,
+    conn: &Credentials,
+    expect_name: &str,
+    expect_peer: Option<PeerId>,
+    params: &QuicParams,
+) -> Pair {
     let mut paths = VirtualPaths::default();
-    let mut acfg = tls::quic_config(agent, &[Role::Connector], &params()).unwrap();
-    let mut ccfg = tls::quic_config(conn, &[Role::Agent], &params()).unwrap();
+    let mut acfg = tls::quic_config(agent, &[Role::Connector], params).unwrap();
+    let mut ccfg = tls::quic_config(conn, &[Role::Agent], params).unwrap();
     let conn_peer = expect_peer.unwrap_or(conn.identity.peer_id);
     let a = Tunnel::connect(&mut acfg, conn_peer, expect_name, paths.addr_of(conn_peer)).unwrap();
     let c = Tunnel::accept(
@@ -113,6 +127,47 @@ fn closed_reason(evs: &[TunnelEvent]) -> Option<String> {
         TunnelEvent::Closed(w) => Some(w.clone()),
         _ => None,
     })
+}
+
+/// A whole end-to-end packet must fit one relay forward DATAGRAM of a control connection,
+/// whatever the packet number length: a connection sized like a control connection, once up,
+/// takes a forward header plus `TUNNEL_UDP_PAYLOAD` bytes in one DATAGRAM.
+#[test]
+fn a_full_tunnel_packet_fits_a_relay_forward_datagram() {
+    let d = Dir::new("fit");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &[], day()).unwrap(),
+        "alice",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair_with(
+        &agent,
+        &conn,
+        "conn-1",
+        None,
+        &params_with(wire::CONTROL_UDP_PAYLOAD),
+    );
+    pump(&mut p);
+    assert!(p.agent.is_up());
+    for t in [&p.agent, &p.conn] {
+        let dgram = t.max_ip_len().unwrap() + wire::TUNNEL_IP_OVERHEAD;
+        assert!(
+            dgram >= wire::RELAY_FORWARD_OVERHEAD + wire::TUNNEL_UDP_PAYLOAD,
+            "a control DATAGRAM takes {dgram} bytes; a forward needs {}",
+            wire::RELAY_FORWARD_OVERHEAD + wire::TUNNEL_UDP_PAYLOAD
+        );
+        // quiche's reserve is exactly ours: no byte of the control packet is wasted either.
+        assert_eq!(
+            dgram,
+            wire::RELAY_FORWARD_OVERHEAD + wire::TUNNEL_UDP_PAYLOAD
+        );
+    }
 }
 
 #[test]

@@ -32,8 +32,6 @@ use crate::dns::{self, ConnectorQuery, ConnectorReply, DnsState, FlowKey, Shared
 use crate::node::{self, ControlLink};
 use crate::{resolvconf, tun, AgentArgs};
 
-/// Packets read from the TUN device in one round before the tunnels are flushed.
-const TUN_BATCH: usize = 64;
 /// Packets held per connector while its tunnel comes up.
 const QUEUE_MAX: usize = 256;
 /// After a failed lookup, packets to that connector are refused for this long.
@@ -307,7 +305,8 @@ impl Agent {
                 r = socket.recv_from(&mut udp_buf) => {
                     let (n, from) = r.context("UDP receive failed")?;
                     self.on_udp(&mut udp_buf[..n], from, &mut to_tun);
-                    while let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) {
+                    for _ in 1..node::ROUND_BATCH {
+                        let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) else { break };
                         self.on_udp(&mut udp_buf[..n], from, &mut to_tun);
                     }
                 }
@@ -315,7 +314,7 @@ impl Agent {
                     let n = r.context("TUN receive failed")?;
                     self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
                     // Take what else is queued before flushing: fewer, fuller send rounds.
-                    for _ in 0..TUN_BATCH {
+                    for _ in 1..node::ROUND_BATCH {
                         let Ok(n) = dev.try_recv(&mut tun_buf[TUNNEL_IP_OVERHEAD..]) else { break };
                         self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
                     }

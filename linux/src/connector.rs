@@ -198,13 +198,15 @@ impl Connector {
                 r = socket.recv_from(&mut udp_buf) => {
                     let (n, from) = r.context("UDP receive failed")?;
                     self.on_udp(&mut udp_buf[..n], from);
-                    while let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) {
+                    for _ in 1..node::ROUND_BATCH {
+                        let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) else { break };
                         self.on_udp(&mut udp_buf[..n], from);
                     }
                 }
                 Some((peer, msg)) = flow_rx.recv() => {
                     self.on_flow_msg(peer, msg);
-                    while let Ok((peer, msg)) = flow_rx.try_recv() {
+                    for _ in 1..node::ROUND_BATCH {
+                        let Ok((peer, msg)) = flow_rx.try_recv() else { break };
                         self.on_flow_msg(peer, msg);
                     }
                 }

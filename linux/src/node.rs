@@ -18,15 +18,15 @@ use tokio::net::UdpSocket;
 use crate::config::IdentityFiles;
 use crate::IdentityArgs;
 
-/// UDP payload of control connections: fits a 1500-byte link with IPv6 and room to spare.
-pub const CONTROL_UDP_PAYLOAD: usize = 1452;
-/// UDP payload of end-to-end packets: one must fit a relay forward DATAGRAM of a control
-/// connection (1452 - 40 bytes of QUIC overhead - 33 bytes of forward header).
-pub const TUNNEL_UDP_PAYLOAD: usize = 1379;
+pub use sluice_dataplane::wire::{CONTROL_UDP_PAYLOAD, TUNNEL_UDP_PAYLOAD};
 /// Control keepalive; the relay is declared gone after `CONTROL_SILENCE` without a packet.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
 const CONTROL_SILENCE: Duration = Duration::from_secs(6);
 /// End-to-end keepalive (DESIGN: 15 s).
+/// Packets (or messages) taken from one source in one round of an event loop before the rest is
+/// flushed. Bounded so that no source starves another: under CPU pressure, draining the UDP
+/// socket without a bound let the TUN queue overflow and drop the kernel's ACKs and SYNs.
+pub const ROUND_BATCH: usize = 64;
 pub const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(15);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
@@ -38,7 +38,7 @@ pub fn control_params() -> QuicParams {
         alpn: tls::ALPN_CONTROL,
         max_udp_payload: CONTROL_UDP_PAYLOAD,
         idle_timeout_ms: 30_000,
-        dgram_queue: 8192,
+        dgram_queue: 1024,
         streams: true,
     }
 }
@@ -48,7 +48,7 @@ pub fn tunnel_params() -> QuicParams {
         alpn: tls::ALPN_TUNNEL,
         max_udp_payload: TUNNEL_UDP_PAYLOAD,
         idle_timeout_ms: 120_000,
-        dgram_queue: 8192,
+        dgram_queue: 1024,
         streams: true,
     }
 }

@@ -118,6 +118,24 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // A failed test shows what the roles printed: the only clue to a failure seen in CI.
+        if std::thread::panicking() {
+            let keep = std::env::temp_dir().join(format!("sluice-failed-{}", self.prefix));
+            let _ = Command::new("cp")
+                .arg("-a")
+                .arg(&self.dir)
+                .arg(&keep)
+                .status();
+            eprintln!("lab files kept in {}", keep.display());
+            for role in ["relay", "connector", "agent"] {
+                let log = self.log(role);
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                eprintln!("---- last lines of {role}.log ----");
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
         let _ = Command::new(BIN)
             .args(["lab", "down", "--prefix", &self.prefix])
             .output();
