@@ -9,15 +9,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::identity::{identity_from_der, Identity, PeerId};
 use crate::msgstream::MessageStream;
+use crate::nat::candidate::Candidate;
+use crate::nat::liveness::Liveness;
+use crate::nat::traversal::{PunchRefused, Traversal, TraversalEvent};
 use crate::session::QuicSession;
 use crate::tls;
 use crate::wire::{
-    put_named_ip_header, ControlMessage, Datagram, WireError, DGRAM_TUNNEL_IP, MAX_TUNNEL_MESSAGE,
-    TUNNEL_IP_OVERHEAD,
+    put_named_ip_header, ControlMessage, Datagram, Punch, WireError, DGRAM_TUNNEL_IP,
+    MAX_TUNNEL_MESSAGE, PUNCH_LEN, TUNNEL_IP_OVERHEAD,
 };
 
 /// The tunnel's message stream: the agent's first bidirectional stream.
@@ -78,8 +81,11 @@ pub enum TunnelEvent {
     Message(ControlMessage),
     /// The connection now runs over this path (after a migration).
     PathChanged(Path),
-    /// (Agent) QUIC could not validate the direct path to this address.
+    /// (Agent) the direct path to this address failed QUIC's validation, or stopped answering
+    /// while in use; the tunnel is on the relay and tries again later.
     DirectFailed(SocketAddr),
+    /// No candidate pair answered the connectivity checks: the tunnel stays on the relay.
+    DirectNotFound,
     Closed(String),
 }
 
@@ -103,6 +109,15 @@ pub enum Path {
     Direct(SocketAddr),
 }
 
+/// The direct-path side of a tunnel: the connectivity checks, and whether the path in use still
+/// answers.
+struct Direct {
+    traversal: Traversal,
+    /// Our UDP socket's address, as quiche names every direct path of this node.
+    local: SocketAddr,
+    liveness: Liveness,
+}
+
 pub struct Tunnel {
     conn: quiche::Connection,
     peer: PeerId,
@@ -113,6 +128,9 @@ pub struct Tunnel {
     events: VecDeque<TunnelEvent>,
     stream: MessageStream,
     path: Path,
+    direct: Option<Direct>,
+    /// The peer's candidates when they came before [`Tunnel::enable_direct`].
+    early_candidates: Option<(u32, u64, Vec<Candidate>)>,
 }
 
 fn random_cid() -> [u8; quiche::MAX_CONN_ID_LEN] {
@@ -173,6 +191,8 @@ impl Tunnel {
             events: VecDeque::new(),
             stream: MessageStream::new(TUNNEL_STREAM, MAX_TUNNEL_MESSAGE),
             path: Path::Relay,
+            direct: None,
+            early_candidates: None,
         }
     }
 
@@ -207,6 +227,9 @@ impl Tunnel {
         if let Err(e) = self.conn.recv(pkt, info) {
             tracing::debug!("tunnel {}: dropped a packet: {e}", self.peer.short());
         }
+        if self.conn.is_server() && self.path != Path::Relay {
+            self.follow_active_path();
+        }
         self.after_io_impl();
     }
 
@@ -214,8 +237,16 @@ impl Tunnel {
     /// `local` address.
     pub fn recv_direct(&mut self, pkt: &mut [u8], from: SocketAddr, local: SocketAddr) {
         let info = quiche::RecvInfo { from, to: local };
-        if let Err(e) = self.conn.recv(pkt, info) {
-            tracing::debug!("tunnel {}: dropped a direct packet: {e}", self.peer.short());
+        match self.conn.recv(pkt, info) {
+            Ok(_) => {
+                if let Some(d) = &mut self.direct {
+                    d.liveness.on_recv();
+                }
+            }
+            Err(e) => tracing::debug!("tunnel {}: dropped a direct packet: {e}", self.peer.short()),
+        }
+        if self.conn.is_server() && self.path != Path::Direct(from) {
+            self.follow_active_path();
         }
         self.after_io_impl();
     }
@@ -228,6 +259,14 @@ impl Tunnel {
     /// (Agent) asks QUIC to validate the direct path from our `local` address to `peer`; once
     /// validated the connection migrates to it ([`TunnelEvent::PathChanged`]).
     pub fn probe_direct(&mut self, local: SocketAddr, peer: SocketAddr) -> Result<(), TunnelError> {
+        if self.conn.is_path_validated(local, peer).unwrap_or(false) {
+            // A path validated before (we left it when it fell silent): quiche does not report
+            // a second validation, and the punch that nominated it just made a round trip.
+            self.conn.migrate(local, peer)?;
+            self.set_path(Path::Direct(peer));
+            self.events.push_back(TunnelEvent::PathChanged(self.path));
+            return Ok(());
+        }
         self.conn.probe_path(local, peer)?;
         Ok(())
     }
@@ -236,7 +275,7 @@ impl Tunnel {
     pub fn use_relay(&mut self) -> Result<(), TunnelError> {
         if self.path != Path::Relay {
             self.conn.migrate(RELAY_PATH_LOCAL, self.relay_path)?;
-            self.path = Path::Relay;
+            self.set_path(Path::Relay);
             self.events.push_back(TunnelEvent::PathChanged(Path::Relay));
         }
         Ok(())
@@ -272,7 +311,7 @@ impl Tunnel {
                     }
                     match self.conn.migrate(local, peer) {
                         Ok(_) => {
-                            self.path = Path::Direct(peer);
+                            self.set_path(Path::Direct(peer));
                             self.events.push_back(TunnelEvent::PathChanged(self.path));
                         }
                         Err(e) => {
@@ -285,17 +324,201 @@ impl Tunnel {
                     }
                 }
                 quiche::PathEvent::FailedValidation(_, peer) if peer != self.relay_path => {
+                    if let Some(d) = &mut self.direct {
+                        d.traversal.direct_failed(Instant::now());
+                    }
                     self.events.push_back(TunnelEvent::DirectFailed(peer));
                 }
-                quiche::PathEvent::PeerMigrated(_, peer) => {
-                    self.path = if peer == self.relay_path {
-                        Path::Relay
-                    } else {
-                        Path::Direct(peer)
-                    };
-                    self.events.push_back(TunnelEvent::PathChanged(self.path));
-                }
+                quiche::PathEvent::PeerMigrated(_, peer) => self.follow_peer(peer),
                 _ => {}
+            }
+        }
+    }
+
+    /// (Connector) the agent's packets now come over the path to `peer`: ours go there too.
+    fn follow_peer(&mut self, peer: SocketAddr) {
+        let path = if peer == self.relay_path {
+            Path::Relay
+        } else {
+            Path::Direct(peer)
+        };
+        if path != self.path {
+            self.set_path(path);
+            self.events.push_back(TunnelEvent::PathChanged(path));
+        }
+    }
+
+    /// (Connector) after a packet from another path than ours: quiche reports a peer's move
+    /// only when it had to validate the path, not when it returns to one it knows.
+    fn follow_active_path(&mut self) {
+        let active = self.conn.path_stats().find(|p| p.active).map(|p| p.peer_addr);
+        if let Some(peer) = active {
+            self.follow_peer(peer);
+        }
+    }
+
+    fn set_path(&mut self, path: Path) {
+        self.path = path;
+        if let Some(d) = &mut self.direct {
+            d.liveness.reset();
+        }
+    }
+
+    /// Starts looking for a direct path (once up): `me` is our peer id, `local` the address of
+    /// our UDP socket (the one every direct path of this node uses), `candidates` our addresses.
+    pub fn enable_direct(
+        &mut self,
+        me: PeerId,
+        local: SocketAddr,
+        candidates: Vec<Candidate>,
+        now: Instant,
+    ) {
+        if self.direct.is_some() {
+            return;
+        }
+        let secret = rand::random::<u64>();
+        let mut traversal = Traversal::new(!self.conn.is_server(), me, self.peer, secret, now);
+        traversal.set_local(candidates, now);
+        if let Some((generation, secret, list)) = self.early_candidates.take() {
+            traversal.on_candidates(generation, secret, &list, now);
+        }
+        self.direct = Some(Direct {
+            traversal,
+            local,
+            liveness: Liveness::default(),
+        });
+        self.drive_direct(now);
+    }
+
+    /// Our addresses changed (a new interface address, or the relay sees us elsewhere): the peer
+    /// hears of it, and checks start over unless a direct path works.
+    pub fn set_candidates(&mut self, candidates: Vec<Candidate>, now: Instant) {
+        if let Some(d) = &mut self.direct {
+            d.traversal.set_local(candidates, now);
+        }
+        self.drive_direct(now);
+    }
+
+    /// Our candidates and the peer's, for display.
+    pub fn candidates(&self) -> Option<(&[Candidate], &[Candidate])> {
+        self.direct
+            .as_ref()
+            .map(|d| (d.traversal.local(), d.traversal.remote()))
+    }
+
+    /// A punch addressed to this tunnel's peer arrived on our socket from `from`.
+    pub fn on_punch(&mut self, from: SocketAddr, p: &Punch, now: Instant) -> Result<(), PunchRefused> {
+        let d = self.direct.as_mut().ok_or(PunchRefused::NotChecking)?;
+        d.traversal.on_punch(from, p)?;
+        self.drive_direct(now);
+        Ok(())
+    }
+
+    /// The next punch to send from our socket.
+    pub fn poll_punch(&mut self) -> Option<(SocketAddr, [u8; PUNCH_LEN])> {
+        self.direct.as_mut()?.traversal.poll_transmit()
+    }
+
+    /// When [`Tunnel::on_direct_timeout`] is due.
+    pub fn direct_deadline(&self) -> Option<Instant> {
+        let d = self.direct.as_ref()?;
+        let checks = d.traversal.timeout();
+        let silence = match self.path {
+            Path::Direct(_) if !self.conn.is_server() => d.liveness.deadline(),
+            _ => None,
+        };
+        match (checks, silence) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Paces the checks and (agent) falls back to the relay when the direct path went silent.
+    pub fn on_direct_timeout(&mut self, now: Instant) {
+        let Some(d) = &mut self.direct else { return };
+        d.traversal.on_timeout(now);
+        if let Path::Direct(addr) = self.path {
+            if !self.conn.is_server() && d.liveness.is_dead(now) {
+                d.traversal.direct_failed(now);
+                self.events.push_back(TunnelEvent::DirectFailed(addr));
+                if let Err(e) = self.use_relay() {
+                    tracing::debug!("tunnel {}: cannot go back to the relay: {e}", self.peer.short());
+                }
+            }
+        }
+        self.drive_direct(now);
+    }
+
+    fn drive_direct(&mut self, now: Instant) {
+        let Some(d) = &mut self.direct else { return };
+        let local = d.local;
+        let mut events = Vec::new();
+        while let Some(ev) = d.traversal.poll_event() {
+            events.push(ev);
+        }
+        for ev in events {
+            match ev {
+                TraversalEvent::SendCandidates(m) => {
+                    if let Err(e) = self.stream.queue(&m) {
+                        tracing::debug!("tunnel {}: cannot send candidates: {e}", self.peer.short());
+                    }
+                }
+                TraversalEvent::Nominate(addr) => {
+                    if let Err(e) = self.probe_direct(local, addr) {
+                        tracing::debug!("tunnel {}: cannot probe {addr}: {e}", self.peer.short());
+                        if let Some(d) = &mut self.direct {
+                            d.traversal.direct_failed(now);
+                        }
+                        self.events.push_back(TunnelEvent::DirectFailed(addr));
+                    }
+                }
+                TraversalEvent::Failed => self.events.push_back(TunnelEvent::DirectNotFound),
+            }
+        }
+        self.stream.flush(&mut self.conn);
+    }
+
+    /// Writes the next QUIC packet for a direct path into `out`: its length and where it goes.
+    pub fn send_direct(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        let local = self.direct.as_ref()?.local;
+        // A handful of paths at most (the active one and one being probed).
+        let mut peers = [None; 4];
+        for (slot, p) in peers.iter_mut().zip(self.conn.paths_iter(local)) {
+            *slot = Some(p);
+        }
+        for to in peers.into_iter().flatten() {
+            match self.conn.send_on_path(out, Some(local), Some(to)) {
+                Ok((n, _)) => {
+                    if self.path == Path::Direct(to) {
+                        if let Some(d) = &mut self.direct {
+                            d.liveness.on_send(now);
+                        }
+                    }
+                    return Some((n, to));
+                }
+                Err(quiche::Error::Done) => {}
+                Err(e) => tracing::debug!("tunnel {}: send to {to} failed: {e}", self.peer.short()),
+            }
+        }
+        None
+    }
+
+    /// Writes the next QUIC packet for the relayed path into `out`.
+    pub fn send_relayed(&mut self, out: &mut [u8]) -> Option<usize> {
+        match self
+            .conn
+            .send_on_path(out, Some(RELAY_PATH_LOCAL), Some(self.relay_path))
+        {
+            Ok((n, _)) => Some(n),
+            Err(quiche::Error::Done) => {
+                // A close we just sent may have made the connection draining.
+                self.after_io_impl();
+                None
+            }
+            Err(e) => {
+                tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
+                self.after_io_impl();
+                None
             }
         }
     }
@@ -414,6 +637,7 @@ impl Tunnel {
         if self.remote.is_none() && self.conn.is_established() {
             self.check_identity();
         }
+        let mut got_candidates = false;
         if self.remote.is_some() {
             self.issue_spare_cids();
             self.on_path_events();
@@ -421,6 +645,18 @@ impl Tunnel {
             self.stream.read(&mut self.conn);
             while let Some(m) = self.stream.next_message() {
                 match m {
+                    Ok(ControlMessage::Candidates {
+                        generation,
+                        secret,
+                        list,
+                    }) => match &mut self.direct {
+                        Some(d) => {
+                            d.traversal
+                                .on_candidates(generation, secret, &list, Instant::now());
+                            got_candidates = true;
+                        }
+                        None => self.early_candidates = Some((generation, secret, list)),
+                    },
                     Ok(m) => self.events.push_back(TunnelEvent::Message(m)),
                     Err(e) => {
                         tracing::warn!(
@@ -432,6 +668,9 @@ impl Tunnel {
                     }
                 }
             }
+        }
+        if got_candidates {
+            self.drive_direct(Instant::now());
         }
         if self.is_closed() && !self.closed_reported {
             self.closed_reported = true;

@@ -484,3 +484,168 @@ fn the_connection_migrates_to_a_direct_path_and_back() {
     assert_eq!(p.conn.path(), Path::Relay);
     assert!(p.agent.is_up() && p.conn.is_up());
 }
+
+/// One side's direct-path plumbing in memory: its UDP socket's address.
+fn deliver_direct(
+    from: &mut Tunnel,
+    from_addr: std::net::SocketAddr,
+    to: &mut Tunnel,
+    to_addr: std::net::SocketAddr,
+    direct_up: bool,
+    now: std::time::Instant,
+) -> (bool, usize) {
+    let mut buf = vec![0u8; 2048];
+    let mut moved = false;
+    let mut relayed = 0;
+    while let Some(n) = from.send_relayed(&mut buf) {
+        moved = true;
+        relayed += 1;
+        to.recv_relayed(&mut buf[..n]);
+    }
+    while let Some((n, dst)) = from.send_direct(&mut buf, now) {
+        moved = true;
+        if direct_up && dst == to_addr {
+            to.recv_direct(&mut buf[..n], from_addr, to_addr);
+        }
+    }
+    while let Some((dst, punch)) = from.poll_punch() {
+        moved = true;
+        if direct_up && dst == to_addr {
+            let p = wire::Punch::parse(&punch).unwrap();
+            to.on_punch(from_addr, &p, now).unwrap();
+        }
+    }
+    (moved, relayed)
+}
+
+/// Moves everything both ways (relayed, direct, punches) until quiet; returns the relayed
+/// packet count.
+fn pump_all(p: &mut Pair, direct_up: bool, now: std::time::Instant) -> usize {
+    let (a, c) = (A_LOCAL.parse().unwrap(), C_LOCAL.parse().unwrap());
+    let mut relayed = 0;
+    for _ in 0..200 {
+        let (m1, r1) = deliver_direct(&mut p.agent, a, &mut p.conn, c, direct_up, now);
+        let (m2, r2) = deliver_direct(&mut p.conn, c, &mut p.agent, a, direct_up, now);
+        relayed += r1 + r2;
+        if !m1 && !m2 {
+            break;
+        }
+    }
+    relayed
+}
+
+/// The whole direct-path cycle of a tunnel, in memory: candidates exchanged inside the tunnel,
+/// punches both ways, the agent nominates, QUIC validates and migrates; when the direct path
+/// falls silent the agent goes back to the relay (no packet lost for the flow), and the retry
+/// 30 s later finds the path again.
+#[test]
+fn checks_find_the_direct_path_and_silence_sends_the_tunnel_back_to_the_relay() {
+    use sluice_dataplane::nat::candidate::{gather, Kind};
+    use sluice_dataplane::nat::liveness::DIRECT_SILENCE;
+    use sluice_dataplane::nat::traversal::{PunchRefused, RETRY_AFTER};
+
+    let d = Dir::new("checks");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &[], day()).unwrap(),
+        "alice",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair(&agent, &conn, "conn-1", None);
+    pump(&mut p);
+    assert!(p.agent.is_up() && p.conn.is_up());
+    events(&mut p.agent);
+    events(&mut p.conn);
+
+    let (a, c): (std::net::SocketAddr, std::net::SocketAddr) =
+        (A_LOCAL.parse().unwrap(), C_LOCAL.parse().unwrap());
+    let now = std::time::Instant::now();
+    // The connector first, as in life: the agent's candidates may reach it at any time.
+    p.conn.enable_direct(
+        conn.identity.peer_id,
+        c,
+        gather(&[c.ip()], c.port(), None),
+        now,
+    );
+    p.agent.enable_direct(
+        agent.identity.peer_id,
+        a,
+        gather(&[a.ip()], a.port(), None),
+        now,
+    );
+    pump_all(&mut p, true, now);
+    assert_eq!(p.agent.path(), Path::Direct(c), "{:?}", events(&mut p.agent));
+    assert_eq!(p.conn.path(), Path::Direct(a));
+    let (local, remote) = p.agent.candidates().unwrap();
+    assert_eq!(local[0].kind, Kind::Host);
+    assert_eq!(remote[0].addr, c);
+
+    // Packets go direct only.
+    let ip = [
+        0x45u8, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    let mut rx = [0u8; 2048];
+    let mut buf = vec![0u8];
+    buf.extend_from_slice(&ip);
+    p.agent.send_ip(&mut buf.clone()).unwrap();
+    assert_eq!(pump_all(&mut p, true, now), 0);
+    assert!(p.conn.recv_ip(&mut rx).is_some());
+    events(&mut p.agent);
+
+    // A punch naming another peer (a NAT gave two peers one address) is refused.
+    let stranger = identity::issue(&ca, Role::Connector, "conn-2", &[], day()).unwrap();
+    let stranger = d.creds(&ca, &stranger, "conn-2").identity.peer_id;
+    let forged = wire::Punch {
+        ack: false,
+        to: agent.identity.peer_id,
+        from: stranger,
+        secret: 0,
+        txid: 1,
+    };
+    assert_eq!(
+        p.agent.on_punch(c, &forged, now),
+        Err(PunchRefused::WrongPeer)
+    );
+
+    // The direct path goes dark while a packet is in flight.
+    p.agent.send_ip(&mut buf.clone()).unwrap();
+    pump_all(&mut p, false, now);
+    let dead_at = p.agent.direct_deadline().expect("silence is watched");
+    assert!(dead_at <= now + DIRECT_SILENCE);
+    p.agent.on_direct_timeout(dead_at);
+    assert_eq!(p.agent.path(), Path::Relay);
+    assert_eq!(
+        path_events(&mut p.agent),
+        [
+            TunnelEvent::DirectFailed(c),
+            TunnelEvent::PathChanged(Path::Relay)
+        ]
+    );
+    // The lost packet is the application's to resend; the next one arrives over the relay.
+    p.agent.send_ip(&mut buf.clone()).unwrap();
+    assert!(pump_all(&mut p, false, dead_at) > 0);
+    let mut got = 0;
+    while p.conn.recv_ip(&mut rx).is_some() {
+        got += 1;
+    }
+    assert!(got >= 1);
+    assert_eq!(p.conn.path(), Path::Relay);
+
+    // The path comes back; the retry (30 s later) finds it again.
+    let retry = p.agent.direct_deadline().expect("a retry is scheduled");
+    assert!(retry >= dead_at + RETRY_AFTER);
+    p.agent.on_direct_timeout(retry);
+    pump_all(&mut p, true, retry);
+    assert_eq!(p.agent.path(), Path::Direct(c), "{:?}", events(&mut p.agent));
+    // The connector follows with the agent's next packet on the path.
+    p.agent.send_ip(&mut buf.clone()).unwrap();
+    assert_eq!(pump_all(&mut p, true, retry), 0);
+    assert!(p.conn.recv_ip(&mut rx).is_some());
+    assert_eq!(p.conn.path(), Path::Direct(a));
+    assert!(p.agent.is_up() && p.conn.is_up());
+}

@@ -63,6 +63,8 @@ pub enum PunchRefused {
     WrongPeer,
     #[error("wrong secret")]
     BadSecret,
+    #[error("no direct path search under way")]
+    NotChecking,
 }
 
 pub struct Traversal {
