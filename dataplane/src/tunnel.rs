@@ -113,6 +113,10 @@ pub struct Tunnel {
     events: VecDeque<TunnelEvent>,
     stream: MessageStream,
     path: Path,
+    /// When `path` last changed (None: never moved off the relay), for status displays.
+    path_changed_at: Option<std::time::Instant>,
+    /// When the handshake finished and the peer checked out.
+    up_at: Option<std::time::Instant>,
 }
 
 fn random_cid() -> [u8; quiche::MAX_CONN_ID_LEN] {
@@ -173,6 +177,8 @@ impl Tunnel {
             events: VecDeque::new(),
             stream: MessageStream::new(TUNNEL_STREAM, MAX_TUNNEL_MESSAGE),
             path: Path::Relay,
+            path_changed_at: None,
+            up_at: None,
         }
     }
 
@@ -237,6 +243,7 @@ impl Tunnel {
         if self.path != Path::Relay {
             self.conn.migrate(RELAY_PATH_LOCAL, self.relay_path)?;
             self.path = Path::Relay;
+            self.path_changed_at = Some(std::time::Instant::now());
             self.events.push_back(TunnelEvent::PathChanged(Path::Relay));
         }
         Ok(())
@@ -273,6 +280,7 @@ impl Tunnel {
                     match self.conn.migrate(local, peer) {
                         Ok(_) => {
                             self.path = Path::Direct(peer);
+                            self.path_changed_at = Some(std::time::Instant::now());
                             self.events.push_back(TunnelEvent::PathChanged(self.path));
                         }
                         Err(e) => {
@@ -293,6 +301,7 @@ impl Tunnel {
                     } else {
                         Path::Direct(peer)
                     };
+                    self.path_changed_at = Some(std::time::Instant::now());
                     self.events.push_back(TunnelEvent::PathChanged(self.path));
                 }
                 _ => {}
@@ -476,7 +485,28 @@ impl Tunnel {
             }
         }
         self.remote = Some(id.clone());
+        self.up_at = Some(std::time::Instant::now());
         self.events.push_back(TunnelEvent::Up(id));
+    }
+
+    /// Counters for status displays: QUIC packets and bytes (UDP payloads, on every path,
+    /// retransmissions included) and the active path's RTT.
+    pub fn stats(&self) -> TunnelStats {
+        let s = self.conn.stats();
+        // The active path's estimate; the first path's while none is active yet.
+        let rtt = (self.conn.path_stats().find(|p| p.active))
+            .or_else(|| self.conn.path_stats().next())
+            .map(|p| p.rtt);
+        TunnelStats {
+            path: self.path,
+            rtt,
+            bytes_sent: s.sent_bytes,
+            bytes_received: s.recv_bytes,
+            packets_sent: s.sent as u64,
+            packets_received: s.recv as u64,
+            path_changed_at: self.path_changed_at,
+            up_at: self.up_at,
+        }
     }
 }
 
@@ -490,4 +520,20 @@ impl QuicSession for Tunnel {
     fn after_io(&mut self) {
         self.after_io_impl();
     }
+}
+
+/// A tunnel's counters at one moment ([`Tunnel::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TunnelStats {
+    pub path: Path,
+    /// Round-trip time on the active path, once measured.
+    pub rtt: Option<Duration>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    /// When the path last changed; None if the tunnel never left the relay.
+    pub path_changed_at: Option<std::time::Instant>,
+    /// When the tunnel came up; None while it is still connecting.
+    pub up_at: Option<std::time::Instant>,
 }
