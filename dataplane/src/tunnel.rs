@@ -131,6 +131,10 @@ pub struct Tunnel {
     direct: Option<Direct>,
     /// The peer's candidates when they came before [`Tunnel::enable_direct`].
     early_candidates: Option<(u32, u64, Vec<Candidate>)>,
+    /// When `path` last changed (None: never moved off the relay), for status displays.
+    path_changed_at: Option<Instant>,
+    /// When the handshake finished and the peer checked out.
+    up_at: Option<Instant>,
 }
 
 fn random_cid() -> [u8; quiche::MAX_CONN_ID_LEN] {
@@ -193,6 +197,8 @@ impl Tunnel {
             path: Path::Relay,
             direct: None,
             early_candidates: None,
+            path_changed_at: None,
+            up_at: None,
         }
     }
 
@@ -351,7 +357,11 @@ impl Tunnel {
     /// (Connector) after a packet from another path than ours: quiche reports a peer's move
     /// only when it had to validate the path, not when it returns to one it knows.
     fn follow_active_path(&mut self) {
-        let active = self.conn.path_stats().find(|p| p.active).map(|p| p.peer_addr);
+        let active = self
+            .conn
+            .path_stats()
+            .find(|p| p.active)
+            .map(|p| p.peer_addr);
         if let Some(peer) = active {
             self.follow_peer(peer);
         }
@@ -359,6 +369,7 @@ impl Tunnel {
 
     fn set_path(&mut self, path: Path) {
         self.path = path;
+        self.path_changed_at = Some(Instant::now());
         if let Some(d) = &mut self.direct {
             d.liveness.reset();
         }
@@ -407,7 +418,12 @@ impl Tunnel {
     }
 
     /// A punch addressed to this tunnel's peer arrived on our socket from `from`.
-    pub fn on_punch(&mut self, from: SocketAddr, p: &Punch, now: Instant) -> Result<(), PunchRefused> {
+    pub fn on_punch(
+        &mut self,
+        from: SocketAddr,
+        p: &Punch,
+        now: Instant,
+    ) -> Result<(), PunchRefused> {
         let d = self.direct.as_mut().ok_or(PunchRefused::NotChecking)?;
         d.traversal.on_punch(from, p)?;
         self.drive_direct(now);
@@ -442,7 +458,10 @@ impl Tunnel {
                 d.traversal.direct_failed(now);
                 self.events.push_back(TunnelEvent::DirectFailed(addr));
                 if let Err(e) = self.use_relay() {
-                    tracing::debug!("tunnel {}: cannot go back to the relay: {e}", self.peer.short());
+                    tracing::debug!(
+                        "tunnel {}: cannot go back to the relay: {e}",
+                        self.peer.short()
+                    );
                 }
             }
         }
@@ -460,7 +479,10 @@ impl Tunnel {
             match ev {
                 TraversalEvent::SendCandidates(m) => {
                     if let Err(e) = self.stream.queue(&m) {
-                        tracing::debug!("tunnel {}: cannot send candidates: {e}", self.peer.short());
+                        tracing::debug!(
+                            "tunnel {}: cannot send candidates: {e}",
+                            self.peer.short()
+                        );
                     }
                 }
                 TraversalEvent::Nominate(addr) => {
@@ -715,7 +737,28 @@ impl Tunnel {
             }
         }
         self.remote = Some(id.clone());
+        self.up_at = Some(Instant::now());
         self.events.push_back(TunnelEvent::Up(id));
+    }
+
+    /// Counters for status displays: QUIC packets and bytes (UDP payloads, on every path,
+    /// retransmissions included) and the active path's RTT.
+    pub fn stats(&self) -> TunnelStats {
+        let s = self.conn.stats();
+        // The active path's estimate; the first path's while none is active yet.
+        let rtt = (self.conn.path_stats().find(|p| p.active))
+            .or_else(|| self.conn.path_stats().next())
+            .map(|p| p.rtt);
+        TunnelStats {
+            path: self.path,
+            rtt,
+            bytes_sent: s.sent_bytes,
+            bytes_received: s.recv_bytes,
+            packets_sent: s.sent as u64,
+            packets_received: s.recv as u64,
+            path_changed_at: self.path_changed_at,
+            up_at: self.up_at,
+        }
     }
 }
 
@@ -729,4 +772,20 @@ impl QuicSession for Tunnel {
     fn after_io(&mut self) {
         self.after_io_impl();
     }
+}
+
+/// A tunnel's counters at one moment ([`Tunnel::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TunnelStats {
+    pub path: Path,
+    /// Round-trip time on the active path, once measured.
+    pub rtt: Option<Duration>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub packets_sent: u64,
+    pub packets_received: u64,
+    /// When the path last changed; None if the tunnel never left the relay.
+    pub path_changed_at: Option<Instant>,
+    /// When the tunnel came up; None while it is still connecting.
+    pub up_at: Option<Instant>,
 }

@@ -579,7 +579,12 @@ fn checks_find_the_direct_path_and_silence_sends_the_tunnel_back_to_the_relay() 
         now,
     );
     pump_all(&mut p, true, now);
-    assert_eq!(p.agent.path(), Path::Direct(c), "{:?}", events(&mut p.agent));
+    assert_eq!(
+        p.agent.path(),
+        Path::Direct(c),
+        "{:?}",
+        events(&mut p.agent)
+    );
     assert_eq!(p.conn.path(), Path::Direct(a));
     let (local, remote) = p.agent.candidates().unwrap();
     assert_eq!(local[0].kind, Kind::Host);
@@ -641,11 +646,71 @@ fn checks_find_the_direct_path_and_silence_sends_the_tunnel_back_to_the_relay() 
     assert!(retry >= dead_at + RETRY_AFTER);
     p.agent.on_direct_timeout(retry);
     pump_all(&mut p, true, retry);
-    assert_eq!(p.agent.path(), Path::Direct(c), "{:?}", events(&mut p.agent));
+    assert_eq!(
+        p.agent.path(),
+        Path::Direct(c),
+        "{:?}",
+        events(&mut p.agent)
+    );
     // The connector follows with the agent's next packet on the path.
     p.agent.send_ip(&mut buf.clone()).unwrap();
     assert_eq!(pump_all(&mut p, true, retry), 0);
     assert!(p.conn.recv_ip(&mut rx).is_some());
     assert_eq!(p.conn.path(), Path::Direct(a));
     assert!(p.agent.is_up() && p.conn.is_up());
+}
+
+/// `stats()` counts what the connection carried and remembers when the path last changed.
+#[test]
+fn stats_count_traffic_and_path_switches() {
+    let d = Dir::new("stats");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &[], day()).unwrap(),
+        "alice",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair(&agent, &conn, "conn-1", None);
+    let before = p.agent.stats();
+    assert_eq!(before.up_at, None);
+    pump(&mut p);
+    let up = p.agent.stats();
+    assert!(up.up_at.is_some());
+    assert_eq!(up.path, Path::Relay);
+    assert_eq!(up.path_changed_at, None, "never switched yet");
+    assert!(up.rtt.is_some());
+    assert!(up.bytes_sent > 0 && up.bytes_received > 0);
+    assert!(up.packets_sent > 0 && up.packets_received > 0);
+
+    let ip = [
+        0x45u8, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    let mut buf = vec![0u8];
+    buf.extend_from_slice(&ip);
+    p.agent.send_ip(&mut buf).unwrap();
+    pump(&mut p);
+    let after = p.agent.stats();
+    assert!(after.bytes_sent > up.bytes_sent);
+    assert!(after.packets_sent > up.packets_sent);
+    assert!(p.conn.stats().bytes_received >= after.bytes_sent - up.bytes_sent);
+
+    let (a, c) = (A_LOCAL.parse().unwrap(), C_LOCAL.parse().unwrap());
+    p.agent.probe_direct(a, c).unwrap();
+    pump_paths(&mut p, true);
+    let direct = p.agent.stats();
+    assert_eq!(direct.path, Path::Direct(c));
+    let switched = direct.path_changed_at.expect("switch to direct recorded");
+    // The connector follows the agent's migration and records it too.
+    assert!(p.conn.stats().path_changed_at.is_some());
+
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    p.agent.use_relay().unwrap();
+    let back = p.agent.stats();
+    assert_eq!(back.path, Path::Relay);
+    assert!(back.path_changed_at.expect("switch back recorded") > switched);
 }

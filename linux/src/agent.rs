@@ -99,6 +99,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if let Some(p) = args.policy {
         cfg.policy = p;
     }
+    if let Some(p) = args.status_socket {
+        cfg.status_socket = p;
+    }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
     cfg.validate(&origin)?;
     let creds = node::credentials(&cfg.identity(), Role::Agent)?;
@@ -164,6 +167,25 @@ pub fn run(args: AgentArgs) -> Result<()> {
             cfg.relay
         );
         let link = ControlLink::new(control_cfg, local, cfg.relay);
+        // `sluice status` reads the snapshot the agent publishes once a second.
+        let (status_tx, status_rx) = tokio::sync::watch::channel(crate::status::AgentStatus {
+            name: creds.identity.name.clone(),
+            peer_id: creds.identity.peer_id.to_string(),
+            relay: link.status(),
+            tunnels: Vec::new(),
+        });
+        // Held until the agent stops, which removes the socket file. Without it the tunnels
+        // still work, so a bad path is a warning, not a reason to refuse to start.
+        let _status_server = match crate::status::serve(&cfg.status_socket, status_rx) {
+            Ok(s) => {
+                tracing::info!("status socket {}", cfg.status_socket.display());
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!("no status socket, `sluice status` cannot reach this agent: {e}");
+                None
+            }
+        };
         let subject = watcher
             .policy()
             .subject(&creds.identity.name, &creds.identity.groups);
@@ -199,6 +221,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
             next_reload_check: Instant::now() + RELOAD_EVERY,
             dns_pending: HashMap::new(),
             next_dns_id: 0,
+            status_tx,
+            name: creds.identity.name.clone(),
+            peer_id: creds.identity.peer_id,
         };
         tokio::select! {
             r = agent.run(&dev, &socket, ask_rx) => r,
@@ -271,6 +296,11 @@ struct Agent {
     /// DNS queries sent to connectors, by request id, and where their answers go.
     dns_pending: HashMap<u32, oneshot::Sender<ConnectorReply>>,
     next_dns_id: u32,
+    /// Publishes [`Agent::status`] for `sluice status`, once a second.
+    status_tx: tokio::sync::watch::Sender<crate::status::AgentStatus>,
+    /// This agent's certificate name and peer id, for the status.
+    name: String,
+    peer_id: PeerId,
 }
 
 impl Agent {
@@ -359,6 +389,7 @@ impl Agent {
                 let st = &mut *st;
                 st.flows.sweep(&mut st.pool, now_unix().max(0) as u64);
             }
+            let _ = self.status_tx.send(self.status());
         }
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
@@ -834,5 +865,76 @@ impl Agent {
             .filter_map(|s| s.tunnel.as_mut())
             .collect();
         node::flush(&mut self.link, &mut tunnels, socket, &mut self.out).await;
+    }
+
+    /// A snapshot for `sluice status`: the relay link and the tunnel of every connector used.
+    fn status(&self) -> crate::status::AgentStatus {
+        use crate::status::{millis, secs, PathKind, TunnelState, TunnelStatus};
+        use sluice_dataplane::tunnel::Path;
+        let now = Instant::now();
+        let age = |t: Instant| secs(now.saturating_duration_since(t));
+        let tunnels = self
+            .slots
+            .iter()
+            .map(|s| {
+                let Some(t) = &s.tunnel else {
+                    // Closed tunnels are dropped; the slot says whether a new one is coming.
+                    let coming = s.waiting() || s.lookup_sent.is_some();
+                    return TunnelStatus {
+                        connector: s.name.clone(),
+                        peer_id: None,
+                        state: if coming {
+                            TunnelState::Connecting
+                        } else {
+                            TunnelState::Closed
+                        },
+                        path: PathKind::Relay,
+                        direct_addr: None,
+                        candidate_pair: None,
+                        rtt_ms: None,
+                        bytes_sent: 0,
+                        bytes_received: 0,
+                        packets_sent: 0,
+                        packets_received: 0,
+                        since_switch_secs: None,
+                        up_secs: 0.0,
+                    };
+                };
+                let st = t.stats();
+                let (path, direct_addr) = match st.path {
+                    Path::Relay => (PathKind::Relay, None),
+                    Path::Direct(a) => (PathKind::Direct, Some(a.to_string())),
+                };
+                let state = if t.is_closed() {
+                    TunnelState::Closed
+                } else if t.is_up() {
+                    TunnelState::Up
+                } else {
+                    TunnelState::Connecting
+                };
+                TunnelStatus {
+                    connector: s.name.clone(),
+                    peer_id: Some(t.peer().to_string()),
+                    state,
+                    path,
+                    direct_addr,
+                    candidate_pair: None,
+                    // Before the handshake quiche reports its initial guess, not a measurement.
+                    rtt_ms: st.rtt.filter(|_| t.is_up()).map(millis),
+                    bytes_sent: st.bytes_sent,
+                    bytes_received: st.bytes_received,
+                    packets_sent: st.packets_sent,
+                    packets_received: st.packets_received,
+                    since_switch_secs: st.path_changed_at.map(age),
+                    up_secs: st.up_at.map_or(0.0, age),
+                }
+            })
+            .collect();
+        crate::status::AgentStatus {
+            name: self.name.clone(),
+            peer_id: self.peer_id.to_string(),
+            relay: self.link.status(),
+            tunnels,
+        }
     }
 }

@@ -163,6 +163,13 @@ pub struct AgentConfig {
     /// Split DNS: the agent answers for resource hostnames itself.
     #[serde(default)]
     pub dns: DnsConfig,
+    /// Unix socket where `sluice status` reads the agent's tunnels (mode 0600).
+    #[serde(default = "default_status_socket")]
+    pub status_socket: PathBuf,
+}
+
+fn default_status_socket() -> PathBuf {
+    PathBuf::from(crate::status::DEFAULT_SOCKET)
 }
 
 /// The agent's DNS server, on its tunnel IPv4 address, port 53.
@@ -275,6 +282,19 @@ mod tests {
         .0;
         assert!(e.starts_with("a.yaml:1:"), "{e}");
         assert!(e.contains("`relay`"), "{e}");
+    }
+
+    #[test]
+    fn status_socket_defaults_and_overrides() {
+        let base = "relay: 192.0.2.1:4433\ncert: a\nkey: b\nca: c\npolicy: p.yaml\n";
+        let a: AgentConfig = parse(base, "a.yaml").unwrap();
+        assert_eq!(a.status_socket, Path::new("/run/sluice/agent.sock"));
+        let a: AgentConfig = parse(
+            &format!("{base}status_socket: /tmp/x/agent.sock\n"),
+            "a.yaml",
+        )
+        .unwrap();
+        assert_eq!(a.status_socket, Path::new("/tmp/x/agent.sock"));
     }
 
     #[test]

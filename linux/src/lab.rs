@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use serde::Serialize;
 
 use crate::ca;
 use crate::lab_nat::{self, NatConfig, NatType, Side, SIDES};
@@ -36,6 +37,16 @@ pub struct LabOpts {
     /// Do not start relay, connector and agent (just the network and the services).
     #[arg(long)]
     pub no_roles: bool,
+}
+
+#[derive(Args, Clone)]
+pub struct StatusOpts {
+    #[command(flatten)]
+    pub lab: LabOpts,
+    /// Print JSON: what runs where, and the lab agent's tunnels as `sluice status --json`
+    /// shows them (key `agent`).
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -117,6 +128,11 @@ impl Lab {
             "agent" => "agent",
             other => other,
         })
+    }
+
+    /// The lab agent's status socket (`sluice status --socket`).
+    pub fn status_socket(&self) -> PathBuf {
+        self.dir.join("agent.sock")
     }
 
     pub fn ns_exists(&self, short: &str) -> bool {
@@ -398,8 +414,10 @@ fn write_configs(lab: &Lab) -> Result<()> {
     write(
         "agent.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\n",
-            files("lab-agent")
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\nstatus_socket: {}\n",
+            files("lab-agent"),
+            // In the lab's directory, so labs side by side each have their own.
+            lab.status_socket().display()
         ),
     )?;
     let www = lab.dir.join("www");
@@ -699,21 +717,38 @@ pub fn down(o: &LabOpts) -> Result<()> {
     Ok(())
 }
 
-fn print_status(lab: &Lab) {
-    // A side is behind a router when the router's namespace exists, whatever the file says.
-    let behind = |side: Side| lab.ns_exists(side.site().router);
+/// One process of the lab, as `sluice lab status` lists it.
+#[derive(Serialize)]
+struct ProcessRow {
+    name: &'static str,
+    namespace: String,
+    pid: Option<u32>,
+    /// "running", "exited", or "not started".
+    state: &'static str,
+    address: String,
+}
+
+/// One side's NAT router, when some side is behind one.
+#[derive(Serialize)]
+struct NatRow {
+    side: &'static str,
+    /// The router's namespace; None when this side sits directly on the bridge.
+    router: Option<String>,
+    /// The NAT type ("none" when on the bridge, "unknown" when the lab's file is missing).
+    #[serde(rename = "type")]
+    nat_type: String,
+    addresses: String,
+}
+
+fn process_rows(lab: &Lab) -> Vec<ProcessRow> {
     let side_addr = |side: Side| {
         let s = side.site();
-        if behind(side) {
+        if lab.ns_exists(s.router) {
             format!("{} behind NAT {}", s.host, s.wan)
         } else {
             s.direct.to_string()
         }
     };
-    println!(
-        "{:<12} {:<14} {:<8} {:<8} address",
-        "role", "namespace", "pid", "state"
-    );
     let rows = [
         ("relay", "relay", format!("{RELAY_ADDR}:{RELAY_PORT}/udp")),
         (
@@ -748,50 +783,130 @@ fn print_status(lab: &Lab) {
             format!("{UPSTREAM_DNS}:53 ({})", PUBLIC_NAME.0),
         ),
     ];
-    for (name, short, addr) in rows {
-        let pid = read_pid(lab, name);
-        let state = match pid {
-            Some(p) if pid_alive(p) => "running",
-            Some(_) => "exited",
-            None => "-",
-        };
-        let pid = pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
-        println!(
-            "{name:<12} {:<14} {pid:<8} {state:<8} {addr}",
-            lab.ns(short)
-        );
+    rows.into_iter()
+        .map(|(name, short, address)| {
+            let pid = read_pid(lab, name);
+            let state = match pid {
+                Some(p) if pid_alive(p) => "running",
+                Some(_) => "exited",
+                None => "not started",
+            };
+            ProcessRow {
+                name,
+                namespace: lab.ns(short),
+                pid,
+                state,
+                address,
+            }
+        })
+        .collect()
+}
+
+/// Each side's NAT, or None when neither side is behind a router.
+fn nat_rows(lab: &Lab) -> Option<Vec<NatRow>> {
+    // A side is behind a router when the router's namespace exists, whatever the file says.
+    let behind = |side: Side| lab.ns_exists(side.site().router);
+    if !SIDES.into_iter().any(behind) {
+        return None;
     }
-    if SIDES.into_iter().any(behind) {
-        let nat = NatConfig::read(lab);
-        println!("{:<12} {:<14} {:<19} addresses", "NAT of", "router", "type");
-        for side in SIDES {
+    let nat = NatConfig::read(lab);
+    let rows = SIDES
+        .into_iter()
+        .map(|side| {
             let s = side.site();
             if behind(side) {
-                let t = nat.map_or("unknown", |n| n.of(side).as_str());
-                println!(
-                    "{:<12} {:<14} {t:<19} wan {}, lan {}/24 in front of {}",
-                    side.as_str(),
-                    lab.ns(s.router),
-                    s.wan,
-                    s.gateway,
-                    s.host
-                );
+                NatRow {
+                    side: side.as_str(),
+                    router: Some(lab.ns(s.router)),
+                    nat_type: nat.map_or("unknown", |n| n.of(side).as_str()).to_string(),
+                    addresses: format!(
+                        "wan {}, lan {}/24 in front of {}",
+                        s.wan, s.gateway, s.host
+                    ),
+                }
             } else {
-                println!(
-                    "{:<12} {:<14} {:<19} {} on the bridge",
-                    side.as_str(),
-                    "-",
-                    "none",
-                    s.direct
-                );
+                NatRow {
+                    side: side.as_str(),
+                    router: None,
+                    nat_type: "none".into(),
+                    addresses: format!("{} on the bridge", s.direct),
+                }
             }
+        })
+        .collect();
+    Some(rows)
+}
+
+fn print_status(lab: &Lab) {
+    println!(
+        "{:<12} {:<14} {:<8} {:<8} address",
+        "role", "namespace", "pid", "state"
+    );
+    for r in process_rows(lab) {
+        let pid = r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+        let state = if r.pid.is_none() { "-" } else { r.state };
+        println!(
+            "{:<12} {:<14} {pid:<8} {state:<8} {}",
+            r.name, r.namespace, r.address
+        );
+    }
+    if let Some(rows) = nat_rows(lab) {
+        println!("{:<12} {:<14} {:<19} addresses", "NAT of", "router", "type");
+        for r in rows {
+            println!(
+                "{:<12} {:<14} {:<19} {}",
+                r.side,
+                r.router.as_deref().unwrap_or("-"),
+                r.nat_type,
+                r.addresses
+            );
         }
     }
     println!("logs: {}/*.log", lab.dir.display());
 }
 
-pub fn status(o: &LabOpts) -> Result<()> {
-    let lab = Lab::from_opts(o)?;
+/// `sluice lab status --json`.
+#[derive(Serialize)]
+struct LabStatus {
+    prefix: String,
+    dir: PathBuf,
+    /// Whether any of the lab's namespaces exists.
+    up: bool,
+    processes: Vec<ProcessRow>,
+    nat: Option<Vec<NatRow>>,
+    /// The lab agent's status, as `sluice status --json` prints it; null when unreadable.
+    agent: Option<crate::status::AgentStatus>,
+    /// Why `agent` is null.
+    agent_error: Option<String>,
+}
+
+fn lab_status(lab: &Lab) -> LabStatus {
+    let up = lab.any_ns_exists();
+    let (agent, agent_error) = if !up {
+        (None, Some("the lab is not up".to_string()))
+    } else {
+        match crate::status::fetch(&lab.status_socket()) {
+            Ok(a) => (Some(a), None),
+            Err(e) => (None, Some(e.to_string())),
+        }
+    };
+    LabStatus {
+        prefix: lab.prefix.clone(),
+        dir: lab.dir.clone(),
+        up,
+        processes: if up { process_rows(lab) } else { Vec::new() },
+        nat: if up { nat_rows(lab) } else { None },
+        agent,
+        agent_error,
+    }
+}
+
+pub fn status(o: &StatusOpts) -> Result<()> {
+    let lab = Lab::from_opts(&o.lab)?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&lab_status(&lab))?);
+        return Ok(());
+    }
     if !lab.any_ns_exists() {
         println!(
             "lab {} is not up (start it with `sluice lab up`)",

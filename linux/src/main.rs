@@ -13,6 +13,7 @@ mod policy_cmd;
 mod relay;
 mod remote_dns;
 mod resolvconf;
+mod status;
 mod tun;
 
 use std::net::SocketAddr;
@@ -40,6 +41,8 @@ enum Cmd {
     Connector(ConnectorArgs),
     /// Run the agent: a TUN device whose resource traffic goes through tunnels to connectors.
     Agent(AgentArgs),
+    /// Show a running agent's tunnels: path (direct or relay), RTT, bytes each way.
+    Status(status::StatusArgs),
     /// Create the organisation CA and issue node certificates.
     #[command(subcommand)]
     Ca(CaCmd),
@@ -140,6 +143,9 @@ pub struct AgentArgs {
     /// Access policy file; overrides `policy`.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Unix socket for `sluice status`; overrides `status_socket`.
+    #[arg(long)]
+    pub status_socket: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -195,8 +201,8 @@ pub enum LabCmd {
     Up(lab::UpOpts),
     /// Stop everything the lab started and delete its namespaces (safe to run any time).
     Down(lab::LabOpts),
-    /// Say what runs where.
-    Status(lab::LabOpts),
+    /// Say what runs where (--json: also the lab agent's tunnels).
+    Status(lab::StatusOpts),
     /// Measure each side's NAT in RFC 4787 terms (mapping and filtering behaviour).
     NatProbe(lab_nat::ProbeOpts),
 }
@@ -214,7 +220,10 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Policy(_) | Cmd::Ca(_) | Cmd::Lab(_)) {
+    if matches!(
+        cli.cmd,
+        Cmd::Policy(_) | Cmd::Ca(_) | Cmd::Lab(_) | Cmd::Status(_)
+    ) {
         // Commands that print: `| head` closing the pipe ends them quietly, as for any Unix
         // tool. The long-running roles keep Rust's default (SIGPIPE ignored), so a write to a
         // closed socket is an error to handle, not a death.
@@ -228,6 +237,7 @@ fn main() -> ExitCode {
         Cmd::Relay(a) => relay::run(a),
         Cmd::Connector(a) => connector::run(a),
         Cmd::Agent(a) => agent::run(a),
+        Cmd::Status(a) => status::run(a),
         Cmd::Ca(c) => ca::run(c),
         Cmd::Policy(c) => {
             return match policy_cmd::run(c) {

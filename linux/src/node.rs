@@ -300,6 +300,16 @@ impl ControlLink {
             self.schedule_retry(Instant::now());
         }
     }
+
+    /// The relay, whether the control connection is up, and where the relay sees us.
+    pub fn status(&self) -> crate::status::RelayStatus {
+        let up = self.client.as_ref().filter(|c| c.is_connected());
+        crate::status::RelayStatus {
+            addr: self.relay.to_string(),
+            connected: up.is_some(),
+            observed_addr: up.and_then(|c| c.observed_addr()).map(|a| a.to_string()),
+        }
+    }
 }
 
 /// Sends what the tunnels and the control link have queued: tunnel packets for the relayed

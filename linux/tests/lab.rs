@@ -453,3 +453,128 @@ for p in [b"\x00", b"\x45\x00\x00", b"\x60\x00", b"garbage!" * 10, b"\x45" + b"\
     assert!(malformed >= 5, "malformed packets not counted:\n{log}");
     let _ = fs::remove_dir_all(&tmp);
 }
+
+/// `sluice ARGS`, run outside the namespaces (the agent's status socket is just a file).
+fn sluice(args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).output().unwrap()
+}
+
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}):\n{}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn status_after_a_page_shows_the_relayed_tunnel() {
+    require_root();
+    let lab = Lab::up("tstat-");
+    let out = lab.curl(&format!("http://{SVC}/"), "5");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let sock = lab.dir.join("agent.sock");
+    let sock = sock.to_str().unwrap();
+    // The agent publishes a snapshot once a second: wait for one with the tunnel up.
+    let t0 = Instant::now();
+    let st = loop {
+        let st = json_of(&sluice(&["status", "--socket", sock, "--json"]));
+        if st["tunnels"][0]["state"] == "up" || t0.elapsed() > Duration::from_secs(5) {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(st["name"], "lab-agent", "{st:#}");
+    assert_eq!(st["relay"]["connected"], true, "{st:#}");
+    let tunnels = st["tunnels"].as_array().unwrap();
+    assert_eq!(tunnels.len(), 1, "{st:#}");
+    let t = &tunnels[0];
+    assert_eq!(t["connector"], "lab-connector", "{st:#}");
+    assert_eq!(t["state"], "up", "{st:#}");
+    assert_eq!(t["path"], "relay", "{st:#}");
+    assert!(t["direct_addr"].is_null(), "{st:#}");
+    assert!(t["bytes_sent"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(t["bytes_received"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(t["packets_received"].as_u64().unwrap() > 0, "{st:#}");
+    assert!(t["rtt_ms"].as_f64().is_some_and(|r| r > 0.0), "{st:#}");
+    assert!(t["since_switch_secs"].is_null(), "{st:#}");
+
+    // The human form, found through the agent's config as an admin would.
+    let cfg = lab.dir.join("agent.yaml");
+    let out = sluice(&["status", "--config", cfg.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("lab-connector"))
+        .unwrap_or_else(|| panic!("no row for the connector:\n{text}"));
+    assert!(row.contains(" up ") && row.contains(" relay "), "{text}");
+    assert!(row.contains(" ms") && row.contains("KiB"), "{text}");
+
+    // `sluice lab status --json` carries the same status under `agent`.
+    let ls = json_of(&sluice(&[
+        "lab",
+        "status",
+        "--json",
+        "--prefix",
+        &lab.prefix,
+    ]));
+    assert_eq!(ls["up"], true, "{ls:#}");
+    assert!(ls["agent_error"].is_null(), "{ls:#}");
+    assert_eq!(ls["agent"]["tunnels"][0]["connector"], "lab-connector");
+    assert_eq!(ls["agent"]["tunnels"][0]["path"], "relay");
+    assert!(
+        ls["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "agent" && p["state"] == "running"),
+        "{ls:#}"
+    );
+
+    // A stopped agent takes its socket with it, and both commands say so.
+    lab.stop("agent", "TERM");
+    assert!(!PathBuf::from(sock).exists(), "socket left behind");
+    let out = sluice(&["status", "--socket", sock]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no agent running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ls = json_of(&sluice(&[
+        "lab",
+        "status",
+        "--json",
+        "--prefix",
+        &lab.prefix,
+    ]));
+    assert!(ls["agent"].is_null(), "{ls:#}");
+    assert!(
+        ls["agent_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no agent running")),
+        "{ls:#}"
+    );
+}
+
+#[test]
+fn status_without_an_agent_says_so() {
+    let out = sluice(&["status", "--socket", "/nonexistent"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "error: no agent running (no socket at /nonexistent); is `sluice agent` running?"
+    );
+    assert!(out.stdout.is_empty());
+}
