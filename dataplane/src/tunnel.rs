@@ -245,8 +245,11 @@ impl Tunnel {
         let info = quiche::RecvInfo { from, to: local };
         match self.conn.recv(pkt, info) {
             Ok(_) => {
-                if let Some(d) = &mut self.direct {
-                    d.liveness.on_recv();
+                if self.path == Path::Direct(from) {
+                    let pto = self.pto_total();
+                    if let Some(d) = &mut self.direct {
+                        d.liveness.on_recv(Instant::now(), pto);
+                    }
                 }
             }
             Err(e) => tracing::debug!("tunnel {}: dropped a direct packet: {e}", self.peer.short()),
@@ -368,20 +371,44 @@ impl Tunnel {
     }
 
     fn set_path(&mut self, path: Path) {
-        self.path = path;
-        self.path_changed_at = Some(Instant::now());
-        if let Some(d) = &mut self.direct {
-            d.liveness.reset();
+        if !self.conn.is_server() {
+            // The connector moves to our new path on the first packet it gets there; we may
+            // have nothing to send for a while (a download only needs ACKs, and none are due
+            // when the old path stopped delivering), so say something now.
+            if let Err(e) = self.conn.send_ack_eliciting() {
+                tracing::debug!(
+                    "tunnel {}: cannot ping the new path: {e}",
+                    self.peer.short()
+                );
+            }
         }
+        self.path = path;
+        let now = Instant::now();
+        self.path_changed_at = Some(now);
+        let pto = self.pto_total();
+        if let Some(d) = &mut self.direct {
+            d.liveness = Liveness::new(now, pto);
+        }
+    }
+
+    /// Probe timeouts so far on the active path.
+    fn pto_total(&self) -> usize {
+        self.conn
+            .path_stats()
+            .find(|p| p.active)
+            .map_or(0, |p| p.total_pto_count)
     }
 
     /// Starts looking for a direct path (once up): `me` is our peer id, `local` the address of
     /// our UDP socket (the one every direct path of this node uses), `candidates` our addresses.
+    /// Remote addresses in `exclude` are never tried (the agent passes the networks its TUN
+    /// routes: a direct path there would run inside this very tunnel).
     pub fn enable_direct(
         &mut self,
         me: PeerId,
         local: SocketAddr,
         candidates: Vec<Candidate>,
+        exclude: Vec<ipnet::IpNet>,
         now: Instant,
     ) {
         if self.direct.is_some() {
@@ -389,6 +416,7 @@ impl Tunnel {
         }
         let secret = rand::random::<u64>();
         let mut traversal = Traversal::new(!self.conn.is_server(), me, self.peer, secret, now);
+        traversal.exclude(exclude);
         traversal.set_local(candidates, now);
         if let Some((generation, secret, list)) = self.early_candidates.take() {
             traversal.on_candidates(generation, secret, &list, now);
@@ -396,7 +424,7 @@ impl Tunnel {
         self.direct = Some(Direct {
             traversal,
             local,
-            liveness: Liveness::default(),
+            liveness: Liveness::new(now, 0),
         });
         self.drive_direct(now);
     }
@@ -408,6 +436,13 @@ impl Tunnel {
             d.traversal.set_local(candidates, now);
         }
         self.drive_direct(now);
+    }
+
+    /// The networks whose addresses are never tried changed (the agent's routes did).
+    pub fn exclude_from_direct(&mut self, nets: Vec<ipnet::IpNet>) {
+        if let Some(d) = &mut self.direct {
+            d.traversal.exclude(nets);
+        }
     }
 
     /// Our candidates and the peer's, for display.
@@ -440,7 +475,7 @@ impl Tunnel {
         let d = self.direct.as_ref()?;
         let checks = d.traversal.timeout();
         let silence = match self.path {
-            Path::Direct(_) if !self.conn.is_server() => d.liveness.deadline(),
+            Path::Direct(_) if !self.conn.is_server() => d.liveness.deadline(self.pto_total()),
             _ => None,
         };
         match (checks, silence) {
@@ -451,10 +486,11 @@ impl Tunnel {
 
     /// Paces the checks and (agent) falls back to the relay when the direct path went silent.
     pub fn on_direct_timeout(&mut self, now: Instant) {
+        let pto = self.pto_total();
         let Some(d) = &mut self.direct else { return };
         d.traversal.on_timeout(now);
         if let Path::Direct(addr) = self.path {
-            if !self.conn.is_server() && d.liveness.is_dead(now) {
+            if !self.conn.is_server() && d.liveness.is_dead(now, pto) {
                 d.traversal.direct_failed(now);
                 self.events.push_back(TunnelEvent::DirectFailed(addr));
                 if let Err(e) = self.use_relay() {
@@ -476,6 +512,7 @@ impl Tunnel {
             events.push(ev);
         }
         for ev in events {
+            tracing::debug!("tunnel {}: traversal {ev:?}", self.peer.short());
             match ev {
                 TraversalEvent::SendCandidates(m) => {
                     if let Err(e) = self.stream.queue(&m) {
@@ -501,7 +538,7 @@ impl Tunnel {
     }
 
     /// Writes the next QUIC packet for a direct path into `out`: its length and where it goes.
-    pub fn send_direct(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+    pub fn send_direct(&mut self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
         let local = self.direct.as_ref()?.local;
         // A handful of paths at most (the active one and one being probed).
         let mut peers = [None; 4];
@@ -510,14 +547,7 @@ impl Tunnel {
         }
         for to in peers.into_iter().flatten() {
             match self.conn.send_on_path(out, Some(local), Some(to)) {
-                Ok((n, _)) => {
-                    if self.path == Path::Direct(to) {
-                        if let Some(d) = &mut self.direct {
-                            d.liveness.on_send(now);
-                        }
-                    }
-                    return Some((n, to));
-                }
+                Ok((n, _)) => return Some((n, to)),
                 Err(quiche::Error::Done) => {}
                 Err(e) => tracing::debug!("tunnel {}: send to {to} failed: {e}", self.peer.short()),
             }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sluice_dataplane::identity::{self, OffsetDateTime, PeerId, PemPair, Role};
+use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::tunnel::{Path, Tunnel, TunnelEvent, VirtualPaths};
 use sluice_dataplane::wire::{self, ControlMessage};
@@ -502,7 +503,7 @@ fn deliver_direct(
         relayed += 1;
         to.recv_relayed(&mut buf[..n]);
     }
-    while let Some((n, dst)) = from.send_direct(&mut buf, now) {
+    while let Some((n, dst)) = from.send_direct(&mut buf) {
         moved = true;
         if direct_up && dst == to_addr {
             to.recv_direct(&mut buf[..n], from_addr, to_addr);
@@ -570,12 +571,14 @@ fn checks_find_the_direct_path_and_silence_sends_the_tunnel_back_to_the_relay() 
         conn.identity.peer_id,
         c,
         gather(&[c.ip()], c.port(), None),
+        Vec::new(),
         now,
     );
     p.agent.enable_direct(
         agent.identity.peer_id,
         a,
         gather(&[a.ip()], a.port(), None),
+        vec!["198.51.100.0/24".parse().unwrap()],
         now,
     );
     pump_all(&mut p, true, now);
@@ -617,11 +620,16 @@ fn checks_find_the_direct_path_and_silence_sends_the_tunnel_back_to_the_relay() 
         Err(PunchRefused::WrongPeer)
     );
 
-    // The direct path goes dark while a packet is in flight.
+    // The direct path goes dark while a packet is in flight: quiche's probe timeout fires
+    // (real time: the pair's PTO is some 30 ms), and the silence is then watched.
     p.agent.send_ip(&mut buf.clone()).unwrap();
     pump_all(&mut p, false, now);
+    assert_eq!(p.agent.direct_deadline(), None, "no probe timed out yet");
+    std::thread::sleep(Duration::from_millis(150));
+    p.agent.on_timeout();
+    pump_all(&mut p, false, now);
     let dead_at = p.agent.direct_deadline().expect("silence is watched");
-    assert!(dead_at <= now + DIRECT_SILENCE);
+    assert!(dead_at <= std::time::Instant::now() + DIRECT_SILENCE);
     p.agent.on_direct_timeout(dead_at);
     assert_eq!(p.agent.path(), Path::Relay);
     assert_eq!(

@@ -31,6 +31,8 @@ use crate::config::{self, AgentConfig};
 use crate::dns::{self, ConnectorQuery, ConnectorReply, DnsState, FlowKey, SharedDns};
 use crate::node::{self, ControlLink};
 use crate::{resolvconf, tun, AgentArgs};
+use sluice_dataplane::nat::candidate::{Candidate, Kind};
+use sluice_dataplane::nat::traversal::RETRY_AFTER;
 
 /// Packets held per connector while its tunnel comes up.
 const QUEUE_MAX: usize = 256;
@@ -222,6 +224,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
             dns_pending: HashMap::new(),
             next_dns_id: 0,
             status_tx,
+            direct: node::DirectSetup::new(
+                creds.identity.peer_id,
+                local,
+                Some(cfg.tun.name.clone()),
+            ),
             name: creds.identity.name.clone(),
             peer_id: creds.identity.peer_id,
         };
@@ -298,6 +305,7 @@ struct Agent {
     next_dns_id: u32,
     /// Publishes [`Agent::status`] for `sluice status`, once a second.
     status_tx: tokio::sync::watch::Sender<crate::status::AgentStatus>,
+    direct: node::DirectSetup,
     /// This agent's certificate name and peer id, for the status.
     name: String,
     peer_id: PeerId,
@@ -372,6 +380,9 @@ impl Agent {
                 if let Some(d) = tn.timeout() {
                     t = t.min(d);
                 }
+                if let Some(d) = tn.direct_deadline() {
+                    t = t.min(d.saturating_duration_since(now));
+                }
                 t = t.min(s.next_keepalive.saturating_duration_since(now));
             }
         }
@@ -390,12 +401,19 @@ impl Agent {
                 st.flows.sweep(&mut st.pool, now_unix().max(0) as u64);
             }
             let _ = self.status_tx.send(self.status());
+            // A new interface address is a network change: the tunnels try direct again.
+            if let Some(c) = self.direct.refresh() {
+                self.set_candidates(&c, now);
+            }
         }
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if let Some(t) = &mut slot.tunnel {
                 if t.timeout() == Some(Duration::ZERO) {
                     t.on_timeout();
+                }
+                if t.direct_deadline().is_some_and(|d| d <= now) {
+                    t.on_direct_timeout(now);
                 }
                 if now >= slot.next_keepalive {
                     slot.next_keepalive = now + node::TUNNEL_KEEPALIVE;
@@ -418,6 +436,39 @@ impl Agent {
 
     fn on_udp(&mut self, pkt: &mut [u8], from: SocketAddr, to_tun: &mut Vec<Vec<u8>>) {
         let now = Instant::now();
+        match node::classify(pkt, from, self.link.relay_addr()) {
+            node::Incoming::Control => {}
+            node::Incoming::Punch(p) => {
+                let Some(i) = self.slot_of_peer(&p.from) else {
+                    return self
+                        .direct
+                        .refuse(from, &"punch from a peer with no tunnel here");
+                };
+                if let Some(t) = &mut self.slots[i].tunnel {
+                    if let Err(e) = t.on_punch(from, &p, now) {
+                        self.direct.refuse(from, &e);
+                    }
+                }
+                return self.tunnel_events(i, to_tun);
+            }
+            node::Incoming::Direct { dcid } => {
+                let Some(i) = self
+                    .slots
+                    .iter()
+                    .position(|s| s.tunnel.as_ref().is_some_and(|t| t.owns_cid(&dcid)))
+                else {
+                    return self
+                        .direct
+                        .refuse(from, &"QUIC packet for no tunnel of ours");
+                };
+                if let Some(t) = &mut self.slots[i].tunnel {
+                    t.recv_direct(pkt, from, self.direct.local);
+                }
+                self.deliver(i, to_tun);
+                return self.tunnel_events(i, to_tun);
+            }
+            node::Incoming::Junk(why) => return self.direct.refuse(from, &why),
+        }
         self.link.recv(pkt, from, now);
         let mut buf = std::mem::take(&mut self.out);
         while let Some((peer, data)) = self.link.connected().and_then(|c| c.recv_forward(&mut buf))
@@ -728,6 +779,11 @@ impl Agent {
         if let Err(e) = tun::remove_routes(&self.tun_name, &removed) {
             tracing::warn!("policy reload: {e:#}");
         }
+        for s in &mut self.slots {
+            if let Some(t) = &mut s.tunnel {
+                t.exclude_from_direct(nets.clone());
+            }
+        }
         self.routed = nets;
     }
 
@@ -785,7 +841,12 @@ impl Agent {
                         }
                     }
                 }
-                ControlEvent::ObservedAddr(_) | ControlEvent::Closed(_) => {}
+                ControlEvent::ObservedAddr(a) => {
+                    if let Some(c) = self.direct.set_observed(a) {
+                        self.set_candidates(&c, now);
+                    }
+                }
+                ControlEvent::Closed(_) => {}
             }
         }
     }
@@ -819,6 +880,13 @@ impl Agent {
                         slot.queue.len()
                     );
                     slot.unavailable_until = None;
+                    t.enable_direct(
+                        self.direct.me,
+                        self.direct.local,
+                        self.direct.candidates.clone(),
+                        self.routed.clone(),
+                        Instant::now(),
+                    );
                     while let Some((name, mut p)) = slot.queue.pop_front() {
                         if send_packet(t, &mut p, name.as_deref(), &mut self.named_buf).is_err() {
                             self.stats.dropped += 1;
@@ -842,10 +910,25 @@ impl Agent {
                     tracing::debug!("tunnel to {}: unexpected message {other:?}", slot.name);
                 }
                 TunnelEvent::PathChanged(path) => {
-                    tracing::info!("tunnel to {}: now on path {path:?}", slot.name);
+                    tracing::info!(
+                        "tunnel to {}: now {}",
+                        slot.name,
+                        crate::connector::describe_path(path)
+                    );
                 }
                 TunnelEvent::DirectFailed(addr) => {
-                    tracing::info!("tunnel to {}: direct path to {addr} failed", slot.name);
+                    tracing::info!(
+                        "tunnel to {}: direct path to {addr} failed; relayed, trying again in {}s",
+                        slot.name,
+                        RETRY_AFTER.as_secs()
+                    );
+                }
+                TunnelEvent::DirectNotFound => {
+                    tracing::info!(
+                        "tunnel to {}: no direct path found; staying relayed, trying again in {}s",
+                        slot.name,
+                        RETRY_AFTER.as_secs()
+                    );
                 }
                 TunnelEvent::Closed(why) => {
                     tracing::warn!("tunnel to connector {:?} closed: {why}", slot.name);
@@ -868,6 +951,15 @@ impl Agent {
     }
 
     /// A snapshot for `sluice status`: the relay link and the tunnel of every connector used.
+    /// Tells every tunnel our new candidates.
+    fn set_candidates(&mut self, c: &[Candidate], now: Instant) {
+        for s in &mut self.slots {
+            if let Some(t) = &mut s.tunnel {
+                t.set_candidates(c.to_vec(), now);
+            }
+        }
+    }
+
     fn status(&self) -> crate::status::AgentStatus {
         use crate::status::{millis, secs, PathKind, TunnelState, TunnelStatus};
         use sluice_dataplane::tunnel::Path;
@@ -917,8 +1009,8 @@ impl Agent {
                     peer_id: Some(t.peer().to_string()),
                     state,
                     path,
+                    candidate_pair: candidate_pair(t),
                     direct_addr,
-                    candidate_pair: None,
                     // Before the handshake quiche reports its initial guess, not a measurement.
                     rtt_ms: st.rtt.filter(|_| t.is_up()).map(millis),
                     bytes_sent: st.bytes_sent,
@@ -937,4 +1029,21 @@ impl Agent {
             tunnels,
         }
     }
+}
+
+/// The pair a direct tunnel uses: the peer's address, and ours as the peer sees it (the
+/// reflexive candidate when a NAT is in the way, else the host one).
+fn candidate_pair(t: &Tunnel) -> Option<crate::status::CandidatePair> {
+    let sluice_dataplane::tunnel::Path::Direct(remote) = t.path() else {
+        return None;
+    };
+    let (local, _) = t.candidates()?;
+    let ours = local
+        .iter()
+        .filter(|c| c.addr.is_ipv4() == remote.is_ipv4())
+        .max_by_key(|c| (c.kind == Kind::ServerReflexive, c.priority))?;
+    Some(crate::status::CandidatePair {
+        local: format!("{} {}", ours.kind, ours.addr),
+        remote: remote.to_string(),
+    })
 }

@@ -6,11 +6,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use sluice_dataplane::control::ControlEvent;
 use sluice_dataplane::identity::{PeerId, Role};
 use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls;
+use sluice_dataplane::tunnel::Path;
 use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
-use sluice_dataplane::wire::{ControlMessage, TUNNEL_IP_OVERHEAD};
+use sluice_dataplane::wire::{ControlMessage, Punch, TUNNEL_IP_OVERHEAD};
 use sluice_netstack::splice::{FlowMsg, Splicer};
 use sluice_netstack::stack::{Limits, Stack};
 use tokio::net::UdpSocket;
@@ -86,6 +88,8 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             next_reload_check: Instant::now() + RELOAD_EVERY,
             resolver,
             dns_done,
+            direct: node::DirectSetup::new(creds.identity.peer_id, local, None),
+            by_cid: HashMap::new(),
         };
         tokio::select! {
             r = c.run(&socket, flow_rx, dns_rx) => r,
@@ -173,6 +177,9 @@ struct Connector {
     next_reload_check: Instant,
     resolver: Option<std::sync::Arc<hickory_resolver::TokioResolver>>,
     dns_done: mpsc::Sender<remote_dns::Done>,
+    direct: node::DirectSetup,
+    /// Which agent a direct packet's destination connection id belongs to (rebuilt on a miss).
+    by_cid: HashMap<Vec<u8>, PeerId>,
 }
 
 impl Connector {
@@ -238,20 +245,37 @@ impl Connector {
             }
             t = t.min(s.next_keepalive.saturating_duration_since(now));
             t = t.min(s.stack.poll_delay());
+            if let Some(d) = s.tunnel.direct_deadline() {
+                t = t.min(d.saturating_duration_since(now));
+            }
         }
         t
     }
 
     fn on_timeout(&mut self, now: Instant) {
         self.link.on_timeout(now);
+        let mut fresh = None;
         if now >= self.next_reload_check {
             self.next_reload_check = now + RELOAD_EVERY;
             self.check_reload();
+            // Checked with the policy file, once a second: a new interface address is a
+            // network change.
+            fresh = self.direct.refresh();
         }
-        while self.link.poll_event().is_some() {}
+        while let Some(ev) = self.link.poll_event() {
+            if let ControlEvent::ObservedAddr(a) = ev {
+                fresh = self.direct.set_observed(a).or(fresh);
+            }
+        }
         for s in self.sessions.values_mut() {
             if s.tunnel.timeout() == Some(Duration::ZERO) {
                 s.tunnel.on_timeout();
+            }
+            if let Some(c) = &fresh {
+                s.tunnel.set_candidates(c.clone(), now);
+            }
+            if s.tunnel.direct_deadline().is_some_and(|d| d <= now) {
+                s.tunnel.on_direct_timeout(now);
             }
             if now >= s.next_keepalive {
                 s.next_keepalive = now + node::TUNNEL_KEEPALIVE;
@@ -263,14 +287,62 @@ impl Connector {
     }
 
     fn on_udp(&mut self, pkt: &mut [u8], from: SocketAddr) {
+        match node::classify(pkt, from, self.link.relay_addr()) {
+            node::Incoming::Control => {}
+            node::Incoming::Punch(p) => return self.on_punch(from, &p),
+            node::Incoming::Direct { dcid } => return self.on_direct(pkt, from, &dcid),
+            node::Incoming::Junk(why) => return self.direct.refuse(from, &why),
+        }
         self.link.recv(pkt, from, Instant::now());
-        while self.link.poll_event().is_some() {}
+        while let Some(ev) = self.link.poll_event() {
+            if let ControlEvent::ObservedAddr(a) = ev {
+                if let Some(c) = self.direct.set_observed(a) {
+                    for s in self.sessions.values_mut() {
+                        s.tunnel.set_candidates(c.clone(), Instant::now());
+                    }
+                }
+            }
+        }
         let mut buf = std::mem::take(&mut self.out);
         while let Some((peer, data)) = self.link.connected().and_then(|c| c.recv_forward(&mut buf))
         {
             self.on_relayed(peer, data);
         }
         self.out = buf;
+    }
+
+    /// A connectivity check from an agent we have a tunnel with.
+    fn on_punch(&mut self, from: SocketAddr, p: &Punch) {
+        let Some(s) = self.sessions.get_mut(&p.from) else {
+            return self
+                .direct
+                .refuse(from, &"punch from a peer with no tunnel here");
+        };
+        if let Err(e) = s.tunnel.on_punch(from, p, Instant::now()) {
+            self.direct.refuse(from, &e);
+        }
+    }
+
+    /// QUIC straight from an agent (a direct path), found by its destination connection id.
+    fn on_direct(&mut self, pkt: &mut [u8], from: SocketAddr, dcid: &[u8]) {
+        if !self.by_cid.contains_key(dcid) {
+            self.by_cid.clear();
+            for (peer, s) in &self.sessions {
+                for cid in s.tunnel.source_cids() {
+                    self.by_cid.insert(cid, *peer);
+                }
+            }
+        }
+        let Some(peer) = self.by_cid.get(dcid).copied() else {
+            return self
+                .direct
+                .refuse(from, &"QUIC packet for no tunnel of ours");
+        };
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
+        s.tunnel.recv_direct(pkt, from, self.direct.local);
+        self.deliver(peer);
     }
 
     /// An end-to-end packet from agent `peer`, forwarded by the relay.
@@ -318,6 +390,14 @@ impl Connector {
             return;
         };
         s.tunnel.recv_relayed(data);
+        self.deliver(peer);
+    }
+
+    /// Takes the IP packets agent `peer`'s tunnel received into its stack.
+    fn deliver(&mut self, peer: PeerId) {
+        let Some(s) = self.sessions.get_mut(&peer) else {
+            return;
+        };
         let policy = self.watcher.policy();
         if s.subject.is_none() {
             s.subject = s
@@ -355,14 +435,23 @@ impl Connector {
         for (peer, s) in self.sessions.iter_mut() {
             while let Some(ev) = s.tunnel.poll_event() {
                 match ev {
-                    TunnelEvent::Up(id) => tracing::info!(
-                        "tunnel from {id} is up via the relay (groups: {})",
-                        if id.groups.is_empty() {
-                            "none".into()
-                        } else {
-                            id.groups.join(",")
-                        }
-                    ),
+                    TunnelEvent::Up(id) => {
+                        tracing::info!(
+                            "tunnel from {id} is up via the relay (groups: {})",
+                            if id.groups.is_empty() {
+                                "none".into()
+                            } else {
+                                id.groups.join(",")
+                            }
+                        );
+                        s.tunnel.enable_direct(
+                            self.direct.me,
+                            self.direct.local,
+                            self.direct.candidates.clone(),
+                            Vec::new(),
+                            now,
+                        );
+                    }
                     TunnelEvent::Closed(why) => {
                         tracing::info!("tunnel from agent peer {} closed: {why}", peer.short())
                     }
@@ -396,10 +485,11 @@ impl Connector {
                         tracing::debug!("agent peer {}: unexpected message {other:?}", peer.short())
                     }
                     TunnelEvent::PathChanged(path) => tracing::info!(
-                        "tunnel from agent peer {}: now on path {path:?}",
-                        peer.short()
+                        "tunnel from agent peer {}: now {}",
+                        peer.short(),
+                        describe_path(path)
                     ),
-                    TunnelEvent::DirectFailed(_) => {}
+                    TunnelEvent::DirectFailed(_) | TunnelEvent::DirectNotFound => {}
                 }
             }
             if s.tunnel.is_closed() {
@@ -470,5 +560,13 @@ impl Connector {
         let mut tunnels: Vec<&mut Tunnel> =
             self.sessions.values_mut().map(|s| &mut s.tunnel).collect();
         node::flush(&mut self.link, &mut tunnels, socket, &mut self.out).await;
+    }
+}
+
+/// A tunnel's path in words, for the log.
+pub fn describe_path(path: Path) -> String {
+    match path {
+        Path::Relay => "relayed".into(),
+        Path::Direct(a) => format!("direct to {a}"),
     }
 }

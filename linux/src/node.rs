@@ -1,18 +1,19 @@
 //! What the agent, connector and relay processes share: credentials, QUIC settings, the UDP
 //! socket, signals, and the control link to the relay with its reconnect and liveness logic.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use sluice_dataplane::control::{ControlClient, ControlEvent};
-use sluice_dataplane::identity::Role;
+use sluice_dataplane::identity::{PeerId, Role};
+use sluice_dataplane::nat::candidate::{gather, Candidate};
 use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::tunnel::Tunnel;
-use sluice_dataplane::wire::RELAY_FORWARD_OVERHEAD;
+use sluice_dataplane::wire::{Punch, RELAY_FORWARD_OVERHEAD};
 use tokio::net::UdpSocket;
 
 use crate::config::IdentityFiles;
@@ -275,6 +276,11 @@ impl ControlLink {
         }
     }
 
+    /// The relay's address: packets from it are the control connection's.
+    pub fn relay_addr(&self) -> SocketAddr {
+        self.relay
+    }
+
     fn schedule_retry(&mut self, now: Instant) {
         let jitter = Duration::from_millis(rand::random::<u64>() % 250);
         self.retry_at = Some(now + self.backoff + jitter);
@@ -312,9 +318,10 @@ impl ControlLink {
     }
 }
 
-/// Sends what the tunnels and the control link have queued: tunnel packets for the relayed
-/// path go into relay forward DATAGRAMs (only while the control connection has room, so the
-/// rest waits inside quiche instead of being dropped), then the control link's UDP packets.
+/// Sends what the tunnels and the control link have queued: each tunnel's direct packets and
+/// punches straight from the socket (they need no relay), its relayed packets in relay forward
+/// DATAGRAMs (only while the control connection has room, so the rest waits inside quiche
+/// instead of being dropped), then the control link's UDP packets.
 pub async fn flush(
     link: &mut ControlLink,
     tunnels: &mut [&mut Tunnel],
@@ -323,22 +330,24 @@ pub async fn flush(
 ) {
     loop {
         for t in tunnels.iter_mut() {
+            while let Some((n, to)) = t.send_direct(out) {
+                if let Err(e) = socket.send_to(&out[..n], to).await {
+                    tracing::debug!("UDP send to {to} failed: {e}");
+                }
+            }
+            while let Some((to, punch)) = t.poll_punch() {
+                if let Err(e) = socket.send_to(&punch, to).await {
+                    tracing::debug!("punch to {to} failed: {e}");
+                }
+            }
             while let Some(client) = link.connected().filter(|c| c.can_forward()) {
-                match t.send(&mut out[RELAY_FORWARD_OVERHEAD..]) {
-                    Some((n, None)) => {
-                        if let Err(e) =
-                            client.send_forward(&t.peer(), &mut out[..RELAY_FORWARD_OVERHEAD + n])
-                        {
-                            tracing::debug!("relay forward to {} failed: {e}", t.peer().short());
-                        }
-                    }
-                    Some((n, Some(to))) => {
-                        let pkt = &out[RELAY_FORWARD_OVERHEAD..RELAY_FORWARD_OVERHEAD + n];
-                        if let Err(e) = socket.send_to(pkt, to).await {
-                            tracing::debug!("UDP send to {to} failed: {e}");
-                        }
-                    }
-                    None => break,
+                let Some(n) = t.send_relayed(&mut out[RELAY_FORWARD_OVERHEAD..]) else {
+                    break;
+                };
+                if let Err(e) =
+                    client.send_forward(&t.peer(), &mut out[..RELAY_FORWARD_OVERHEAD + n])
+                {
+                    tracing::debug!("relay forward to {} failed: {e}", t.peer().short());
                 }
             }
         }
@@ -351,6 +360,140 @@ pub async fn flush(
         }
         if !sent {
             break;
+        }
+    }
+}
+
+/// What a UDP packet on a node's socket is.
+pub enum Incoming {
+    /// From the relay: the control connection's.
+    Control,
+    /// A connectivity check of a direct path.
+    Punch(Punch),
+    /// QUIC straight from a peer, for the tunnel that issued this destination connection id.
+    Direct { dcid: Vec<u8> },
+    /// Nothing we take (logged by the caller at debug level).
+    Junk(&'static str),
+}
+
+/// Sorts a packet from `from` on the node's socket.
+pub fn classify(pkt: &mut [u8], from: SocketAddr, relay: SocketAddr) -> Incoming {
+    if from == relay {
+        return Incoming::Control;
+    }
+    if Punch::is_punch(pkt) {
+        return match Punch::parse(pkt) {
+            Ok(p) => Incoming::Punch(p),
+            Err(_) => Incoming::Junk("malformed punch"),
+        };
+    }
+    // Our connection ids are all MAX_CONN_ID_LEN long: a short header names one at once.
+    match quiche::Header::from_slice(pkt, quiche::MAX_CONN_ID_LEN) {
+        Ok(h) if h.ty == quiche::Type::Short => Incoming::Direct {
+            dcid: h.dcid.to_vec(),
+        },
+        Ok(_) => Incoming::Junk("long-header QUIC packet off the relay"),
+        Err(_) => Incoming::Junk("not QUIC"),
+    }
+}
+
+/// This node's direct-path candidates: every usable address of its interfaces (but
+/// `skip_iface`, the agent's own TUN device) in the socket's address family, on the socket's
+/// port, and the address the relay sees.
+pub fn local_candidates(
+    socket: SocketAddr,
+    observed: Option<SocketAddr>,
+    skip_iface: Option<&str>,
+) -> Vec<Candidate> {
+    let mut ips = Vec::new();
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => {
+            for a in addrs {
+                if Some(a.interface_name.as_str()) == skip_iface
+                    || !a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
+                {
+                    continue;
+                }
+                let Some(sa) = a.address else { continue };
+                let ip: IpAddr = if let Some(v4) = sa.as_sockaddr_in() {
+                    IpAddr::V4(v4.ip())
+                } else if let Some(v6) = sa.as_sockaddr_in6() {
+                    IpAddr::V6(v6.ip())
+                } else {
+                    continue;
+                };
+                // A socket bound to an IPv4 address sends IPv4 only, and the other way round.
+                if ip.is_ipv4() == socket.is_ipv4() && !ips.contains(&ip) {
+                    ips.push(ip);
+                }
+            }
+        }
+        Err(e) => tracing::warn!("cannot list interface addresses: {e}"),
+    }
+    if !socket.ip().is_unspecified() {
+        ips.retain(|ip| *ip == socket.ip());
+    }
+    gather(&ips, socket.port(), observed)
+}
+
+/// A node's side of direct paths: its peer id, its socket, and its current candidates.
+pub struct DirectSetup {
+    pub me: PeerId,
+    /// The socket's address, as quiche names every direct path of this node.
+    pub local: SocketAddr,
+    observed: Option<SocketAddr>,
+    skip_iface: Option<String>,
+    pub candidates: Vec<Candidate>,
+    refused: u64,
+}
+
+impl DirectSetup {
+    pub fn new(me: PeerId, local: SocketAddr, skip_iface: Option<String>) -> Self {
+        let candidates = local_candidates(local, None, skip_iface.as_deref());
+        DirectSetup {
+            me,
+            local,
+            observed: None,
+            skip_iface,
+            candidates,
+            refused: 0,
+        }
+    }
+
+    /// Gathers the candidates again (a network change shows here): the new list if it changed.
+    pub fn refresh(&mut self) -> Option<Vec<Candidate>> {
+        let now = local_candidates(self.local, self.observed, self.skip_iface.as_deref());
+        if now == self.candidates {
+            return None;
+        }
+        tracing::info!(
+            "direct-path candidates now {}",
+            now.iter()
+                .map(|c| c.addr.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.candidates = now.clone();
+        Some(now)
+    }
+
+    /// The relay sees us at `addr` now.
+    pub fn set_observed(&mut self, addr: SocketAddr) -> Option<Vec<Candidate>> {
+        self.observed = Some(addr);
+        self.refresh()
+    }
+
+    /// A packet off a direct path was refused: said at the 1st, 2nd, 4th, 8th... time, so a
+    /// flood cannot fill the log.
+    pub fn refuse(&mut self, from: SocketAddr, why: &dyn std::fmt::Display) {
+        self.refused += 1;
+        if self.refused.is_power_of_two() {
+            tracing::info!(
+                "refused a direct-path packet from {from}: {why} ({} refused so far)",
+                self.refused
+            );
+        } else {
+            tracing::debug!("refused a direct-path packet from {from}: {why}");
         }
     }
 }

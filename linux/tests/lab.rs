@@ -5,7 +5,7 @@
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Shutdown, SocketAddr, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,84 +14,6 @@ use sha2::{Digest, Sha256};
 
 mod common;
 use common::*;
-
-/// A deterministic byte stream: the same `seed` always gives the same bytes.
-struct Pattern(u64);
-
-impl Pattern {
-    fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            chunk.copy_from_slice(&self.0.to_le_bytes()[..chunk.len()]);
-        }
-    }
-}
-
-fn pattern_digest(seed: u64, len: u64) -> [u8; 32] {
-    let mut p = Pattern(seed | 1);
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        p.fill(&mut buf[..n]);
-        h.update(&buf[..n]);
-        left -= n as u64;
-    }
-    h.finalize().into()
-}
-
-/// A data server in the service namespace. Request: `[b'D' | b'U'][len: u64 BE][seed: u64 BE]`.
-/// `D`: the server sends `len` pattern bytes and closes. `U`: the server reads to EOF and
-/// answers the SHA-256 of what it read.
-fn start_data_server(lab: &Lab) {
-    let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
-    let r2 = ready.clone();
-    in_netns(&lab.ns("svc"), move || {
-        let l = TcpListener::bind((SVC, DATA_PORT)).unwrap();
-        r2.wait();
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-                let mut hdr = [0u8; 17];
-                if s.read_exact(&mut hdr).is_err() {
-                    return;
-                }
-                let len = u64::from_be_bytes(hdr[1..9].try_into().unwrap());
-                let seed = u64::from_be_bytes(hdr[9..17].try_into().unwrap());
-                if hdr[0] == b'D' {
-                    let mut p = Pattern(seed | 1);
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let mut left = len;
-                    while left > 0 {
-                        let n = left.min(buf.len() as u64) as usize;
-                        p.fill(&mut buf[..n]);
-                        if s.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                        left -= n as u64;
-                    }
-                } else {
-                    let mut h = Sha256::new();
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        match s.read(&mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => h.update(&buf[..n]),
-                            Err(_) => return,
-                        }
-                    }
-                    let d: [u8; 32] = h.finalize().into();
-                    let _ = s.write_all(&d);
-                }
-            });
-        }
-    });
-    ready.wait();
-}
 
 fn connect_data() -> TcpStream {
     let s = TcpStream::connect_timeout(

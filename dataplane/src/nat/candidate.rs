@@ -15,6 +15,18 @@ pub enum Kind {
     Relay,
 }
 
+impl std::fmt::Display for Kind {
+    /// RFC 8445's short names, as ICE tools print them.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Host => "host",
+            Kind::ServerReflexive => "srflx",
+            Kind::PeerReflexive => "prflx",
+            Kind::Relay => "relay",
+        })
+    }
+}
+
 impl Kind {
     /// RFC 8445 §5.1.2.2's recommended type preferences.
     pub fn type_preference(self) -> u32 {

@@ -1,48 +1,48 @@
 //! Whether the direct path in use still works, told from what comes back on it (sans-IO).
 //!
-//! QUIC answers every ack-eliciting packet within about an RTT, and the tunnel sends a PING at
-//! least every 15 s when idle. So "we sent on the direct path, and nothing at all has come back
-//! on it for [`DIRECT_SILENCE`]" means the path is gone: while traffic flows that is noticed
-//! within a few seconds, and an idle path is checked by each keepalive.
+//! A path is dead when QUIC had to fire a probe timeout on it (an ack-eliciting packet went
+//! unanswered: plain ACKs, which nothing answers, do not count) and nothing at all has arrived
+//! on it for [`DIRECT_SILENCE`]. While traffic flows that is noticed within a few seconds; an
+//! idle path is checked by each keepalive PING (every 15 s).
 
 use std::time::{Duration, Instant};
 
-/// How long the direct path may stay silent after we sent on it before the tunnel falls back
-/// to the relay. Long enough for quiche's first probe timeouts on a slow link, short enough
-/// that a transfer stalls only briefly.
+/// How long the direct path may stay silent, with a probe timeout fired, before the tunnel
+/// falls back to the relay. Long enough for a few of quiche's probes on a slow link, short
+/// enough that a transfer stalls only briefly.
 pub const DIRECT_SILENCE: Duration = Duration::from_secs(3);
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Liveness {
-    /// The first send since the last packet received on the path.
-    unanswered_since: Option<Instant>,
+    /// The last packet received on the path (or when the path started).
+    last_rx: Instant,
+    /// The path's probe-timeout count then.
+    pto_at_rx: usize,
 }
 
 impl Liveness {
-    /// We sent a packet on the direct path.
-    pub fn on_send(&mut self, now: Instant) {
-        if self.unanswered_since.is_none() {
-            self.unanswered_since = Some(now);
+    /// Watches a path from `now`, whose probe timeouts so far number `pto_total`.
+    pub fn new(now: Instant, pto_total: usize) -> Self {
+        Liveness {
+            last_rx: now,
+            pto_at_rx: pto_total,
         }
     }
 
-    /// A packet arrived on the direct path.
-    pub fn on_recv(&mut self) {
-        self.unanswered_since = None;
+    /// A packet arrived on the path.
+    pub fn on_recv(&mut self, now: Instant, pto_total: usize) {
+        self.last_rx = now;
+        self.pto_at_rx = pto_total;
     }
 
-    /// Starts over (the path changed).
-    pub fn reset(&mut self) {
-        self.unanswered_since = None;
+    /// When the path counts as dead unless something arrives first: only once a probe timed
+    /// out since the last packet received.
+    pub fn deadline(&self, pto_total: usize) -> Option<Instant> {
+        (pto_total > self.pto_at_rx).then_some(self.last_rx + DIRECT_SILENCE)
     }
 
-    /// When the path counts as dead unless something arrives first.
-    pub fn deadline(&self) -> Option<Instant> {
-        self.unanswered_since.map(|t| t + DIRECT_SILENCE)
-    }
-
-    pub fn is_dead(&self, now: Instant) -> bool {
-        self.deadline().is_some_and(|d| now >= d)
+    pub fn is_dead(&self, now: Instant, pto_total: usize) -> bool {
+        self.deadline(pto_total).is_some_and(|d| now >= d)
     }
 }
 
@@ -51,21 +51,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn silence_after_a_send_kills_the_path_and_any_answer_keeps_it() {
+    fn silence_with_an_unanswered_probe_kills_the_path() {
         let t0 = Instant::now();
-        let mut l = Liveness::default();
-        assert!(!l.is_dead(t0 + Duration::from_secs(60)), "idle is not dead");
-        l.on_send(t0);
-        // Later sends do not move the deadline: the first unanswered one counts.
-        l.on_send(t0 + Duration::from_secs(2));
-        assert_eq!(l.deadline(), Some(t0 + DIRECT_SILENCE));
-        assert!(!l.is_dead(t0 + DIRECT_SILENCE - Duration::from_millis(1)));
-        assert!(l.is_dead(t0 + DIRECT_SILENCE));
-        l.on_recv();
-        assert!(!l.is_dead(t0 + Duration::from_secs(10)));
-        assert_eq!(l.deadline(), None);
-        l.on_send(t0 + Duration::from_secs(10));
-        l.reset();
-        assert_eq!(l.deadline(), None);
+        let mut l = Liveness::new(t0, 4);
+        // Quiet without a probe timeout: an idle path, or one we only sent ACKs on.
+        assert_eq!(l.deadline(4), None);
+        assert!(!l.is_dead(t0 + Duration::from_secs(60), 4));
+        // A probe went unanswered: dead once the path has been silent long enough.
+        assert_eq!(l.deadline(5), Some(t0 + DIRECT_SILENCE));
+        assert!(!l.is_dead(t0 + DIRECT_SILENCE - Duration::from_millis(1), 5));
+        assert!(l.is_dead(t0 + DIRECT_SILENCE, 5));
+        // Anything received starts over, probe count included.
+        let t1 = t0 + Duration::from_secs(10);
+        l.on_recv(t1, 5);
+        assert_eq!(l.deadline(5), None);
+        assert!(!l.is_dead(t1 + Duration::from_secs(60), 5));
+        // A long-idle path whose keepalive goes unanswered is dead at once.
+        assert!(l.is_dead(t1 + Duration::from_secs(15), 6));
     }
 }

@@ -84,6 +84,9 @@ pub struct Traversal {
     txid: u64,
     out: VecDeque<(SocketAddr, [u8; PUNCH_LEN])>,
     events: VecDeque<TraversalEvent>,
+    /// Networks never checked: the agent's own tunnel routes them, so a punch there would
+    /// travel inside the tunnel it is meant to bypass.
+    excluded: Vec<ipnet::IpNet>,
 }
 
 impl Traversal {
@@ -105,7 +108,20 @@ impl Traversal {
             txid: 0,
             out: VecDeque::new(),
             events: VecDeque::new(),
+            excluded: Vec::new(),
         }
+    }
+
+    /// Remote addresses in these networks are never checked (the agent's routed networks).
+    pub fn exclude(&mut self, nets: Vec<ipnet::IpNet>) {
+        self.excluded = nets;
+        let excluded = &self.excluded;
+        self.remote
+            .retain(|c| !excluded.iter().any(|n| n.contains(&c.addr.ip())));
+    }
+
+    fn is_excluded(&self, addr: &SocketAddr) -> bool {
+        self.excluded.iter().any(|n| n.contains(&addr.ip()))
     }
 
     pub fn phase(&self) -> Phase {
@@ -191,7 +207,7 @@ impl Traversal {
         self.peer_secret = Some(secret);
         self.remote = list
             .iter()
-            .filter(|c| c.kind != Kind::Relay)
+            .filter(|c| c.kind != Kind::Relay && !self.is_excluded(&c.addr))
             .take(MAX_REMOTE)
             .copied()
             .collect();
@@ -256,7 +272,10 @@ impl Traversal {
                 };
                 self.out.push_back((from, ack.encode()));
             }
-            if !self.remote.iter().any(|c| c.addr == from) && self.remote.len() < MAX_REMOTE {
+            if !self.remote.iter().any(|c| c.addr == from)
+                && self.remote.len() < MAX_REMOTE
+                && !self.is_excluded(&from)
+            {
                 // Peer-reflexive: the peer reaches us from an address it could not know.
                 self.remote.push(Candidate {
                     kind: Kind::PeerReflexive,
