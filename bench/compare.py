@@ -12,9 +12,10 @@ Rows (each path is "sender namespace -> tunnel -> receiver namespace"):
                     kernel has no wireguard module, detected in a scratch namespace)
   boringtun         boringtun-cli (userspace, Cloudflare) configured with `wg`
   wireguard-go      Debian's wireguard-go, configured with `wg`
-  sluice-relay      the Sluice lab (`sluice lab up`): agent -> relay -> connector -> service
-  sluice-direct     agent -> connector directly; skipped until the lab can make a direct path
-                    (issue 5): pass --direct-lab-args (or set DIRECT_LAB_ARGS) to enable it
+  sluice-relay      the Sluice lab (`sluice lab up --relay-only`): agent -> relay -> connector
+                    -> service
+  sluice-direct     the Sluice lab (`sluice lab up`): the tunnel goes direct, agent ->
+                    connector -> service
 
 Measures per row and repetition: iperf3 TCP with 1 and 4 streams in each direction, iperf3 UDP
 at a fixed offered rate (loss %), ping RTT (median), a 1-byte TCP request/response rate, CPU
@@ -52,14 +53,12 @@ REPO = Path(__file__).resolve().parent.parent
 PROBE = REPO / "bench" / "probe.py"
 DEFAULT_OUT = REPO / "bench" / "results"
 
-# Lab options that give the lab's agent a direct path to its connector. None: the sluice-direct
-# row is skipped. Once issue 5 lands, put the `sluice lab up` flag(s) here (or pass
-# --direct-lab-args) and the row is measured like sluice-relay, from its own lab.
-DIRECT_LAB_ARGS = None
-DIRECT_SKIP = "direct paths not implemented yet (issue 5)"
-# Extra `sluice lab up` options for the relayed row (e.g. a force-relay flag once the lab prefers
-# direct paths by default).
-RELAY_LAB_ARGS = ""
+# `sluice lab up` options of the sluice-direct row: the plain lab goes direct by itself (None
+# would skip the row).
+DIRECT_LAB_ARGS = ""
+DIRECT_SKIP = "no --direct-lab-args"
+# `sluice lab up` options of the relayed row: the lab prefers direct paths, so force the relay.
+RELAY_LAB_ARGS = "--relay-only"
 
 RELAY_LAB = "bw-"    # sluice lab prefix of the sluice-relay row
 DIRECT_LAB = "bwd-"  # sluice lab prefix of the sluice-direct row
@@ -519,6 +518,25 @@ def setup_sluice(row):
         row.procs[role] = int((lab_dir(row) / f"{role}.pid").read_text())
     row.info["mtu"] = 1280
     start_servers(row)
+    # The row measures the path it is named after: a page brings the tunnel up, then the
+    # agent's own status must say which path it took.
+    want = "direct" if row.name == "sluice-direct" else "relay"
+    run(["ip", "netns", "exec", row.sender, "curl", "-s", "-o", "/dev/null", "--max-time", "5",
+         f"http://{SVC_ADDR}/"], check=False, timeout=10)
+    wait_for(f"{row.name}: the tunnel on the {want} path",
+             lambda: sluice_path(row) == want, timeout=10, interval=0.2)
+
+
+def sluice_path(row):
+    """The path of the lab agent's tunnel ("direct" or "relay"), from `sluice status --json`."""
+    p = run([State.sluice, "status", "--json", "--socket", str(lab_dir(row) / "agent.sock")],
+            check=False, timeout=10)
+    try:
+        tunnels = json.loads(p.stdout).get("tunnels") or []
+    except ValueError:
+        return None
+    up = [t for t in tunnels if t.get("state") == "up"]
+    return up[0].get("path") if up else None
 
 
 def restart_agent(row):

@@ -224,6 +224,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             dns_pending: HashMap::new(),
             next_dns_id: 0,
             status_tx,
+            direct_paths: cfg.direct_paths,
             direct: node::DirectSetup::new(
                 creds.identity.peer_id,
                 local,
@@ -306,6 +307,8 @@ struct Agent {
     /// Publishes [`Agent::status`] for `sluice status`, once a second.
     status_tx: tokio::sync::watch::Sender<crate::status::AgentStatus>,
     direct: node::DirectSetup,
+    /// Whether tunnels look for direct paths (`direct_paths` in the config).
+    direct_paths: bool,
     /// This agent's certificate name and peer id, for the status.
     name: String,
     peer_id: PeerId,
@@ -880,13 +883,15 @@ impl Agent {
                         slot.queue.len()
                     );
                     slot.unavailable_until = None;
-                    t.enable_direct(
-                        self.direct.me,
-                        self.direct.local,
-                        self.direct.candidates.clone(),
-                        self.routed.clone(),
-                        Instant::now(),
-                    );
+                    if self.direct_paths {
+                        t.enable_direct(
+                            self.direct.me,
+                            self.direct.local,
+                            self.direct.candidates.clone(),
+                            self.routed.clone(),
+                            Instant::now(),
+                        );
+                    }
                     while let Some((name, mut p)) = slot.queue.pop_front() {
                         if send_packet(t, &mut p, name.as_deref(), &mut self.named_buf).is_err() {
                             self.stats.dropped += 1;

@@ -166,6 +166,10 @@ pub struct AgentConfig {
     /// Unix socket where `sluice status` reads the agent's tunnels (mode 0600).
     #[serde(default = "default_status_socket")]
     pub status_socket: PathBuf,
+    /// Look for direct paths to connectors (hole punching); false keeps every tunnel on the
+    /// relay (a site that must not send traffic around it, or a benchmark of the relay).
+    #[serde(default = "default_true")]
+    pub direct_paths: bool,
 }
 
 fn default_status_socket() -> PathBuf {

@@ -59,6 +59,9 @@ pub struct UpOpts {
     /// Put the connector behind a NAT router of this type.
     #[arg(long, value_enum, default_value_t = NatType::None)]
     pub nat_connector: NatType,
+    /// Keep the agent's tunnels on the relay (`direct_paths: false` in its config).
+    #[arg(long)]
+    pub relay_only: bool,
 }
 
 pub const RELAY_ADDR: &str = "192.0.2.1";
@@ -205,7 +208,7 @@ pub fn up(u: &UpOpts) -> Result<()> {
     let r = (|| -> Result<()> {
         nat.write(&lab)?;
         write_identities(&lab)?;
-        write_configs(&lab)?;
+        write_configs(&lab, u.relay_only)?;
         start_services(&lab)?;
         if !o.no_roles {
             for role in ROLES {
@@ -388,7 +391,7 @@ fn write_identities(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
-fn write_configs(lab: &Lab) -> Result<()> {
+fn write_configs(lab: &Lab, relay_only: bool) -> Result<()> {
     let d = lab.dir.display();
     let files =
         |name: &str| format!("cert: {d}/{name}.pem\nkey: {d}/{name}.key\nca: {d}/ca/ca.pem\n");
@@ -414,10 +417,11 @@ fn write_configs(lab: &Lab) -> Result<()> {
     write(
         "agent.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\nstatus_socket: {}\n",
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\nstatus_socket: {}\ndirect_paths: {}\n",
             files("lab-agent"),
             // In the lab's directory, so labs side by side each have their own.
-            lab.status_socket().display()
+            lab.status_socket().display(),
+            !relay_only
         ),
     )?;
     let www = lab.dir.join("www");

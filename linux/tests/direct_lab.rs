@@ -373,3 +373,16 @@ fn punches_from_the_wrong_peer_are_refused() {
     assert_eq!(tunnel(&lab)["path"], "direct");
     assert!(page(&lab));
 }
+
+/// `direct_paths: false` (here `lab up --relay-only`) keeps the tunnel on the relay even where
+/// a direct path would work.
+#[test]
+fn relay_only_agents_stay_on_the_relay() {
+    require_root();
+    let lab = Lab::up_with("dro-", &["--relay-only"]);
+    assert!(page(&lab));
+    std::thread::sleep(Duration::from_secs(2));
+    let t = tunnel(&lab);
+    assert_eq!(t["path"], "relay", "{t}");
+    assert!(!lab.log("agent").contains("now direct"));
+}

@@ -209,7 +209,8 @@ fn dns_over_udp_ping_and_refused_port() {
 #[test]
 fn relay_restart_reconnects_within_ten_seconds() {
     require_root();
-    let lab = Lab::up("trelay-");
+    // Relay only: a direct tunnel would not notice the relay going (see direct_lab.rs).
+    let lab = Lab::up_with("trelay-", &["--relay-only"]);
     lab.stop("relay", "KILL");
     std::thread::sleep(Duration::from_secs(3));
     lab.start("relay", "relay");
@@ -394,7 +395,8 @@ fn json_of(out: &std::process::Output) -> serde_json::Value {
 #[test]
 fn status_after_a_page_shows_the_relayed_tunnel() {
     require_root();
-    let lab = Lab::up("tstat-");
+    // Relay only: the direct path and its candidate pair are checked in direct_lab.rs.
+    let lab = Lab::up_with("tstat-", &["--relay-only"]);
     let out = lab.curl(&format!("http://{SVC}/"), "5");
     assert!(
         out.status.success(),
