@@ -557,18 +557,24 @@ impl Tunnel {
 
     /// Writes the next QUIC packet for the relayed path into `out`.
     pub fn send_relayed(&mut self, out: &mut [u8]) -> Option<usize> {
-        match self
+        let r = self
             .conn
-            .send_on_path(out, Some(RELAY_PATH_LOCAL), Some(self.relay_path))
-        {
-            Ok((n, _)) => Some(n),
-            Err(quiche::Error::Done) => {
-                // A close we just sent may have made the connection draining.
-                self.after_io_impl();
-                None
-            }
+            .send_on_path(out, Some(RELAY_PATH_LOCAL), Some(self.relay_path));
+        self.sent(r).map(|(n, _)| n)
+    }
+
+    /// A send's outcome; when nothing went out, a close we just sent may have made the
+    /// connection draining.
+    fn sent(
+        &mut self,
+        r: Result<(usize, quiche::SendInfo), quiche::Error>,
+    ) -> Option<(usize, quiche::SendInfo)> {
+        match r {
+            Ok(sent) => Some(sent),
             Err(e) => {
-                tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
+                if e != quiche::Error::Done {
+                    tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
+                }
                 self.after_io_impl();
                 None
             }
@@ -578,22 +584,9 @@ impl Tunnel {
     /// Writes the next QUIC packet into `out`: its length and whether it goes over the relay
     /// (`None`) or to a direct address.
     pub fn send(&mut self, out: &mut [u8]) -> Option<(usize, Option<SocketAddr>)> {
-        match self.conn.send(out) {
-            Ok((n, info)) => {
-                let direct = (info.to != self.relay_path).then_some(info.to);
-                Some((n, direct))
-            }
-            Err(quiche::Error::Done) => {
-                // A close we just sent may have made the connection draining.
-                self.after_io_impl();
-                None
-            }
-            Err(e) => {
-                tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
-                self.after_io_impl();
-                None
-            }
-        }
+        let r = self.conn.send(out);
+        let (n, info) = self.sent(r)?;
+        Some((n, (info.to != self.relay_path).then_some(info.to)))
     }
 
     /// Largest IP packet the tunnel carries right now.

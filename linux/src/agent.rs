@@ -977,25 +977,12 @@ impl Agent {
                 let Some(t) = &s.tunnel else {
                     // Closed tunnels are dropped; the slot says whether a new one is coming.
                     let coming = s.waiting() || s.lookup_sent.is_some();
-                    return TunnelStatus {
-                        connector: s.name.clone(),
-                        peer_id: None,
-                        state: if coming {
-                            TunnelState::Connecting
-                        } else {
-                            TunnelState::Closed
-                        },
-                        path: PathKind::Relay,
-                        direct_addr: None,
-                        candidate_pair: None,
-                        rtt_ms: None,
-                        bytes_sent: 0,
-                        bytes_received: 0,
-                        packets_sent: 0,
-                        packets_received: 0,
-                        since_switch_secs: None,
-                        up_secs: 0.0,
+                    let state = if coming {
+                        TunnelState::Connecting
+                    } else {
+                        TunnelState::Closed
                     };
+                    return TunnelStatus::without_tunnel(s.name.clone(), state);
                 };
                 let st = t.stats();
                 let (path, direct_addr) = match st.path {

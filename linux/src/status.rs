@@ -97,6 +97,27 @@ pub struct TunnelStatus {
     pub up_secs: f64,
 }
 
+impl TunnelStatus {
+    /// A connector whose tunnel is not up (being looked up or opened, or gone): no numbers yet.
+    pub fn without_tunnel(connector: String, state: TunnelState) -> Self {
+        TunnelStatus {
+            connector,
+            peer_id: None,
+            state,
+            path: PathKind::Relay,
+            direct_addr: None,
+            candidate_pair: None,
+            rtt_ms: None,
+            bytes_sent: 0,
+            bytes_received: 0,
+            packets_sent: 0,
+            packets_received: 0,
+            since_switch_secs: None,
+            up_secs: 0.0,
+        }
+    }
+}
+
 /// A duration as seconds with millisecond precision (tidier JSON than 17 digits).
 pub fn secs(d: Duration) -> f64 {
     (d.as_secs_f64() * 1000.0).round() / 1000.0
@@ -435,21 +456,7 @@ mod tests {
                     since_switch_secs: Some(187.5),
                     up_secs: 200.0,
                 },
-                TunnelStatus {
-                    connector: "database-connector".into(),
-                    peer_id: None,
-                    state: TunnelState::Connecting,
-                    path: PathKind::Relay,
-                    direct_addr: None,
-                    candidate_pair: None,
-                    rtt_ms: None,
-                    bytes_sent: 0,
-                    bytes_received: 0,
-                    packets_sent: 0,
-                    packets_received: 0,
-                    since_switch_secs: None,
-                    up_secs: 0.0,
-                },
+                TunnelStatus::without_tunnel("database-connector".into(), TunnelState::Connecting),
             ],
         }
     }
