@@ -51,6 +51,14 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
         dial_timeout: Duration::from_secs(cfg.dial_timeout_secs.max(1)),
         ..Limits::default()
     };
+    // Per-flow TCP buffers are big (256 KiB each way) and mostly empty: allocated zeroed by
+    // mmap, their untouched pages cost no memory. glibc would otherwise raise its mmap
+    // threshold after the first frees and serve them from the heap, where every page gets
+    // touched. An explicit threshold keeps it fixed.
+    // SAFETY: mallopt only changes allocator parameters; no allocation is in flight here.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 * 1024);
+    }
     let rt = node::runtime()?;
     rt.block_on(async move {
         let socket = node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
