@@ -20,10 +20,15 @@ echo
 echo "== curl http://wiki.corp.internal/ from demo-agent: through the tunnel; the connector resolves"
 echo "   the name in the private zone and dials the real server"
 ip netns exec demo-agent curl -sS --max-time 5 http://wiki.corp.internal/
+sleep 1
+echo
+echo "== sluice status: the tunnel came up through the relay, then went direct (hole punching;"
+echo "   here agent and connector share a network, behind NATs see docs/direct.md)"
+$bin status --socket /run/sluice-lab/demo-/agent.sock
 echo
 echo "== What the roles logged:"
 for r in agent relay connector; do
-  echo "-- $r"; grep -E 'tunnel|connected|handshake done|sees us' /run/sluice-lab/demo-/$r.log | head -n 6
+  echo "-- $r"; grep -E 'tunnel|connected|handshake done|sees us' /run/sluice-lab/demo-/$r.log | head -n 7
 done
 echo "-- the connector's audit log (every flow decision)"
 tail -n 2 /run/sluice-lab/demo-/connector-audit.jsonl
