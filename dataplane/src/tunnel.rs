@@ -137,6 +137,13 @@ pub struct Tunnel {
     up_at: Option<Instant>,
 }
 
+/// Probe timeouts so far on `conn`'s active path.
+fn active_pto_total(conn: &quiche::Connection) -> usize {
+    conn.path_stats()
+        .find(|p| p.active)
+        .map_or(0, |p| p.total_pto_count)
+}
+
 fn random_cid() -> [u8; quiche::MAX_CONN_ID_LEN] {
     let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
     rand::fill(&mut scid);
@@ -246,9 +253,10 @@ impl Tunnel {
         match self.conn.recv(pkt, info) {
             Ok(_) => {
                 if self.path == Path::Direct(from) {
-                    let pto = self.pto_total();
                     if let Some(d) = &mut self.direct {
-                        d.liveness.on_recv(Instant::now(), pto);
+                        let conn = &self.conn;
+                        d.liveness
+                            .on_recv(Instant::now(), || active_pto_total(conn));
                     }
                 }
             }
@@ -393,10 +401,7 @@ impl Tunnel {
 
     /// Probe timeouts so far on the active path.
     fn pto_total(&self) -> usize {
-        self.conn
-            .path_stats()
-            .find(|p| p.active)
-            .map_or(0, |p| p.total_pto_count)
+        active_pto_total(&self.conn)
     }
 
     /// Starts looking for a direct path (once up): `me` is our peer id, `local` the address of

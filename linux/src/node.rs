@@ -370,8 +370,9 @@ pub enum Incoming {
     Control,
     /// A connectivity check of a direct path.
     Punch(Punch),
-    /// QUIC straight from a peer, for the tunnel that issued this destination connection id.
-    Direct { dcid: Vec<u8> },
+    /// QUIC straight from a peer, for the tunnel that issued this destination connection id
+    /// (ours are all `MAX_CONN_ID_LEN` long; held inline, no allocation per packet).
+    Direct { dcid: [u8; quiche::MAX_CONN_ID_LEN] },
     /// Nothing we take (logged by the caller at debug level).
     Junk(&'static str),
 }
@@ -389,8 +390,9 @@ pub fn classify(pkt: &mut [u8], from: SocketAddr, relay: SocketAddr) -> Incoming
     }
     // Our connection ids are all MAX_CONN_ID_LEN long: a short header names one at once.
     match quiche::Header::from_slice(pkt, quiche::MAX_CONN_ID_LEN) {
-        Ok(h) if h.ty == quiche::Type::Short => Incoming::Direct {
-            dcid: h.dcid.to_vec(),
+        Ok(h) if h.ty == quiche::Type::Short => match h.dcid.as_ref().try_into() {
+            Ok(dcid) => Incoming::Direct { dcid },
+            Err(_) => Incoming::Junk("connection id of another length"),
         },
         Ok(_) => Incoming::Junk("long-header QUIC packet off the relay"),
         Err(_) => Incoming::Junk("not QUIC"),

@@ -178,11 +178,7 @@ fn paced_download(len: u64, seed: u64, rate: u64, hurry: Arc<AtomicBool>) -> [u8
     )
     .expect("connect through the tunnel");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut hdr = [0u8; 17];
-    hdr[0] = b'D';
-    hdr[1..9].copy_from_slice(&len.to_be_bytes());
-    hdr[9..17].copy_from_slice(&seed.to_be_bytes());
-    s.write_all(&hdr).unwrap();
+    s.write_all(&data_request(b'D', len, seed)).unwrap();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 16 * 1024];
     let (mut got, t0) = (0u64, Instant::now());

@@ -25,18 +25,10 @@ fn connect_data() -> TcpStream {
     s
 }
 
-fn header(mode: u8, len: u64, seed: u64) -> [u8; 17] {
-    let mut h = [0u8; 17];
-    h[0] = mode;
-    h[1..9].copy_from_slice(&len.to_be_bytes());
-    h[9..17].copy_from_slice(&seed.to_be_bytes());
-    h
-}
-
 /// Downloads `len` pattern bytes through the tunnel and returns their SHA-256.
 fn download(len: u64, seed: u64) -> [u8; 32] {
     let mut s = connect_data();
-    s.write_all(&header(b'D', len, seed)).unwrap();
+    s.write_all(&data_request(b'D', len, seed)).unwrap();
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut got = 0u64;
@@ -55,7 +47,7 @@ fn download(len: u64, seed: u64) -> [u8; 32] {
 /// Uploads `len` pattern bytes, half-closes, and returns the SHA-256 the server computed.
 fn upload(len: u64, seed: u64) -> [u8; 32] {
     let mut s = connect_data();
-    s.write_all(&header(b'U', len, seed)).unwrap();
+    s.write_all(&data_request(b'U', len, seed)).unwrap();
     let mut p = Pattern(seed | 1);
     let mut buf = vec![0u8; 64 * 1024];
     let mut left = len;

@@ -198,6 +198,15 @@ pub fn pattern_digest(seed: u64, len: u64) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// A request to the data server (see [`start_data_server`]).
+pub fn data_request(mode: u8, len: u64, seed: u64) -> [u8; 17] {
+    let mut h = [0u8; 17];
+    h[0] = mode;
+    h[1..9].copy_from_slice(&len.to_be_bytes());
+    h[9..17].copy_from_slice(&seed.to_be_bytes());
+    h
+}
+
 /// A data server in the service namespace. Request: `[b'D' | b'U'][len: u64 BE][seed: u64 BE]`.
 /// `D`: the server sends `len` pattern bytes and closes. `U`: the server reads to EOF and
 /// answers the SHA-256 of what it read.
