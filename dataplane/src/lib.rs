@@ -1,6 +1,7 @@
 //! The Sluice packet plane: identity and TLS, wire formats, IP packet handling, and the QUIC
 //! sessions (control connection to the relay, end-to-end tunnels) as sans-IO state machines.
 
+pub mod ack_hold;
 pub mod control;
 pub mod dns;
 pub mod identity;

@@ -41,17 +41,22 @@ impl MessageStream {
         Ok(())
     }
 
-    /// Writes what flow control allows; the rest waits for the next call.
-    pub fn flush(&mut self, conn: &mut quiche::Connection) {
+    /// Writes what flow control allows; the rest waits for the next call. Returns the bytes
+    /// handed to the connection.
+    pub fn flush(&mut self, conn: &mut quiche::Connection) -> usize {
         if self.out.is_empty() || !conn.is_established() {
-            return;
+            return 0;
         }
         match conn.stream_send(self.id, &self.out, false) {
             Ok(n) => {
                 self.out.drain(..n);
+                n
             }
-            Err(quiche::Error::Done) => {}
-            Err(e) => tracing::debug!("stream {}: send failed: {e}", self.id),
+            Err(quiche::Error::Done) => 0,
+            Err(e) => {
+                tracing::debug!("stream {}: send failed: {e}", self.id);
+                0
+            }
         }
     }
 

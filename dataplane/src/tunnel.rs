@@ -11,6 +11,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use crate::ack_hold::AckHold;
 use crate::identity::{identity_from_der, Identity, PeerId};
 use crate::msgstream::MessageStream;
 use crate::nat::candidate::Candidate;
@@ -135,6 +136,8 @@ pub struct Tunnel {
     path_changed_at: Option<Instant>,
     /// When the handshake finished and the peer checked out.
     up_at: Option<Instant>,
+    /// Whether sending now would only carry an ACK that can wait for an answer.
+    acks: AckHold,
 }
 
 /// Probe timeouts so far on `conn`'s active path.
@@ -206,6 +209,7 @@ impl Tunnel {
             early_candidates: None,
             path_changed_at: None,
             up_at: None,
+            acks: AckHold::default(),
         }
     }
 
@@ -237,8 +241,16 @@ impl Tunnel {
             from: self.relay_path,
             to: RELAY_PATH_LOCAL,
         };
-        if let Err(e) = self.conn.recv(pkt, info) {
-            tracing::debug!("tunnel {}: dropped a packet: {e}", self.peer.short());
+        let len = pkt.len();
+        match self.conn.recv(pkt, info) {
+            Ok(_) => {
+                self.acks.on_recv(len, Instant::now());
+                if self.path != Path::Relay {
+                    // Off the active path: a path probe, answered at once.
+                    self.acks.urgent();
+                }
+            }
+            Err(e) => tracing::debug!("tunnel {}: dropped a packet: {e}", self.peer.short()),
         }
         if self.conn.is_server() && self.path != Path::Relay {
             self.follow_active_path();
@@ -250,13 +262,19 @@ impl Tunnel {
     /// `local` address.
     pub fn recv_direct(&mut self, pkt: &mut [u8], from: SocketAddr, local: SocketAddr) {
         let info = quiche::RecvInfo { from, to: local };
+        let len = pkt.len();
         match self.conn.recv(pkt, info) {
             Ok(_) => {
+                let now = Instant::now();
+                self.acks.on_recv(len, now);
+                if self.path != Path::Direct(from) {
+                    // Off the active path: a path probe, answered at once.
+                    self.acks.urgent();
+                }
                 if self.path == Path::Direct(from) {
                     if let Some(d) = &mut self.direct {
                         let conn = &self.conn;
-                        d.liveness
-                            .on_recv(Instant::now(), || active_pto_total(conn));
+                        d.liveness.on_recv(now, || active_pto_total(conn));
                     }
                 }
             }
@@ -285,6 +303,7 @@ impl Tunnel {
             return Ok(());
         }
         self.conn.probe_path(local, peer)?;
+        self.acks.urgent();
         Ok(())
     }
 
@@ -316,6 +335,7 @@ impl Tunnel {
             {
                 break;
             }
+            self.acks.urgent();
         }
     }
 
@@ -379,6 +399,7 @@ impl Tunnel {
     }
 
     fn set_path(&mut self, path: Path) {
+        self.acks.urgent();
         if !self.conn.is_server() {
             // The connector moves to our new path on the first packet it gets there; we may
             // have nothing to send for a while (a download only needs ACKs, and none are due
@@ -539,12 +560,32 @@ impl Tunnel {
                 TraversalEvent::Failed => self.events.push_back(TunnelEvent::DirectNotFound),
             }
         }
-        self.stream.flush(&mut self.conn);
+        self.flush_stream();
+    }
+
+    /// Hands queued messages to the connection; what it took goes out at the next send.
+    fn flush_stream(&mut self) {
+        if self.stream.flush(&mut self.conn) > 0 {
+            self.acks.urgent();
+        }
+    }
+
+    /// Whether to ask quiche for packets now (see [`AckHold`]).
+    fn may_send(&self) -> bool {
+        // The handshake and a close of ours never wait.
+        !self.conn.is_established()
+            || self.conn.local_error().is_some()
+            || self
+                .acks
+                .may_send(Instant::now(), self.conn.dgram_send_queue_len() > 0)
     }
 
     /// Writes the next QUIC packet for a direct path into `out`: its length and where it goes.
     pub fn send_direct(&mut self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
         let local = self.direct.as_ref()?.local;
+        if !self.may_send() {
+            return None;
+        }
         // A handful of paths at most (the active one and one being probed).
         let mut peers = [None; 4];
         for (slot, p) in peers.iter_mut().zip(self.conn.paths_iter(local)) {
@@ -552,16 +593,27 @@ impl Tunnel {
         }
         for to in peers.into_iter().flatten() {
             match self.conn.send_on_path(out, Some(local), Some(to)) {
-                Ok((n, _)) => return Some((n, to)),
+                Ok((n, _)) => {
+                    self.acks.on_sent();
+                    return Some((n, to));
+                }
                 Err(quiche::Error::Done) => {}
                 Err(e) => tracing::debug!("tunnel {}: send to {to} failed: {e}", self.peer.short()),
             }
+        }
+        // Asked on the active path, quiche has nothing more (the relayed path's turn decides
+        // while the relay carries the tunnel).
+        if matches!(self.path, Path::Direct(_)) {
+            self.acks.on_idle();
         }
         None
     }
 
     /// Writes the next QUIC packet for the relayed path into `out`.
     pub fn send_relayed(&mut self, out: &mut [u8]) -> Option<usize> {
+        if !self.may_send() {
+            return None;
+        }
         let r = self
             .conn
             .send_on_path(out, Some(RELAY_PATH_LOCAL), Some(self.relay_path));
@@ -575,8 +627,12 @@ impl Tunnel {
         r: Result<(usize, quiche::SendInfo), quiche::Error>,
     ) -> Option<(usize, quiche::SendInfo)> {
         match r {
-            Ok(sent) => Some(sent),
+            Ok(sent) => {
+                self.acks.on_sent();
+                Some(sent)
+            }
             Err(e) => {
+                self.acks.on_idle();
                 if e != quiche::Error::Done {
                     tracing::debug!("tunnel {}: send failed: {e}", self.peer.short());
                 }
@@ -589,6 +645,9 @@ impl Tunnel {
     /// Writes the next QUIC packet into `out`: its length and whether it goes over the relay
     /// (`None`) or to a direct address.
     pub fn send(&mut self, out: &mut [u8]) -> Option<(usize, Option<SocketAddr>)> {
+        if !self.may_send() {
+            return None;
+        }
         let r = self.conn.send(out);
         let (n, info) = self.sent(r)?;
         Some((n, (info.to != self.relay_path).then_some(info.to)))
@@ -675,7 +734,7 @@ impl Tunnel {
             return Err(TunnelError::NotReady);
         }
         self.stream.queue(msg)?;
-        self.stream.flush(&mut self.conn);
+        self.flush_stream();
         Ok(())
     }
 
@@ -691,7 +750,7 @@ impl Tunnel {
         if self.remote.is_some() {
             self.issue_spare_cids();
             self.on_path_events();
-            self.stream.flush(&mut self.conn);
+            self.flush_stream();
             self.stream.read(&mut self.conn);
             while let Some(m) = self.stream.next_message() {
                 match m {
@@ -766,6 +825,8 @@ impl Tunnel {
         }
         self.remote = Some(id.clone());
         self.up_at = Some(Instant::now());
+        // The handshake's last flight (HANDSHAKE_DONE, first ACKs) goes at once.
+        self.acks.urgent();
         self.events.push_back(TunnelEvent::Up(id));
     }
 
@@ -799,6 +860,36 @@ impl QuicSession for Tunnel {
     }
     fn after_io(&mut self) {
         self.after_io_impl();
+    }
+
+    /// quiche's timers and the held ACK's deadline, whichever comes first.
+    fn timeout(&self) -> Option<Duration> {
+        let quic = self.conn.timeout();
+        let ack = self
+            .acks
+            .deadline()
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        match (quic, ack) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_timeout(&mut self) {
+        // Whatever fired (quiche's loss or idle timers, or the held ACK), the next send goes.
+        self.conn.on_timeout();
+        self.acks.urgent();
+        self.after_io_impl();
+    }
+
+    fn keepalive(&mut self) {
+        let _ = self.conn.send_ack_eliciting();
+        self.acks.urgent();
+    }
+
+    fn close(&mut self, reason: &str) {
+        let _ = self.conn.close(true, 0, reason.as_bytes());
+        self.acks.urgent();
     }
 }
 

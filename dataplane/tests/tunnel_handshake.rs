@@ -722,3 +722,76 @@ fn stats_count_traffic_and_path_switches() {
     assert_eq!(back.path, Path::Relay);
     assert!(back.path_changed_at.expect("switch back recorded") > switched);
 }
+
+/// An ACK alone waits for a packet of ours to ride on (a reply), or for its short deadline;
+/// never longer.
+#[test]
+fn an_ack_waits_for_the_answer_it_can_ride_on() {
+    use sluice_dataplane::ack_hold::ACK_HOLD;
+    let d = Dir::new("ackhold");
+    let ca = identity::create_ca("acme", day()).unwrap();
+    let agent = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Agent, "alice", &[], day()).unwrap(),
+        "alice",
+    );
+    let conn = d.creds(
+        &ca,
+        &identity::issue(&ca, Role::Connector, "conn-1", &[], day()).unwrap(),
+        "conn-1",
+    );
+    let mut p = pair(&agent, &conn, "conn-1", None);
+    pump(&mut p);
+    assert!(p.agent.is_up() && p.conn.is_up());
+    // Let anything the handshake left (its held ACKs) go first.
+    std::thread::sleep(ACK_HOLD);
+    for t in [&mut p.agent, &mut p.conn] {
+        if t.timeout() == Some(Duration::ZERO) {
+            t.on_timeout();
+        }
+    }
+    pump(&mut p);
+
+    let ip = [
+        0x45u8, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ];
+    let mut pkt = vec![0u8];
+    pkt.extend_from_slice(&ip);
+    let mut buf = vec![0u8; 2048];
+    p.agent.send_ip(&mut pkt.clone()).unwrap();
+    let (n, _) = p.agent.send(&mut buf).expect("the datagram goes at once");
+    p.conn.recv_relayed(&mut buf[..n]);
+    assert!(p.agent.send(&mut buf).is_none());
+
+    // The connector holds the ACK, with a timer no later than the hold.
+    assert!(p.conn.send(&mut buf).is_none(), "no ACK-only packet");
+    assert!(p.conn.timeout().is_some_and(|t| t <= ACK_HOLD));
+
+    // Its reply carries the ACK: one packet, not two.
+    p.conn.send_ip(&mut pkt.clone()).unwrap();
+    let (n, _) = p.conn.send(&mut buf).expect("the reply goes at once");
+    assert!(p.conn.send(&mut buf).is_none(), "and nothing else");
+    p.agent.recv_relayed(&mut buf[..n]);
+    let mut rx = [0u8; 2048];
+    assert!(p.agent.recv_ip(&mut rx).is_some());
+
+    // Nothing to answer with on the agent's side: the ACK goes when its deadline passes.
+    assert!(p.agent.send(&mut buf).is_none());
+    std::thread::sleep(ACK_HOLD);
+    assert_eq!(p.agent.timeout(), Some(Duration::ZERO));
+    p.agent.on_timeout();
+    let (n, _) = p
+        .agent
+        .send(&mut buf)
+        .expect("the ACK goes at its deadline");
+    assert!(
+        n < sluice_dataplane::ack_hold::MIN_DATA_PACKET,
+        "ACK-only: {n} bytes"
+    );
+    p.conn.recv_relayed(&mut buf[..n]);
+    assert!(p.conn.send(&mut buf).is_none(), "an ACK is not answered");
+    assert!(
+        p.conn.timeout().is_none_or(|t| t > ACK_HOLD),
+        "and arms no ACK timer"
+    );
+}

@@ -207,8 +207,7 @@ impl Connector {
         tokio::pin!(timer);
         loop {
             let now = Instant::now();
-            let sleep = self.timeout(now);
-            timer.as_mut().reset(tokio::time::Instant::now() + sleep);
+            node::rearm(timer.as_mut(), self.timeout(now));
             tokio::select! {
                 r = socket.recv_from(&mut udp_buf) => {
                     let (n, from) = r.context("UDP receive failed")?;

@@ -20,6 +20,7 @@ use crate::config::IdentityFiles;
 use crate::IdentityArgs;
 
 pub use sluice_dataplane::wire::{CONTROL_UDP_PAYLOAD, TUNNEL_UDP_PAYLOAD};
+pub use sluice_relay::run::rearm;
 /// Control keepalive; the relay is declared gone after `CONTROL_SILENCE` without a packet.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
 const CONTROL_SILENCE: Duration = Duration::from_secs(6);

@@ -28,6 +28,10 @@ use crate::device::QueueDevice;
 
 pub type FlowId = u64;
 
+/// How long smoltcp waits for data to carry an ACK (its default is 10 ms; an app that waits
+/// for an ACK before sending more, Nagle's algorithm, waits at most this long).
+const TCP_ACK_DELAY: smoltcp::time::Duration = smoltcp::time::Duration::from_millis(1);
+
 /// Limits that keep one agent from exhausting the connector.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -397,7 +401,10 @@ impl Stack {
                     tcp::SocketBuffer::new(vec![0; buf]),
                 );
                 sock.set_nagle_enabled(false);
-                sock.set_ack_delay(None);
+                // A short delayed ACK: a request's ACK rides on its response instead of going
+                // as a packet (and a tunnel packet) of its own; bulk data is still ACKed every
+                // second segment (smoltcp acks at once past one MSS).
+                sock.set_ack_delay(Some(TCP_ACK_DELAY));
                 let ep = IpListenEndpoint {
                     addr: Some(flow.key.dst.ip().into()),
                     port: flow.key.dst.port(),

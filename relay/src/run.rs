@@ -1,6 +1,7 @@
 //! The relay's tokio shell: one UDP socket, the sans-IO [`Relay`] core, and its timers.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
@@ -9,6 +10,17 @@ use crate::server::{Relay, RelayStats};
 
 /// How often the relay logs its counters when something changed.
 const STATS_EVERY: Duration = Duration::from_secs(30);
+
+/// Re-arms an event loop's timer for `after` from now, but only when that is earlier than the
+/// armed deadline (or the timer fired). Resetting a tokio timer while the loop runs wakes the
+/// runtime's driver (an eventfd write and one more epoll round) almost every time; a timer that
+/// fires early is harmless, since every loop checks each deadline against the clock.
+pub fn rearm(timer: Pin<&mut tokio::time::Sleep>, after: Duration) {
+    let deadline = tokio::time::Instant::now() + after;
+    if timer.is_elapsed() || deadline < timer.deadline() {
+        timer.reset(deadline);
+    }
+}
 
 /// Serves relay clients on `socket` until the future is dropped.
 pub async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()> {
@@ -22,8 +34,10 @@ pub async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
     loop {
-        let sleep = relay.timeout().unwrap_or(Duration::from_secs(3600));
-        timer.as_mut().reset(tokio::time::Instant::now() + sleep);
+        rearm(
+            timer.as_mut(),
+            relay.timeout().unwrap_or(Duration::from_secs(3600)),
+        );
         tokio::select! {
             r = socket.recv_from(&mut buf) => {
                 let (n, from) = r?;
