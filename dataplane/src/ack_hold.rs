@@ -9,6 +9,9 @@
 //! queued, a second packet arrived ([`ACK_EVERY`], as RFC 9000 §13.2.2 recommends), or
 //! [`ACK_HOLD`] passed. The peer subtracts the delay it is told about from its RTT samples,
 //! and [`ACK_HOLD`] is far below the 25 ms max_ack_delay we advertise.
+//!
+//! Every QUIC connection of ours holds ACKs this way: end-to-end tunnels, control connections
+//! and the relay's side of them (where a forwarded packet's ACK waits for the next one).
 
 use std::time::{Duration, Instant};
 
@@ -74,7 +77,25 @@ impl AckHold {
         self.due = None;
     }
 
-    /// When a held ACK must go: the tunnel's timer includes it.
+    /// [`AckHold::may_send`] for a quiche connection: its handshake and a close of ours never
+    /// wait, and queued DATAGRAMs go at once.
+    pub fn may_send_on(&self, conn: &quiche::Connection, now: Instant) -> bool {
+        !conn.is_established()
+            || conn.local_error().is_some()
+            || self.may_send(now, conn.dgram_send_queue_len() > 0)
+    }
+
+    /// When the connection's timer must fire: quiche's own timers and the held ACK's deadline,
+    /// whichever comes first.
+    pub fn timeout_on(&self, conn: &quiche::Connection, now: Instant) -> Option<Duration> {
+        let ack = self.deadline().map(|d| d.saturating_duration_since(now));
+        match (conn.timeout(), ack) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// When a held ACK must go: the connection's timer includes it.
     pub fn deadline(&self) -> Option<Instant> {
         if self.owed > 0 && !self.urgent {
             self.due

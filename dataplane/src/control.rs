@@ -7,7 +7,9 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
+use crate::ack_hold::AckHold;
 use crate::identity::{identity_from_der, PeerId, Role};
 use crate::msgstream::MessageStream;
 use crate::session::QuicSession;
@@ -52,6 +54,8 @@ pub struct ControlClient {
     connected: bool,
     closed_reported: bool,
     observed: Option<SocketAddr>,
+    /// Whether sending now would only carry an ACK that can wait.
+    acks: AckHold,
 }
 
 impl ControlClient {
@@ -73,6 +77,7 @@ impl ControlClient {
             connected: false,
             closed_reported: false,
             observed: None,
+            acks: AckHold::default(),
         })
     }
 
@@ -98,8 +103,10 @@ impl ControlClient {
             from,
             to: self.local,
         };
-        if let Err(e) = self.conn.recv(pkt, info) {
-            tracing::debug!("control: dropped a packet from {from}: {e}");
+        let len = pkt.len();
+        match self.conn.recv(pkt, info) {
+            Ok(_) => self.acks.on_recv(len, Instant::now()),
+            Err(e) => tracing::debug!("control: dropped a packet from {from}: {e}"),
         }
         self.after_io_impl();
     }
@@ -143,23 +150,35 @@ impl ControlClient {
     pub fn lookup(&mut self, name: &str) -> Result<(), ControlError> {
         self.stream
             .queue(&ControlMessage::Lookup { name: name.into() })?;
-        self.stream.flush(&mut self.conn);
+        self.flush_stream();
         Ok(())
     }
 
     /// Writes the next UDP packet to send into `out`.
     pub fn send(&mut self, out: &mut [u8]) -> Option<(usize, SocketAddr)> {
+        if !self.acks.may_send_on(&self.conn, Instant::now()) {
+            return None;
+        }
         match self.conn.send(out) {
-            Ok((n, info)) => Some((n, info.to)),
-            Err(quiche::Error::Done) => {
-                self.after_io_impl();
-                None
+            Ok((n, info)) => {
+                self.acks.on_sent();
+                Some((n, info.to))
             }
             Err(e) => {
-                tracing::debug!("control: send failed: {e}");
+                if e != quiche::Error::Done {
+                    tracing::debug!("control: send failed: {e}");
+                }
+                self.acks.on_idle();
                 self.after_io_impl();
                 None
             }
+        }
+    }
+
+    /// Hands queued messages to the connection; what it took goes out at the next send.
+    fn flush_stream(&mut self) {
+        if self.stream.flush(&mut self.conn) > 0 {
+            self.acks.urgent();
         }
     }
 
@@ -185,7 +204,7 @@ impl ControlClient {
                 }
             }
         }
-        self.stream.flush(&mut self.conn);
+        self.flush_stream();
         self.stream.read(&mut self.conn);
         while let Some(msg) = self.stream.next_message() {
             match msg {
@@ -223,5 +242,26 @@ impl QuicSession for ControlClient {
     }
     fn after_io(&mut self) {
         self.after_io_impl();
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        self.acks.timeout_on(&self.conn, Instant::now())
+    }
+
+    fn on_timeout(&mut self) {
+        // Whatever fired (quiche's timers, or the held ACK), the next send goes.
+        self.conn.on_timeout();
+        self.acks.urgent();
+        self.after_io_impl();
+    }
+
+    fn keepalive(&mut self) {
+        let _ = self.conn.send_ack_eliciting();
+        self.acks.urgent();
+    }
+
+    fn close(&mut self, reason: &str) {
+        let _ = self.conn.close(true, 0, reason.as_bytes());
+        self.acks.urgent();
     }
 }

@@ -572,12 +572,7 @@ impl Tunnel {
 
     /// Whether to ask quiche for packets now (see [`AckHold`]).
     fn may_send(&self) -> bool {
-        // The handshake and a close of ours never wait.
-        !self.conn.is_established()
-            || self.conn.local_error().is_some()
-            || self
-                .acks
-                .may_send(Instant::now(), self.conn.dgram_send_queue_len() > 0)
+        self.acks.may_send_on(&self.conn, Instant::now())
     }
 
     /// Writes the next QUIC packet for a direct path into `out`: its length and where it goes.
@@ -864,15 +859,7 @@ impl QuicSession for Tunnel {
 
     /// quiche's timers and the held ACK's deadline, whichever comes first.
     fn timeout(&self) -> Option<Duration> {
-        let quic = self.conn.timeout();
-        let ack = self
-            .acks
-            .deadline()
-            .map(|d| d.saturating_duration_since(Instant::now()));
-        match (quic, ack) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        self.acks.timeout_on(&self.conn, Instant::now())
     }
 
     fn on_timeout(&mut self) {

@@ -6,8 +6,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use sluice_dataplane::ack_hold::AckHold;
 use sluice_dataplane::control::CONTROL_STREAM;
 use sluice_dataplane::identity::{identity_from_der, Identity, PeerId, Role};
 use sluice_dataplane::tls;
@@ -41,6 +42,8 @@ struct Client {
     out: Vec<u8>,
     stream_open: bool,
     cids: Vec<Vec<u8>>,
+    /// A forwarded packet's ACK waits (briefly) for the next packet to this client.
+    acks: AckHold,
 }
 
 pub struct Relay {
@@ -113,9 +116,13 @@ impl Relay {
             from,
             to: self.local,
         };
+        let len = pkt.len();
         match client.conn.recv(pkt, info) {
             // Only an authenticated packet may move the client's observed address.
-            Ok(_) => client.peer_addr = from,
+            Ok(_) => {
+                client.peer_addr = from;
+                client.acks.on_recv(len, Instant::now());
+            }
             Err(e) => {
                 tracing::debug!("relay: dropped a packet from {from}: {e}");
                 self.stats.bad_packets += 1;
@@ -187,6 +194,7 @@ impl Relay {
                 out: Vec::new(),
                 stream_open: false,
                 cids: vec![scid],
+                acks: AckHold::default(),
             },
         );
         Some(handle)
@@ -220,6 +228,8 @@ impl Relay {
         };
         tracing::info!("relay: {id} connected from {}", c.peer_addr);
         c.identity = Some(id.clone());
+        // The handshake's last flight (HANDSHAKE_DONE) goes at once.
+        c.acks.urgent();
         if let Some(old) = self.by_peer.insert(id.peer_id, handle) {
             if old != handle {
                 if let Some(o) = self.clients.get_mut(&old) {
@@ -301,6 +311,9 @@ impl Relay {
         }
         if let Ok(n) = c.conn.stream_send(CONTROL_STREAM, &c.out, false) {
             c.out.drain(..n);
+            if n > 0 {
+                c.acks.urgent();
+            }
         }
     }
 
@@ -356,12 +369,24 @@ impl Relay {
             out[..n].copy_from_slice(&pkt[..n]);
             return Some((n, to));
         }
+        let now = Instant::now();
         while let Some(&h) = self.dirty.iter().next() {
             if let Some(c) = self.clients.get_mut(&h) {
+                // A held ACK comes back through `timeout`, not through `dirty`.
+                if !c.acks.may_send_on(&c.conn, now) {
+                    self.dirty.remove(&h);
+                    continue;
+                }
                 match c.conn.send(out) {
-                    Ok((n, info)) => return Some((n, info.to)),
-                    Err(quiche::Error::Done) => {}
-                    Err(e) => tracing::debug!("relay: send failed: {e}"),
+                    Ok((n, info)) => {
+                        c.acks.on_sent();
+                        return Some((n, info.to));
+                    }
+                    Err(quiche::Error::Done) => c.acks.on_idle(),
+                    Err(e) => {
+                        tracing::debug!("relay: send failed: {e}");
+                        c.acks.on_idle();
+                    }
                 }
                 if c.conn.is_closed() {
                     self.reap(h);
@@ -373,20 +398,27 @@ impl Relay {
     }
 
     pub fn timeout(&self) -> Option<Duration> {
-        self.clients.values().filter_map(|c| c.conn.timeout()).min()
+        let now = Instant::now();
+        self.clients
+            .values()
+            .filter_map(|c| c.acks.timeout_on(&c.conn, now))
+            .min()
     }
 
     /// Runs the timers that have expired.
     pub fn on_timeout(&mut self) {
+        let now = Instant::now();
         let due: Vec<Handle> = self
             .clients
             .iter()
-            .filter(|(_, c)| c.conn.timeout() == Some(Duration::ZERO))
+            .filter(|(_, c)| c.acks.timeout_on(&c.conn, now) == Some(Duration::ZERO))
             .map(|(h, _)| *h)
             .collect();
         for h in due {
             if let Some(c) = self.clients.get_mut(&h) {
+                // quiche's timers or a held ACK: either way the next send goes.
                 c.conn.on_timeout();
+                c.acks.urgent();
                 self.dirty.insert(h);
             }
             self.process(h);
