@@ -2,6 +2,7 @@
 //! sessions (control connection to the relay, end-to-end tunnels) as sans-IO state machines.
 
 pub mod ack_hold;
+pub mod codel;
 pub mod control;
 pub mod dns;
 pub mod identity;

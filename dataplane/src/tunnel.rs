@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use crate::ack_hold::AckHold;
+use crate::codel::Codel;
 use crate::identity::{identity_from_der, Identity, PeerId};
 use crate::msgstream::MessageStream;
 use crate::nat::candidate::Candidate;
@@ -138,6 +139,8 @@ pub struct Tunnel {
     up_at: Option<Instant>,
     /// Whether sending now would only carry an ACK that can wait for an answer.
     acks: AckHold,
+    /// Keeps the DATAGRAM queue's standing delay short under load.
+    codel: Codel,
 }
 
 /// Probe timeouts so far on `conn`'s active path.
@@ -210,6 +213,7 @@ impl Tunnel {
             path_changed_at: None,
             up_at: None,
             acks: AckHold::default(),
+            codel: Codel::new(Instant::now()),
         }
     }
 
@@ -660,7 +664,31 @@ impl Tunnel {
     pub fn send_ip(&mut self, buf: &mut [u8]) -> Result<(), TunnelError> {
         self.check_room(buf.len())?;
         buf[0] = DGRAM_TUNNEL_IP;
-        self.conn.dgram_send(buf)?;
+        self.enqueue(buf)
+    }
+
+    /// Queues one DATAGRAM, after the drops CoDel asks for at the queue's head.
+    fn enqueue(&mut self, dgram: &[u8]) -> Result<(), TunnelError> {
+        let now = Instant::now();
+        let drops = self
+            .codel
+            .before_enqueue(self.conn.dgram_send_queue_len(), now);
+        if drops > 0 {
+            let left = std::cell::Cell::new(drops);
+            // quiche's queue is a FIFO and `purge` visits it in order: this drops the oldest.
+            self.conn.dgram_purge_outgoing(|_| {
+                let n = left.get();
+                left.set(n.saturating_sub(1));
+                n > 0
+            });
+            tracing::debug!(
+                "tunnel {}: queue delay above target, dropped {drops} packet(s) ({} so far)",
+                self.peer.short(),
+                self.codel.dropped()
+            );
+        }
+        self.conn.dgram_send(dgram)?;
+        self.codel.enqueued(now);
         Ok(())
     }
 
@@ -693,8 +721,7 @@ impl Tunnel {
                 max,
             });
         }
-        self.conn.dgram_send(buf)?;
-        Ok(())
+        self.enqueue(buf)
     }
 
     /// Receives the next IP packet into `buf`: its range in `buf`, and the range of the
