@@ -330,8 +330,8 @@ impl Agent {
         mut asks: mpsc::Receiver<ConnectorQuery>,
     ) -> Result<()> {
         let mut udp_buf = vec![0u8; 65_536];
-        let mut tun_buf = vec![0u8; 65_536];
-        let mut to_tun: Vec<Vec<u8>> = Vec::new();
+        let mut tun_rx = tun::TunReader::new(self.mtu, TUNNEL_IP_OVERHEAD);
+        let mut to_tun = tun::TunWriter::default();
         // One timer, re-armed each round, rather than a new one per packet.
         // The control link's first Initial is queued already: send it now, not at the first
         // timer (a second later).
@@ -350,24 +350,29 @@ impl Agent {
                         self.on_udp(&mut udp_buf[..n], from, &mut to_tun);
                     }
                 }
-                r = dev.recv(&mut tun_buf[TUNNEL_IP_OVERHEAD..]) => {
-                    let n = r.context("TUN receive failed")?;
-                    self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
+                r = tun_rx.recv(dev) => {
+                    let mut n = r.context("TUN receive failed")?;
+                    let mut taken = 0;
                     // Take what else is queued before flushing: fewer, fuller send rounds.
-                    for _ in 1..node::ROUND_BATCH {
-                        let Ok(n) = dev.try_recv(&mut tun_buf[TUNNEL_IP_OVERHEAD..]) else { break };
-                        self.on_tun(&mut tun_buf[..TUNNEL_IP_OVERHEAD + n], &mut to_tun);
+                    loop {
+                        for i in 0..n {
+                            if let Some(pkt) = tun_rx.packet_mut(i) {
+                                self.on_tun(pkt, &mut to_tun);
+                            }
+                        }
+                        taken += n;
+                        if taken >= node::ROUND_BATCH {
+                            break;
+                        }
+                        let Ok(more) = tun_rx.try_recv(dev) else { break };
+                        n = more;
                     }
                 }
                 Some(q) = asks.recv() => self.on_connector_query(q, Instant::now()),
                 _ = &mut timer => self.on_timeout(Instant::now(), &mut to_tun),
             }
             self.on_control_events(&mut to_tun);
-            for p in to_tun.drain(..) {
-                if let Err(e) = dev.send(&p).await {
-                    tracing::debug!("TUN write failed: {e}");
-                }
-            }
+            to_tun.flush(dev).await;
             self.flush(socket).await;
         }
     }
@@ -391,7 +396,7 @@ impl Agent {
         t
     }
 
-    fn on_timeout(&mut self, now: Instant, to_tun: &mut Vec<Vec<u8>>) {
+    fn on_timeout(&mut self, now: Instant, to_tun: &mut tun::TunWriter) {
         self.link.on_timeout(now);
         if now >= self.next_reload_check {
             self.next_reload_check = now + RELOAD_EVERY;
@@ -436,7 +441,7 @@ impl Agent {
         }
     }
 
-    fn on_udp(&mut self, pkt: &mut [u8], from: SocketAddr, to_tun: &mut Vec<Vec<u8>>) {
+    fn on_udp(&mut self, pkt: &mut [u8], from: SocketAddr, to_tun: &mut tun::TunWriter) {
         let now = Instant::now();
         match node::classify(pkt, from, self.link.relay_addr()) {
             node::Incoming::Control => {}
@@ -495,17 +500,17 @@ impl Agent {
     }
 
     /// IP packets that came out of slot `i`'s tunnel, for the TUN device.
-    fn deliver(&mut self, i: usize, to_tun: &mut Vec<Vec<u8>>) {
+    fn deliver(&mut self, i: usize, to_tun: &mut tun::TunWriter) {
         let Some(t) = &mut self.slots[i].tunnel else {
             return;
         };
         let mut buf = [0u8; 2048];
         while let Some(r) = t.recv_ip(&mut buf) {
-            to_tun.push(buf[r.packet].to_vec());
+            to_tun.push(&buf[r.packet]);
         }
     }
 
-    fn on_tun(&mut self, buf: &mut [u8], to_tun: &mut Vec<Vec<u8>>) {
+    fn on_tun(&mut self, buf: &mut [u8], to_tun: &mut tun::TunWriter) {
         self.stats.tun_packets += 1;
         let pkt = &buf[TUNNEL_IP_OVERHEAD..];
         let info = match packet::inspect(pkt) {
@@ -535,7 +540,7 @@ impl Agent {
         if pkt.len() > max {
             self.stats.too_big += 1;
             if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
-                to_tun.push(icmp);
+                to_tun.push(&icmp);
             }
             return;
         }
@@ -547,7 +552,7 @@ impl Agent {
                     self.stats.too_big += 1;
                     let pkt = &buf[TUNNEL_IP_OVERHEAD..];
                     if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
-                        to_tun.push(icmp);
+                        to_tun.push(&icmp);
                     }
                 }
                 Err(e) => {
@@ -559,7 +564,7 @@ impl Agent {
         }
         if slot.unavailable_until.is_some_and(|u| now < u) {
             if let Some(icmp) = packet::icmp_unreachable(pkt, &info, Unreachable::Host) {
-                to_tun.push(icmp);
+                to_tun.push(&icmp);
             }
             return;
         }
@@ -583,7 +588,7 @@ impl Agent {
         &mut self,
         info: &packet::PacketInfo,
         pkt: &[u8],
-        to_tun: &mut Vec<Vec<u8>>,
+        to_tun: &mut tun::TunWriter,
     ) -> Option<(usize, Option<Arc<str>>)> {
         if !is_unicast_global(info.dst) {
             // Link-local and multicast chatter of the interface itself (IPv6 router
@@ -595,7 +600,7 @@ impl Agent {
             // The kernel routes only resource networks here; other protocols are not allowed.
             self.stats.no_route += 1;
             if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Prohibited) {
-                to_tun.push(icmp);
+                to_tun.push(&icmp);
             }
             return None;
         };
@@ -613,7 +618,7 @@ impl Agent {
                 None => {
                     // An address no name holds (the pool recycled it, or it was never given).
                     if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Host) {
-                        to_tun.push(icmp);
+                        to_tun.push(&icmp);
                     }
                     return None;
                 }
@@ -654,7 +659,7 @@ impl Agent {
                     packet::icmp_unreachable(pkt, info, Unreachable::Prohibited)
                 };
                 if let Some(r) = reply {
-                    to_tun.push(r);
+                    to_tun.push(&r);
                 }
                 None
             }
@@ -799,7 +804,7 @@ impl Agent {
         }
     }
 
-    fn on_control_events(&mut self, to_tun: &mut Vec<Vec<u8>>) {
+    fn on_control_events(&mut self, to_tun: &mut tun::TunWriter) {
         let now = Instant::now();
         while let Some(ev) = self.link.poll_event() {
             match ev {
@@ -835,7 +840,7 @@ impl Agent {
                                         if let Some(icmp) =
                                             packet::icmp_unreachable(ip, &info, Unreachable::Host)
                                         {
-                                            to_tun.push(icmp);
+                                            to_tun.push(&icmp);
                                         }
                                     }
                                 }
@@ -870,7 +875,7 @@ impl Agent {
         }
     }
 
-    fn tunnel_events(&mut self, i: usize, to_tun: &mut Vec<Vec<u8>>) {
+    fn tunnel_events(&mut self, i: usize, to_tun: &mut tun::TunWriter) {
         let slot = &mut self.slots[i];
         let Some(t) = &mut slot.tunnel else { return };
         while let Some(ev) = t.poll_event() {

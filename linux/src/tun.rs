@@ -4,15 +4,32 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use ipnet::IpNet;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::config::TunConfig;
 
+/// Creates the device with offloads (`IFF_VNET_HDR`: the kernel hands over whole TCP/UDP GSO
+/// super-packets and takes coalesced ones, so one read or write moves many packets), or without
+/// them where the kernel refuses.
 pub fn create(cfg: &TunConfig) -> Result<AsyncDevice> {
+    match build(cfg, true) {
+        Ok(d) => Ok(d),
+        Err(e) => {
+            tracing::warn!(
+                "TUN device {:?} without offloads ({e}): one read or write per packet",
+                cfg.name
+            );
+            build(cfg, false)
+        }
+    }
+}
+
+fn build(cfg: &TunConfig, offload: bool) -> Result<AsyncDevice> {
     let mut b = DeviceBuilder::new()
         .name(&cfg.name)
         .ipv4(cfg.ipv4.addr(), cfg.ipv4.prefix_len(), None)
-        .mtu(cfg.mtu);
+        .mtu(cfg.mtu)
+        .offload(offload);
     if let Some(v6) = cfg.ipv6 {
         b = b.ipv6(v6.addr(), v6.prefix_len());
     }
@@ -22,6 +39,115 @@ pub fn create(cfg: &TunConfig) -> Result<AsyncDevice> {
             cfg.name
         )
     })
+}
+
+/// Reads from the device in batches: one read returns a GSO super-packet, split here into
+/// packets of at most the MTU, each with `headroom` free bytes in front (for the tunnel header).
+pub struct TunReader {
+    raw: Vec<u8>,
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    headroom: usize,
+    count: usize,
+}
+
+impl TunReader {
+    pub fn new(mtu: usize, headroom: usize) -> Self {
+        TunReader {
+            raw: vec![0u8; VIRTIO_NET_HDR_LEN + 65_535],
+            // A segment never exceeds the MTU; a packet the kernel did not segment neither.
+            bufs: vec![vec![0u8; headroom + mtu.max(1500)]; IDEAL_BATCH_SIZE],
+            sizes: vec![0; IDEAL_BATCH_SIZE],
+            headroom,
+            count: 0,
+        }
+    }
+
+    /// Waits for the next read; returns how many packets it gave.
+    pub async fn recv(&mut self, dev: &AsyncDevice) -> std::io::Result<usize> {
+        self.count = 0;
+        self.count = dev
+            .recv_multiple(
+                &mut self.raw,
+                &mut self.bufs,
+                &mut self.sizes,
+                self.headroom,
+            )
+            .await?;
+        Ok(self.count)
+    }
+
+    /// The next read if one is ready (`WouldBlock` if not).
+    pub fn try_recv(&mut self, dev: &AsyncDevice) -> std::io::Result<usize> {
+        self.count = 0;
+        self.count = dev.try_recv_multiple(
+            &mut self.raw,
+            &mut self.bufs,
+            &mut self.sizes,
+            self.headroom,
+        )?;
+        Ok(self.count)
+    }
+
+    /// Packet `i` of the last read, headroom included.
+    pub fn packet_mut(&mut self, i: usize) -> Option<&mut [u8]> {
+        if i >= self.count {
+            return None;
+        }
+        let end = self.headroom + *self.sizes.get(i)?;
+        self.bufs.get_mut(i)?.get_mut(..end)
+    }
+}
+
+/// Packets for the device, written in one batch per loop round: TCP segments of one flow are
+/// coalesced into one write (GRO) when the device has offloads. Buffers are reused.
+pub struct TunWriter {
+    bufs: Vec<Vec<u8>>,
+    used: usize,
+    gro: GROTable,
+}
+
+impl Default for TunWriter {
+    fn default() -> Self {
+        TunWriter {
+            bufs: Vec::new(),
+            used: 0,
+            gro: GROTable::default(),
+        }
+    }
+}
+
+impl TunWriter {
+    /// Queues a copy of `pkt`.
+    pub fn push(&mut self, pkt: &[u8]) {
+        if self.used == self.bufs.len() {
+            self.bufs
+                .push(Vec::with_capacity(VIRTIO_NET_HDR_LEN + 1500));
+        }
+        let b = &mut self.bufs[self.used];
+        b.clear();
+        // The virtio header goes in front (written by the GRO pass).
+        b.resize(VIRTIO_NET_HDR_LEN, 0);
+        b.extend_from_slice(pkt);
+        self.used += 1;
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self, dev: &AsyncDevice) {
+        if self.used == 0 {
+            return;
+        }
+        let n = self.used;
+        self.used = 0;
+        if let Err(e) = dev
+            .send_multiple(&mut self.gro, &mut self.bufs[..n], VIRTIO_NET_HDR_LEN)
+            .await
+        {
+            tracing::debug!("TUN write failed: {e}");
+        }
+        // A burst's buffers are kept for the next one, but not a flood's.
+        self.bufs.truncate(IDEAL_BATCH_SIZE * 2);
+    }
 }
 
 /// Routes each network through the device. The routes vanish with the device when the agent
