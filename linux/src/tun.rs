@@ -101,20 +101,11 @@ impl TunReader {
 
 /// Packets for the device, written in one batch per loop round: TCP segments of one flow are
 /// coalesced into one write (GRO) when the device has offloads. Buffers are reused.
+#[derive(Default)]
 pub struct TunWriter {
     bufs: Vec<Vec<u8>>,
     used: usize,
     gro: GROTable,
-}
-
-impl Default for TunWriter {
-    fn default() -> Self {
-        TunWriter {
-            bufs: Vec::new(),
-            used: 0,
-            gro: GROTable::default(),
-        }
-    }
 }
 
 impl TunWriter {
