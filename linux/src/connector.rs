@@ -512,13 +512,13 @@ impl Connector {
             while s.tunnel.can_send_ip() {
                 let Some(p) = s.stack.output() else { break };
                 let n = TUNNEL_IP_OVERHEAD + p.len();
-                if n > pkt.len() {
-                    continue;
+                if n <= pkt.len() {
+                    pkt[TUNNEL_IP_OVERHEAD..n].copy_from_slice(&p);
+                    if let Err(e) = s.tunnel.send_ip(&mut pkt[..n]) {
+                        tracing::debug!("to agent peer {}: dropping a packet: {e}", peer.short());
+                    }
                 }
-                pkt[TUNNEL_IP_OVERHEAD..n].copy_from_slice(&p);
-                if let Err(e) = s.tunnel.send_ip(&mut pkt[..n]) {
-                    tracing::debug!("to agent peer {}: dropping a packet: {e}", peer.short());
-                }
+                s.stack.recycle(p);
             }
         }
         for peer in ended {

@@ -253,6 +253,12 @@ impl Stack {
         self.events.pop_front()
     }
 
+    /// Takes back the buffer of a packet from [`Stack::output`] once the caller is done with it,
+    /// for smoltcp's next packets.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        self.device.recycle(buf);
+    }
+
     /// Packets for the agent.
     pub fn output(&mut self) -> Option<Vec<u8>> {
         self.output
