@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use hickory_resolver::TokioResolver;
 
+use crate::ping::{Pinger, ECHO_TIMEOUT};
 use crate::stack::{DialError, FlowId, Stack, StackEvent};
 
 /// Bytes a flow may read from its service before the agent side has taken them.
@@ -29,8 +30,6 @@ const CREDIT: usize = 256 * 1024;
 const CHUNK: usize = 16 * 1024;
 /// Chunks queued toward a service.
 const TO_SERVICE_QUEUE: usize = 16;
-/// How long an ICMP echo waits for its reply.
-const ECHO_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long resolving a resource hostname may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -118,6 +117,8 @@ pub struct Splicer<K> {
     dial_timeout: Duration,
     resolver: Option<Arc<TokioResolver>>,
     scratch: Vec<u8>,
+    /// ICMP echoes toward services.
+    pinger: Pinger<K>,
 }
 
 impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
@@ -128,6 +129,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
     ) -> (Self, mpsc::Receiver<(K, FlowMsg)>) {
         let (tx, rx) = mpsc::channel(4096);
         let s = Splicer {
+            pinger: Pinger::new(tx.clone(), ECHO_TIMEOUT),
             tx,
             flows: HashMap::new(),
             wake: Arc::new(Notify::new()),
@@ -205,42 +207,41 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                 StackEvent::Echo {
                     dst,
                     hostname,
-                    id,
-                    seq,
                     payload,
                     request,
-                } => {
-                    let tx = self.tx.clone();
-                    let resolver = self.resolver.clone();
-                    tokio::spawn(async move {
-                        let dst = match hostname {
-                            Some(h) => match resolve(resolver.as_deref(), &h).await {
-                                Ok(ips) => ips[0],
-                                Err(_) => {
-                                    let _ = tx
-                                        .send((
-                                            key,
-                                            FlowMsg::EchoReply {
-                                                request,
-                                                answered: false,
-                                            },
-                                        ))
-                                        .await;
-                                    return;
-                                }
-                            },
-                            None => dst,
-                        };
-                        let answered = tokio::task::spawn_blocking(move || {
-                            crate::ping::echo(dst, id, seq, &payload, ECHO_TIMEOUT)
-                        })
-                        .await
-                        .unwrap_or(false);
-                        let _ = tx
-                            .send((key, FlowMsg::EchoReply { request, answered }))
-                            .await;
-                    });
-                }
+                    ..
+                } => match hostname {
+                    // The common case: sent from here, no task.
+                    None => {
+                        if let Err(r) = self.pinger.echo(key, dst, &payload, request) {
+                            tracing::debug!("ping {dst}: {}", r.why);
+                            stack.echo_unreachable(&r.request);
+                        }
+                    }
+                    Some(h) => {
+                        let tx = self.tx.clone();
+                        let resolver = self.resolver.clone();
+                        let pinger = self.pinger.clone();
+                        tokio::spawn(async move {
+                            let resolved = resolve(resolver.as_deref(), &h).await;
+                            let request = match resolved.ok().and_then(|ips| ips.first().copied()) {
+                                Some(ip) => match pinger.echo(key, ip, &payload, request) {
+                                    Ok(()) => return,
+                                    Err(r) => {
+                                        tracing::debug!("ping {h} ({ip}): {}", r.why);
+                                        r.request
+                                    }
+                                },
+                                None => request,
+                            };
+                            let answer = FlowMsg::EchoReply {
+                                request,
+                                answered: false,
+                            };
+                            let _ = tx.send((key, answer)).await;
+                        });
+                    }
+                },
                 StackEvent::ShutdownWrite { id } => {
                     if let Some(f) = self.flows.get_mut(&(key, id)) {
                         // Dropping the sender ends the writer, which then shuts down its half.
