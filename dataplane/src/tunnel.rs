@@ -387,6 +387,9 @@ impl Tunnel {
             self.set_path(path);
             self.events.push_back(TunnelEvent::PathChanged(path));
         }
+        if let (Path::Direct(addr), Some(d)) = (path, &mut self.direct) {
+            d.traversal.peer_nominated(addr);
+        }
     }
 
     /// (Connector) after a packet from another path than ours: quiche reports a peer's move

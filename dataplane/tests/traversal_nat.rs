@@ -254,3 +254,27 @@ proptest! {
         prop_assert_eq!(r.is_some(), direct_expected(ALL[a], ALL[c]));
     }
 }
+
+/// The controlled side stops punching once the peer moved onto a direct path, instead of
+/// punching out its whole check budget.
+#[test]
+fn the_controlled_side_stops_punching_once_the_peer_moved() {
+    let t0 = Instant::now();
+    let (me, peer) = (PeerId([1; 32]), PeerId([2; 32]));
+    let mut t = Traversal::new(false, me, peer, 7, t0);
+    t.set_local(gather(&["192.0.2.20".parse().unwrap()], 6000, None), t0);
+    let remote = gather(&["192.0.2.10".parse().unwrap()], 5000, None);
+    t.on_candidates(1, 9, &remote, t0);
+    assert!(matches!(t.phase(), Phase::Checking { .. }));
+    assert!(t.poll_transmit().is_some(), "checks punch");
+    while t.poll_transmit().is_some() {}
+    let addr: SocketAddr = "192.0.2.10:5000".parse().unwrap();
+    t.peer_nominated(addr);
+    assert_eq!(t.phase(), Phase::Nominated(addr));
+    assert_eq!(t.timeout(), None, "no more check timer");
+    t.on_timeout(t0 + Duration::from_secs(1));
+    assert!(t.poll_transmit().is_none(), "no more punches");
+    // A new list from the peer is a new attempt.
+    t.on_candidates(2, 9, &remote, t0 + Duration::from_secs(40));
+    assert!(matches!(t.phase(), Phase::Checking { .. }));
+}

@@ -184,6 +184,15 @@ impl Traversal {
         }
     }
 
+    /// (Controlled side) the peer moved the connection onto the direct path to `addr`: the
+    /// checks did their job, so punching stops (it went on for the whole budget, a punch and its
+    /// answer every 25 ms). A new candidate list from the peer starts a new attempt.
+    pub fn peer_nominated(&mut self, addr: SocketAddr) {
+        if !self.controlling && matches!(self.phase, Phase::Checking { .. }) {
+            self.phase = Phase::Nominated(addr);
+        }
+    }
+
     /// The direct path in use stopped working: back to the relay, retry later.
     pub fn direct_failed(&mut self, now: Instant) {
         self.phase = Phase::Failed {
