@@ -13,6 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use sluice_dataplane::packet::Unreachable;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
@@ -92,16 +93,20 @@ async fn dial(targets: &[SocketAddr], timeout: Duration) -> Result<TcpStream, Di
 #[derive(Debug)]
 pub enum FlowMsg {
     Dialed(FlowId, Result<(), DialError>),
-    Data(FlowId, Vec<u8>),
+    /// Bytes from the service (a reused buffer's chunk: no allocation per read).
+    Data(FlowId, Bytes),
     Eof(FlowId),
     Reset(FlowId),
     Udp(FlowId, Vec<u8>),
     UdpFailed(FlowId, Unreachable),
-    EchoReply { request: Vec<u8>, answered: bool },
+    EchoReply {
+        request: Vec<u8>,
+        answered: bool,
+    },
 }
 
 struct FlowHandle {
-    to_service: Option<mpsc::Sender<Vec<u8>>>,
+    to_service: Option<mpsc::Sender<Bytes>>,
     credit: Option<Arc<Semaphore>>,
     /// Bytes handed to the stack whose credit is not yet returned.
     given: usize,
@@ -117,6 +122,9 @@ pub struct Splicer<K> {
     dial_timeout: Duration,
     resolver: Option<Arc<TokioResolver>>,
     scratch: Vec<u8>,
+    /// Chunks toward services are cut from this buffer; its memory is reused once the flow
+    /// tasks dropped them.
+    to_service_buf: BytesMut,
     /// ICMP echoes toward services.
     pinger: Pinger<K>,
 }
@@ -136,6 +144,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
             dial_timeout,
             resolver,
             scratch: vec![0u8; CHUNK],
+            to_service_buf: BytesMut::new(),
         };
         (s, rx)
     }
@@ -201,7 +210,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                         .and_then(|f| f.to_service.as_ref())
                     {
                         // A full queue drops the datagram, as a congested network would.
-                        let _ = tx.try_send(payload);
+                        let _ = tx.try_send(Bytes::from(payload));
                     }
                 }
                 StackEvent::Echo {
@@ -295,7 +304,9 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                 if n == 0 {
                     break;
                 }
-                permit.send(self.scratch[..n].to_vec());
+                self.to_service_buf.reserve(n);
+                self.to_service_buf.put_slice(&self.scratch[..n]);
+                permit.send(self.to_service_buf.split().freeze());
             }
         }
         for ((k, id), f) in self.flows.iter_mut() {
@@ -342,7 +353,7 @@ async fn tcp_flow<K: Copy + Send + 'static>(
     resolver: Option<Arc<TokioResolver>>,
     dial_timeout: Duration,
     tx: mpsc::Sender<(K, FlowMsg)>,
-    mut from_agent: mpsc::Receiver<Vec<u8>>,
+    mut from_agent: mpsc::Receiver<Bytes>,
     credit: Arc<Semaphore>,
     wake: Arc<Notify>,
 ) {
@@ -370,21 +381,24 @@ async fn tcp_flow<K: Copy + Send + 'static>(
     let (mut rd, mut wr) = stream.into_split();
     let tx2 = tx.clone();
     let reader = async move {
+        // Each read is cut off as its own chunk; once the loop has consumed the earlier ones,
+        // `reserve` takes their memory back instead of allocating (and zeroing) anew.
+        let mut buf = BytesMut::new();
         loop {
             let Ok(permit) = credit.clone().acquire_many_owned(CHUNK as u32).await else {
                 return;
             };
-            let mut buf = vec![0u8; CHUNK];
-            match rd.read(&mut buf).await {
+            buf.reserve(CHUNK);
+            match rd.read_buf(&mut (&mut buf).limit(CHUNK)).await {
                 Ok(0) => {
                     let _ = tx2.send((key, FlowMsg::Eof(id))).await;
                     return;
                 }
                 Ok(n) => {
-                    buf.truncate(n);
                     permit.forget();
                     credit.add_permits(CHUNK - n);
-                    if tx2.send((key, FlowMsg::Data(id, buf))).await.is_err() {
+                    let chunk = buf.split().freeze();
+                    if tx2.send((key, FlowMsg::Data(id, chunk))).await.is_err() {
                         return;
                     }
                 }
@@ -419,7 +433,7 @@ async fn udp_flow<K: Copy + Send + 'static>(
     hostname: Option<String>,
     resolver: Option<Arc<TokioResolver>>,
     tx: mpsc::Sender<(K, FlowMsg)>,
-    mut from_agent: mpsc::Receiver<Vec<u8>>,
+    mut from_agent: mpsc::Receiver<Bytes>,
 ) {
     let dst = match targets(resolver.as_deref(), dst, hostname.as_deref()).await {
         Ok(t) => t[0],
