@@ -190,6 +190,10 @@ pub struct Stack {
     tcp_by_key: HashMap<FlowKey, FlowId>,
     udp: HashMap<FlowId, UdpFlow>,
     udp_by_key: HashMap<FlowKey, FlowId>,
+    /// Pings the gate admitted, by source (the echo identifier as its port) and destination,
+    /// with their last request and hostname: a ping is one flow, checked and audited once, not
+    /// per echo.
+    echo: HashMap<FlowKey, (Instant, Option<String>)>,
     events: VecDeque<StackEvent>,
     output: VecDeque<Vec<u8>>,
     next_id: FlowId,
@@ -227,6 +231,7 @@ impl Stack {
             tcp_by_key: HashMap::new(),
             udp: HashMap::new(),
             udp_by_key: HashMap::new(),
+            echo: HashMap::new(),
             events: VecDeque::new(),
             output: VecDeque::new(),
             next_id: 1,
@@ -589,15 +594,28 @@ impl Stack {
     ) {
         match info.echo {
             Some(e) if e.request => {
-                let flow = NewFlow {
-                    kind: FlowKind::Icmp,
-                    src: SocketAddr::new(info.src, 0),
+                let key = FlowKey {
+                    src: SocketAddr::new(info.src, e.id),
                     dst: SocketAddr::new(info.dst, 0),
-                    hostname,
                 };
-                if !gate.admit(&flow) {
-                    self.refuse(pkt, &info);
-                    return;
+                if let Some((last, _)) = self.echo.get_mut(&key) {
+                    *last = self.now;
+                } else {
+                    let flow = NewFlow {
+                        kind: FlowKind::Icmp,
+                        src: SocketAddr::new(info.src, 0),
+                        dst: SocketAddr::new(info.dst, 0),
+                        hostname,
+                    };
+                    if !gate.admit(&flow) {
+                        self.refuse(pkt, &info);
+                        return;
+                    }
+                    // Past the bound every echo is checked on its own, as before.
+                    if self.echo.len() < self.limits.max_udp_flows {
+                        self.echo
+                            .insert(key, (self.now, hostname.map(str::to_string)));
+                    }
                 }
                 let payload = info.payload(pkt).get(8..).unwrap_or(&[]).to_vec();
                 self.events.push_back(StackEvent::Echo {
@@ -751,7 +769,17 @@ impl Stack {
                 self.events.push_back(StackEvent::Close { id });
             }
         }
-        cut
+        // A ping the policy no longer allows is refused from its next echo on.
+        let before = self.echo.len();
+        self.echo.retain(|key, (_, hostname)| {
+            gate.admit(&NewFlow {
+                kind: FlowKind::Icmp,
+                src: SocketAddr::new(key.src.ip(), 0),
+                dst: key.dst,
+                hostname: hostname.as_deref(),
+            })
+        });
+        cut + (before - self.echo.len())
     }
 
     fn remove_tcp(&mut self, id: FlowId) {
@@ -779,6 +807,7 @@ impl Stack {
                 self.events.push_back(StackEvent::Close { id });
             }
         }
+        self.echo.retain(|_, (last, _)| now - *last <= idle);
     }
 
     /// How long until the stack needs [`Stack::poll`] again without new input.

@@ -294,3 +294,65 @@ fn packets_to_a_name_carry_it_to_the_gate_and_the_dial() {
     assert!(outputs(&mut s).iter().any(|(_, i)| i.tcp.rst));
     assert_eq!(gate.0, vec!["wiki.corp.internal", "other.corp.internal"]);
 }
+
+/// Counts what it is asked; admits everything but what `deny` names.
+#[derive(Default)]
+struct Counting {
+    asked: usize,
+    deny: bool,
+}
+
+impl FlowGate for Counting {
+    fn admit(&mut self, _: &NewFlow) -> bool {
+        self.asked += 1;
+        !self.deny
+    }
+}
+
+fn echo(id: u16, seq: u16) -> Vec<u8> {
+    let mut e = Vec::new();
+    PacketBuilder::ipv4(CLIENT, SERVER, 64)
+        .icmpv4_echo_request(id, seq)
+        .write(&mut e, b"ping")
+        .unwrap();
+    e
+}
+
+/// A ping is one flow: the gate (and so the audit log) sees its first echo, not every one;
+/// another ping is another flow; a policy change applies from the next echo on.
+#[test]
+fn a_ping_is_checked_once_not_per_echo() {
+    let (mut s, base) = stack();
+    let mut gate = Counting::default();
+    for seq in 1..=5 {
+        s.input(&echo(7, seq), &mut gate);
+    }
+    assert_eq!(gate.asked, 1);
+    assert_eq!(
+        events(&mut s).len(),
+        5,
+        "every echo still goes to the service"
+    );
+    s.input(&echo(8, 1), &mut gate);
+    assert_eq!(gate.asked, 2, "another ping, another flow");
+
+    // The policy changes: rechecked, cut, and the next echo is refused.
+    gate.deny = true;
+    assert_eq!(s.recheck(&mut gate), 2);
+    events(&mut s);
+    s.input(&echo(7, 6), &mut gate);
+    assert!(events(&mut s).is_empty());
+    assert!(
+        outputs(&mut s)[0].1.icmp_error,
+        "administratively prohibited"
+    );
+
+    // An idle ping is forgotten like an idle UDP flow.
+    gate.deny = false;
+    s.input(&echo(9, 1), &mut gate);
+    let asked = gate.asked;
+    s.set_time(base + Limits::default().udp_idle * 2, base);
+    s.poll();
+    s.input(&echo(9, 2), &mut gate);
+    assert_eq!(gate.asked, asked + 1, "checked again after going idle");
+}
