@@ -30,7 +30,7 @@ use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, AgentConfig};
 use crate::dns::{self, ConnectorQuery, ConnectorReply, DnsState, FlowKey, SharedDns};
 use crate::node::{self, ControlLink};
-use crate::{resolvconf, tun, AgentArgs};
+use crate::{resolvconf, tun, udp_batch, AgentArgs};
 use sluice_dataplane::nat::candidate::{Candidate, Kind};
 use sluice_dataplane::nat::traversal::RETRY_AFTER;
 
@@ -232,6 +232,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             ),
             name: creds.identity.name.clone(),
             peer_id: creds.identity.peer_id,
+            udp_tx: crate::udp_batch::UdpSender::default(),
         };
         tokio::select! {
             r = agent.run(&dev, &socket, ask_rx) => r,
@@ -312,6 +313,8 @@ struct Agent {
     /// This agent's certificate name and peer id, for the status.
     name: String,
     peer_id: PeerId,
+    /// Outgoing UDP, sent in GSO batches.
+    udp_tx: crate::udp_batch::UdpSender,
 }
 
 impl Agent {
@@ -329,7 +332,7 @@ impl Agent {
         socket: &UdpSocket,
         mut asks: mpsc::Receiver<ConnectorQuery>,
     ) -> Result<()> {
-        let mut udp_buf = vec![0u8; 65_536];
+        let mut udp_rx = udp_batch::UdpReceiver::new(socket);
         let mut tun_rx = tun::TunReader::new(self.mtu, TUNNEL_IP_OVERHEAD);
         let mut to_tun = tun::TunWriter::default();
         // One timer, re-armed each round, rather than a new one per packet.
@@ -342,12 +345,20 @@ impl Agent {
             let now = Instant::now();
             node::rearm(timer.as_mut(), self.timeout(now));
             tokio::select! {
-                r = socket.recv_from(&mut udp_buf) => {
-                    let (n, from) = r.context("UDP receive failed")?;
-                    self.on_udp(&mut udp_buf[..n], from, &mut to_tun);
-                    for _ in 1..node::ROUND_BATCH {
-                        let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) else { break };
-                        self.on_udp(&mut udp_buf[..n], from, &mut to_tun);
+                r = udp_rx.recv(socket) => {
+                    r.context("UDP receive failed")?;
+                    let mut taken = 0;
+                    loop {
+                        let (len, segment) = udp_rx.layout();
+                        if let Some(from) = udp_rx.from() {
+                            for p in udp_batch::segments(len, segment) {
+                                self.on_udp(&mut udp_rx.buf_mut()[p], from, &mut to_tun);
+                                taken += 1;
+                            }
+                        }
+                        if taken >= node::ROUND_BATCH || udp_rx.try_recv(socket).is_err() {
+                            break;
+                        }
                     }
                 }
                 r = tun_rx.recv(dev) => {
@@ -956,7 +967,14 @@ impl Agent {
             .iter_mut()
             .filter_map(|s| s.tunnel.as_mut())
             .collect();
-        node::flush(&mut self.link, &mut tunnels, socket, &mut self.out).await;
+        node::flush(
+            &mut self.link,
+            &mut tunnels,
+            socket,
+            &mut self.out,
+            &mut self.udp_tx,
+        )
+        .await;
     }
 
     /// A snapshot for `sluice status`: the relay link and the tunnel of every connector used.

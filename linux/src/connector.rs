@@ -26,6 +26,7 @@ use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, ConnectorConfig};
 use crate::node::{self, ControlLink};
 use crate::remote_dns;
+use crate::udp_batch;
 use crate::ConnectorArgs;
 
 pub fn run(args: ConnectorArgs) -> Result<()> {
@@ -98,6 +99,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             dns_done,
             direct: node::DirectSetup::new(creds.identity.peer_id, local, None),
             by_cid: HashMap::new(),
+            udp_tx: crate::udp_batch::UdpSender::default(),
         };
         tokio::select! {
             r = c.run(&socket, flow_rx, dns_rx) => r,
@@ -188,6 +190,8 @@ struct Connector {
     direct: node::DirectSetup,
     /// Which agent a direct packet's destination connection id belongs to (rebuilt on a miss).
     by_cid: HashMap<Vec<u8>, PeerId>,
+    /// Outgoing UDP, sent in GSO batches.
+    udp_tx: crate::udp_batch::UdpSender,
 }
 
 impl Connector {
@@ -197,7 +201,7 @@ impl Connector {
         mut flow_rx: mpsc::Receiver<(PeerId, FlowMsg)>,
         mut dns_rx: mpsc::Receiver<remote_dns::Done>,
     ) -> Result<()> {
-        let mut udp_buf = vec![0u8; 65_536];
+        let mut udp_rx = udp_batch::UdpReceiver::new(socket);
         let wake = self.splicer.wake.clone();
         // One timer, re-armed each round, rather than a new one per packet.
         // The control link's first Initial is queued already: send it now, not at the first
@@ -209,12 +213,20 @@ impl Connector {
             let now = Instant::now();
             node::rearm(timer.as_mut(), self.timeout(now));
             tokio::select! {
-                r = socket.recv_from(&mut udp_buf) => {
-                    let (n, from) = r.context("UDP receive failed")?;
-                    self.on_udp(&mut udp_buf[..n], from);
-                    for _ in 1..node::ROUND_BATCH {
-                        let Ok((n, from)) = socket.try_recv_from(&mut udp_buf) else { break };
-                        self.on_udp(&mut udp_buf[..n], from);
+                r = udp_rx.recv(socket) => {
+                    r.context("UDP receive failed")?;
+                    let mut taken = 0;
+                    loop {
+                        let (len, segment) = udp_rx.layout();
+                        if let Some(from) = udp_rx.from() {
+                            for p in udp_batch::segments(len, segment) {
+                                self.on_udp(&mut udp_rx.buf_mut()[p], from);
+                                taken += 1;
+                            }
+                        }
+                        if taken >= node::ROUND_BATCH || udp_rx.try_recv(socket).is_err() {
+                            break;
+                        }
                     }
                 }
                 Some((peer, msg)) = flow_rx.recv() => {
@@ -566,7 +578,14 @@ impl Connector {
     async fn flush(&mut self, socket: &UdpSocket) {
         let mut tunnels: Vec<&mut Tunnel> =
             self.sessions.values_mut().map(|s| &mut s.tunnel).collect();
-        node::flush(&mut self.link, &mut tunnels, socket, &mut self.out).await;
+        node::flush(
+            &mut self.link,
+            &mut tunnels,
+            socket,
+            &mut self.out,
+            &mut self.udp_tx,
+        )
+        .await;
     }
 }
 

@@ -15,6 +15,7 @@ mod remote_dns;
 mod resolvconf;
 mod status;
 mod tun;
+mod udp_batch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -17,10 +17,10 @@ use sluice_dataplane::wire::{Punch, RELAY_FORWARD_OVERHEAD};
 use tokio::net::UdpSocket;
 
 use crate::config::IdentityFiles;
+use crate::udp_batch::UdpSender;
 use crate::IdentityArgs;
 
 pub use sluice_dataplane::wire::{CONTROL_UDP_PAYLOAD, TUNNEL_UDP_PAYLOAD};
-pub use sluice_relay::run::rearm;
 /// Control keepalive; the relay is declared gone after `CONTROL_SILENCE` without a packet.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
 const CONTROL_SILENCE: Duration = Duration::from_secs(6);
@@ -137,6 +137,17 @@ pub fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket> {
     }
     s.bind(&addr.into())?;
     Ok(tokio::net::UdpSocket::from_std(s.into())?)
+}
+
+/// Re-arms an event loop's timer for `after` from now, but only when that is earlier than the
+/// armed deadline (or the timer fired). Resetting a tokio timer while the loop runs wakes the
+/// runtime's driver (an eventfd write and one more epoll round) almost every time; a timer that
+/// fires early is harmless, since every loop checks each deadline against the clock.
+pub fn rearm(timer: std::pin::Pin<&mut tokio::time::Sleep>, after: Duration) {
+    let deadline = tokio::time::Instant::now() + after;
+    if timer.is_elapsed() || deadline < timer.deadline() {
+        timer.reset(deadline);
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -319,8 +330,8 @@ impl ControlLink {
     }
 }
 
-/// Sends what the tunnels and the control link have queued: each tunnel's direct packets and
-/// punches straight from the socket (they need no relay), its relayed packets in relay forward
+/// Sends what the tunnels and the control link have queued, in GSO batches: each tunnel's
+/// direct packets and punches straight from the socket (they need no relay), its relayed packets in relay forward
 /// DATAGRAMs (only while the control connection has room, so the rest waits inside quiche
 /// instead of being dropped), then the control link's UDP packets.
 pub async fn flush(
@@ -328,18 +339,15 @@ pub async fn flush(
     tunnels: &mut [&mut Tunnel],
     socket: &UdpSocket,
     out: &mut [u8],
+    tx: &mut UdpSender,
 ) {
     loop {
         for t in tunnels.iter_mut() {
             while let Some((n, to)) = t.send_direct(out) {
-                if let Err(e) = socket.send_to(&out[..n], to).await {
-                    tracing::debug!("UDP send to {to} failed: {e}");
-                }
+                tx.send(socket, &out[..n], to).await;
             }
             while let Some((to, punch)) = t.poll_punch() {
-                if let Err(e) = socket.send_to(&punch, to).await {
-                    tracing::debug!("punch to {to} failed: {e}");
-                }
+                tx.send(socket, &punch, to).await;
             }
             while let Some(client) = link.connected().filter(|c| c.can_forward()) {
                 let Some(n) = t.send_relayed(&mut out[RELAY_FORWARD_OVERHEAD..]) else {
@@ -355,14 +363,13 @@ pub async fn flush(
         let mut sent = false;
         while let Some((n, to)) = link.send(out) {
             sent = true;
-            if let Err(e) = socket.send_to(&out[..n], to).await {
-                tracing::debug!("UDP send to {to} failed: {e}");
-            }
+            tx.send(socket, &out[..n], to).await;
         }
         if !sent {
             break;
         }
     }
+    tx.flush(socket).await;
 }
 
 /// What a UDP packet on a node's socket is.

@@ -1,12 +1,21 @@
-//! `sluice relay`.
+//! `sluice relay`: the tokio shell around the sans-IO relay core (`sluice_relay::server`): one
+//! UDP socket, read and written in GRO/GSO batches, and the core's timers.
+
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sluice_dataplane::identity::Role;
 use sluice_dataplane::tls;
+use sluice_relay::server::{Relay, RelayStats};
+use tokio::net::UdpSocket;
 
 use crate::config::{self, RelayConfig};
 use crate::node;
+use crate::udp_batch::{self, UdpReceiver, UdpSender};
 use crate::RelayArgs;
+
+/// How often the relay logs its counters when something changed.
+const STATS_EVERY: Duration = Duration::from_secs(30);
 
 pub fn run(args: RelayArgs) -> Result<()> {
     let mut cfg: RelayConfig = config::load(&args.config)?;
@@ -31,9 +40,64 @@ pub fn run(args: RelayArgs) -> Result<()> {
             creds.identity.peer_id.short()
         );
         tokio::select! {
-            r = sluice_relay::run::serve(socket, quic) => r.context("relay failed")?,
+            r = serve(socket, quic) => r.context("relay failed")?,
             _ = node::shutdown_signal() => tracing::info!("relay: shutting down"),
         }
         Ok(())
     })
+}
+
+/// Serves relay clients on `socket` until the future is dropped.
+async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()> {
+    let local = socket.local_addr()?;
+    let mut relay = Relay::new(config, local);
+    let mut rx = UdpReceiver::new(&socket);
+    let mut tx = UdpSender::default();
+    let mut out = vec![0u8; 1500];
+    let mut last_logged = RelayStats::default();
+    let mut stats_tick = tokio::time::interval(STATS_EVERY);
+    // One timer, re-armed each round, rather than a new one per packet.
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    loop {
+        node::rearm(
+            timer.as_mut(),
+            relay.timeout().unwrap_or(Duration::from_secs(3600)),
+        );
+        tokio::select! {
+            r = rx.recv(&socket) => {
+                r?;
+                // Take what else is queued (bounded), to batch the sends below.
+                let mut taken = 0;
+                loop {
+                    let (len, segment) = rx.layout();
+                    if let Some(from) = rx.from() {
+                        for p in udp_batch::segments(len, segment) {
+                            relay.recv(&mut rx.buf_mut()[p], from);
+                            taken += 1;
+                        }
+                    }
+                    if taken >= node::ROUND_BATCH || rx.try_recv(&socket).is_err() {
+                        break;
+                    }
+                }
+            }
+            _ = &mut timer => relay.on_timeout(),
+            _ = stats_tick.tick() => {
+                let s = relay.stats();
+                if s != last_logged {
+                    tracing::info!(
+                        "relay: {} clients ({} connectors), forwarded {} packets / {} bytes, dropped {}, bad {}",
+                        s.clients, s.connectors, s.forwarded_packets, s.forwarded_bytes,
+                        s.dropped_packets, s.bad_packets
+                    );
+                    last_logged = s;
+                }
+            }
+        }
+        while let Some((n, to)) = relay.send(&mut out) {
+            tx.send(&socket, &out[..n], to).await;
+        }
+        tx.flush(&socket).await;
+    }
 }

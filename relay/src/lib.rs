@@ -3,5 +3,4 @@
 //! opaque packets of end-to-end tunnels between control connections. It never holds tunnel keys.
 
 pub mod retry;
-pub mod run;
 pub mod server;
