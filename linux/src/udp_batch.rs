@@ -240,7 +240,7 @@ impl UdpReceiver {
 
 type Read = (usize, Option<SocketAddr>, Option<usize>);
 
-fn read_one(fd: i32, buf: &mut [u8], cmsg: &mut Vec<u8>) -> io::Result<Read> {
+fn read_one(fd: i32, buf: &mut [u8], cmsg: &mut [u8]) -> io::Result<Read> {
     let mut iov = [IoSliceMut::new(buf)];
     let msg = recvmsg::<SockaddrStorage>(fd, &mut iov, Some(cmsg), MsgFlags::empty())
         .map_err(io::Error::from)?;
