@@ -356,6 +356,11 @@ impl Agent {
                                 taken += 1;
                             }
                         }
+                        if taken == 1 {
+                            // A packet that came alone most likely is alone: deliver it before
+                            // a read that would only find nothing (latency, not batching).
+                            self.flush_round(dev, socket, &mut to_tun).await;
+                        }
                         if taken >= node::ROUND_BATCH || udp_rx.try_recv(socket).is_err() {
                             break;
                         }
@@ -372,6 +377,10 @@ impl Agent {
                             }
                         }
                         taken += n;
+                        if taken == 1 {
+                            // As for UDP above: a lone packet goes out before the next read.
+                            self.flush_round(dev, socket, &mut to_tun).await;
+                        }
                         if taken >= node::ROUND_BATCH {
                             break;
                         }
@@ -382,10 +391,21 @@ impl Agent {
                 Some(q) = asks.recv() => self.on_connector_query(q, Instant::now()),
                 _ = &mut timer => self.on_timeout(Instant::now(), &mut to_tun),
             }
-            self.on_control_events(&mut to_tun);
-            to_tun.flush(dev).await;
-            self.flush(socket).await;
+            self.flush_round(dev, socket, &mut to_tun).await;
         }
+    }
+
+    /// Carries out what a round of input caused: tunnel events, packets to the TUN device and
+    /// datagrams to peers.
+    async fn flush_round(
+        &mut self,
+        dev: &AsyncDevice,
+        socket: &UdpSocket,
+        to_tun: &mut tun::TunWriter,
+    ) {
+        self.on_control_events(to_tun);
+        to_tun.flush(dev).await;
+        self.flush(socket).await;
     }
 
     fn timeout(&self, now: Instant) -> Duration {

@@ -224,6 +224,12 @@ impl Connector {
                                 taken += 1;
                             }
                         }
+                        if taken == 1 {
+                            // A packet that came alone most likely is alone: answer it before a
+                            // read that would only find nothing (latency, not batching).
+                            self.step_stacks();
+                            self.flush(socket).await;
+                        }
                         if taken >= node::ROUND_BATCH || udp_rx.try_recv(socket).is_err() {
                             break;
                         }

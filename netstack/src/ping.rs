@@ -295,6 +295,30 @@ struct Side<K> {
 }
 
 impl<K> Side<K> {
+    /// The answer a datagram read from the socket gives, if it replies to a waiting echo.
+    fn on_datagram(&self, datagram: &[u8], from: IpAddr) -> Option<Answer<K>> {
+        let id = parse_reply(self.family, datagram)?;
+        self.table().on_reply(from, id)
+    }
+
+    /// Reads the replies queued already, while echoes wait: no readiness round, no task hop.
+    /// Stops at the first read that finds nothing (the task gets the reply when it comes).
+    fn take_queued(&self, buf: &mut [u8], answers: &mut Vec<Answer<K>>) {
+        for _ in 0..RECV_BATCH {
+            if self.table().is_empty() {
+                return;
+            }
+            match recv_from(self.fd.get_ref(), buf) {
+                Ok((n, from)) => {
+                    if let Some(a) = buf.get(..n).and_then(|d| self.on_datagram(d, from)) {
+                        answers.push(a);
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
     fn table(&self) -> MutexGuard<'_, EchoTable<K>> {
         // Nothing panics while holding the lock; if something did, the table is still sound.
         self.table.lock().unwrap_or_else(PoisonError::into_inner)
@@ -446,6 +470,29 @@ impl<K: Copy + Send + 'static> Pinger<K> {
         }
     }
 
+    /// Answers for the echoes whose replies are queued on the sockets already, taken without
+    /// waiting. A service next to the connector answers before the send returns (the kernel
+    /// delivers on the same CPU), so reading right after sending saves the reply a wake-up, a
+    /// task and a channel on its way back; replies not there yet come through the channel.
+    pub fn take_replies(&self, out: &mut Vec<(K, FlowMsg)>) {
+        let mut buf = [0u8; RECV_BUF];
+        let mut answers = Vec::new();
+        for side in [self.inner.v4.get(), self.inner.v6.get()] {
+            if let Some(Some(side)) = side {
+                side.take_queued(&mut buf, &mut answers);
+            }
+        }
+        out.extend(answers.into_iter().map(|a| {
+            (
+                a.key,
+                FlowMsg::EchoReply {
+                    request: a.request,
+                    answered: a.answered,
+                },
+            )
+        }));
+    }
+
     fn side(&self, family: Family) -> Option<&Arc<Side<K>>> {
         let cell = match family {
             Family::V4 => &self.inner.v4,
@@ -489,14 +536,21 @@ impl<K: Copy + Send + 'static> Pinger<K> {
 /// Matches replies and expires echoes of one family, for as long as answers can be delivered.
 async fn answer<K: Copy + Send + 'static>(side: Arc<Side<K>>, tx: mpsc::Sender<(K, FlowMsg)>) {
     let mut buf = vec![0u8; RECV_BUF];
-    // One timer for the oldest deadline, re-armed as echoes come and go.
+    // One timer for the oldest deadline. It is moved only when it must fire sooner, which with
+    // one timeout for every echo happens only after it fired: moving a tokio timer earlier wakes
+    // the runtime's driver (an eventfd write and an epoll round per echo). Firing early is
+    // harmless, `expire` checks the clock.
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
+    let mut armed = false;
     let mut answers = Vec::new();
     loop {
-        let deadline = side.table().next_deadline();
-        if let Some(d) = deadline {
-            timer.as_mut().reset(tokio::time::Instant::from_std(d));
+        if let Some(d) = side.table().next_deadline() {
+            let d = tokio::time::Instant::from_std(d);
+            if !armed || d < timer.deadline() {
+                timer.as_mut().reset(d);
+                armed = true;
+            }
         }
         tokio::select! {
             ready = side.fd.readable() => {
@@ -510,8 +564,7 @@ async fn answer<K: Copy + Send + 'static>(side: Arc<Side<K>>, tx: mpsc::Sender<(
                 for _ in 0..RECV_BATCH {
                     match guard.try_io(|fd| recv_from(fd.get_ref(), &mut buf)) {
                         Ok(Ok((n, from))) => {
-                            let id = buf.get(..n).and_then(|b| parse_reply(side.family, b));
-                            if let Some(a) = id.and_then(|id| side.table().on_reply(from, id)) {
+                            if let Some(a) = buf.get(..n).and_then(|d| side.on_datagram(d, from)) {
                                 answers.push(a);
                             }
                         }
@@ -524,14 +577,15 @@ async fn answer<K: Copy + Send + 'static>(side: Arc<Side<K>>, tx: mpsc::Sender<(
                     }
                 }
             }
-            () = &mut timer, if deadline.is_some() => {
+            () = &mut timer, if armed => {
+                armed = false;
                 let now = Instant::now();
                 let mut table = side.table();
                 while let Some(a) = table.expire(now) {
                     answers.push(a);
                 }
             }
-            () = side.armed.notified(), if deadline.is_none() => {}
+            () = side.armed.notified(), if !armed => {}
         }
         for a in answers.drain(..) {
             let msg = FlowMsg::EchoReply {
@@ -884,5 +938,44 @@ mod tests {
                 other => panic!("unexpected {other:?}"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_queued_reply_is_taken_at_once_and_only_once() {
+        if raw_or_skip(Family::V4).is_none() {
+            return;
+        }
+        let (tx, mut rx) = mpsc::channel(16);
+        let pinger = Pinger::new(tx, ECHO_TIMEOUT);
+        // Nothing waits: nothing is read.
+        let mut out = Vec::new();
+        pinger.take_replies(&mut out);
+        assert!(out.is_empty());
+        for family in [Family::V4, Family::V6] {
+            let key = family as u32;
+            pinger
+                .echo(key, loopback(family), b"fast", b"request".to_vec())
+                .unwrap();
+            // Loopback usually answers before the send returns; blocking sleeps (no await)
+            // keep the answering task from taking the reply first.
+            let start = Instant::now();
+            while out.is_empty() && start.elapsed() < Duration::from_secs(2) {
+                pinger.take_replies(&mut out);
+                if out.is_empty() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            match out.pop() {
+                Some((k, FlowMsg::EchoReply { request, answered })) => {
+                    assert_eq!(k, key);
+                    assert!(answered);
+                    assert_eq!(request, b"request");
+                }
+                other => panic!("{family:?}: expected the reply, got {other:?}"),
+            }
+        }
+        // The task, given its turn, finds nothing left to answer.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(rx.try_recv().is_err(), "a reply was answered twice");
     }
 }

@@ -155,6 +155,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
 
     /// Carries out the stack's events for agent `key`.
     pub fn handle_events(&mut self, key: K, stack: &mut Stack) {
+        let mut echoed = false;
         while let Some(ev) = stack.poll_event() {
             match ev {
                 StackEvent::DialTcp { id, dst, hostname } => {
@@ -221,12 +222,13 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                     ..
                 } => match hostname {
                     // The common case: sent from here, no task.
-                    None => {
-                        if let Err(r) = self.pinger.echo(key, dst, &payload, request) {
+                    None => match self.pinger.echo(key, dst, &payload, request) {
+                        Ok(()) => echoed = true,
+                        Err(r) => {
                             tracing::debug!("ping {dst}: {}", r.why);
                             stack.echo_unreachable(&r.request);
                         }
-                    }
+                    },
                     Some(h) => {
                         let tx = self.tx.clone();
                         let resolver = self.resolver.clone();
@@ -262,6 +264,24 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                         f.task.abort();
                     }
                 }
+            }
+        }
+        if echoed {
+            self.answer_queued_echoes(key, stack);
+        }
+    }
+
+    /// Answers the echoes just sent whose replies are there already (see
+    /// [`Pinger::take_replies`]): this agent's go into its stack now, another agent's through
+    /// the channel, as if its task had read them.
+    fn answer_queued_echoes(&mut self, key: K, stack: &mut Stack) {
+        let mut replies = Vec::new();
+        self.pinger.take_replies(&mut replies);
+        for (k, msg) in replies {
+            if k == key {
+                self.on_message(k, msg, stack);
+            } else if self.tx.try_send((k, msg)).is_err() {
+                tracing::debug!("ping: an echo reply for another agent is lost (queue full)");
             }
         }
     }
