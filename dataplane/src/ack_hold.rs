@@ -3,20 +3,28 @@
 //! quiche puts an ACK into the next packet it writes after an ack-eliciting packet arrived, and
 //! writes one whenever asked. Asked after every received packet, it answers each with an
 //! ACK-only packet: one more UDP send and, on the peer, one more wake-up and receive, for
-//! nothing. In a tunnel most packets are answered within a fraction of a millisecond (a ping's
-//! reply, a request's response, TCP's own ACKs), and that answer carries the ACK for free. So
+//! nothing. In a tunnel most packets are answered soon (a ping's reply, a request's response,
+//! TCP's own ACKs, the next ping of a series), and that packet carries the ACK for free. So
 //! after receiving, with nothing of ours queued, a tunnel waits until something of ours is
 //! queued, a second packet arrived ([`ACK_EVERY`], as RFC 9000 §13.2.2 recommends), or
-//! [`ACK_HOLD`] passed. The peer subtracts the delay it is told about from its RTT samples,
-//! and [`ACK_HOLD`] is far below the 25 ms max_ack_delay we advertise.
+//! [`ACK_HOLD`] passed. [`ACK_HOLD`] stays below the max_ack_delay we advertise
+//! ([`MAX_ACK_DELAY_MS`], RFC 9000 §13.2.1: the peer's loss timer allows for it), and the peer
+//! subtracts the delay we report from its RTT samples.
 //!
 //! Every QUIC connection of ours holds ACKs this way: end-to-end tunnels, control connections
 //! and the relay's side of them (where a forwarded packet's ACK waits for the next one).
 
 use std::time::{Duration, Instant};
 
-/// Longest an ACK waits for a packet of ours to ride on.
-pub const ACK_HOLD: Duration = Duration::from_millis(1);
+/// Longest an ACK waits for a packet of ours to ride on. Sparse traffic (a ping every 20 ms or
+/// every second, keystrokes) then ACKs with its next packet instead of a packet, a send and two
+/// wake-ups of its own; bulk traffic is ACKed every [`ACK_EVERY`] packets regardless. It was
+/// 1 ms: at 20 ms between pings, every reply then cost an ACK-only packet each way.
+pub const ACK_HOLD: Duration = Duration::from_millis(20);
+/// The max_ack_delay transport parameter we advertise (RFC 9000 §18.2), in milliseconds.
+pub const MAX_ACK_DELAY_MS: u64 = 25;
+// An ACK held longer than advertised would look lost to the peer.
+const _: () = assert!(ACK_HOLD.as_millis() < MAX_ACK_DELAY_MS as u128);
 /// Packets received (that may carry data) after which the ACK goes at once.
 pub const ACK_EVERY: u32 = 2;
 /// Received QUIC packets shorter than this carry no IP packet (a DATAGRAM frame with the

@@ -198,6 +198,8 @@ pub fn quic_config(
     cfg.set_initial_max_streams_uni(0);
     cfg.set_active_connection_id_limit(4);
     cfg.set_initial_congestion_window_packets(64);
+    // Explicit, since ACK holding relies on it (`ack_hold::ACK_HOLD` stays below).
+    cfg.set_max_ack_delay(crate::ack_hold::MAX_ACK_DELAY_MS);
     cfg.set_disable_active_migration(false);
     Ok(cfg)
 }
