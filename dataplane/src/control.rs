@@ -7,7 +7,7 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::ack_hold::AckHold;
 use crate::identity::{identity_from_der, PeerId, Role};
@@ -240,28 +240,13 @@ impl QuicSession for ControlClient {
     fn conn_mut(&mut self) -> &mut quiche::Connection {
         &mut self.conn
     }
+    fn acks(&self) -> &AckHold {
+        &self.acks
+    }
+    fn acks_mut(&mut self) -> &mut AckHold {
+        &mut self.acks
+    }
     fn after_io(&mut self) {
         self.after_io_impl();
-    }
-
-    fn timeout(&self) -> Option<Duration> {
-        self.acks.timeout_on(&self.conn, Instant::now())
-    }
-
-    fn on_timeout(&mut self) {
-        // Whatever fired (quiche's timers, or the held ACK), the next send goes.
-        self.conn.on_timeout();
-        self.acks.urgent();
-        self.after_io_impl();
-    }
-
-    fn keepalive(&mut self) {
-        let _ = self.conn.send_ack_eliciting();
-        self.acks.urgent();
-    }
-
-    fn close(&mut self, reason: &str) {
-        let _ = self.conn.close(true, 0, reason.as_bytes());
-        self.acks.urgent();
     }
 }

@@ -883,30 +883,14 @@ impl QuicSession for Tunnel {
     fn conn_mut(&mut self) -> &mut quiche::Connection {
         &mut self.conn
     }
+    fn acks(&self) -> &AckHold {
+        &self.acks
+    }
+    fn acks_mut(&mut self) -> &mut AckHold {
+        &mut self.acks
+    }
     fn after_io(&mut self) {
         self.after_io_impl();
-    }
-
-    /// quiche's timers and the held ACK's deadline, whichever comes first.
-    fn timeout(&self) -> Option<Duration> {
-        self.acks.timeout_on(&self.conn, Instant::now())
-    }
-
-    fn on_timeout(&mut self) {
-        // Whatever fired (quiche's loss or idle timers, or the held ACK), the next send goes.
-        self.conn.on_timeout();
-        self.acks.urgent();
-        self.after_io_impl();
-    }
-
-    fn keepalive(&mut self) {
-        let _ = self.conn.send_ack_eliciting();
-        self.acks.urgent();
-    }
-
-    fn close(&mut self, reason: &str) {
-        let _ = self.conn.close(true, 0, reason.as_bytes());
-        self.acks.urgent();
     }
 }
 
