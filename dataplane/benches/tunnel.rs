@@ -21,7 +21,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use sluice_dataplane::identity::{self, PeerId, PemPair, Role};
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::tunnel::{Tunnel, VirtualPaths};
-use sluice_dataplane::wire::{TUNNEL_IP_OVERHEAD, TUNNEL_UDP_PAYLOAD};
+use sluice_dataplane::wire::TUNNEL_IP_OVERHEAD;
 
 const BULK_PACKETS: usize = 32;
 const BULK_LEN: usize = 1280;
@@ -49,17 +49,6 @@ fn credentials() -> (Credentials, Credentials) {
     creds
 }
 
-/// The tunnel's parameters as the binaries set them (`linux/src/node.rs`).
-fn params() -> QuicParams {
-    QuicParams {
-        alpn: tls::ALPN_TUNNEL,
-        max_udp_payload: TUNNEL_UDP_PAYLOAD,
-        idle_timeout_ms: 120_000,
-        dgram_queue: 1024,
-        streams: true,
-    }
-}
-
 /// The agent's and the connector's QUIC configurations, and their peer ids.
 struct Configs {
     agent: quiche::Config,
@@ -71,8 +60,10 @@ struct Configs {
 fn configs() -> Configs {
     let (agent, conn) = credentials();
     Configs {
-        agent: tls::quic_config(&agent, &[Role::Connector], &params()).expect("agent config"),
-        conn: tls::quic_config(&conn, &[Role::Agent], &params()).expect("connector config"),
+        agent: tls::quic_config(&agent, &[Role::Connector], &QuicParams::tunnel())
+            .expect("agent config"),
+        conn: tls::quic_config(&conn, &[Role::Agent], &QuicParams::tunnel())
+            .expect("connector config"),
         agent_id: agent.identity.peer_id,
         conn_id: conn.identity.peer_id,
     }

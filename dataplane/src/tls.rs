@@ -88,6 +88,30 @@ pub struct QuicParams {
     pub streams: bool,
 }
 
+impl QuicParams {
+    /// A control connection (agent or connector to relay).
+    pub fn control() -> Self {
+        QuicParams {
+            alpn: ALPN_CONTROL,
+            max_udp_payload: crate::wire::CONTROL_UDP_PAYLOAD,
+            idle_timeout_ms: 30_000,
+            dgram_queue: 1024,
+            streams: true,
+        }
+    }
+
+    /// An end-to-end tunnel (agent to connector): its packets fit a relay forward DATAGRAM.
+    pub fn tunnel() -> Self {
+        QuicParams {
+            alpn: ALPN_TUNNEL,
+            max_udp_payload: crate::wire::TUNNEL_UDP_PAYLOAD,
+            idle_timeout_ms: 120_000,
+            dgram_queue: 1024,
+            streams: true,
+        }
+    }
+}
+
 /// ALPN of control connections (agent or connector to relay).
 pub const ALPN_CONTROL: &[u8] = b"sluice-control/1";
 /// ALPN of end-to-end tunnels (agent to connector).

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use sluice_dataplane::control::ControlEvent;
 use sluice_dataplane::identity::{PeerId, Role};
 use sluice_dataplane::session::QuicSession;
-use sluice_dataplane::tls;
+use sluice_dataplane::tls::{self, QuicParams};
 use sluice_dataplane::tunnel::Path;
 use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
 use sluice_dataplane::wire::{ControlMessage, Punch, TUNNEL_IP_OVERHEAD};
@@ -44,8 +44,8 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
     let creds = node::credentials(&cfg.identity(), Role::Connector)?;
     let watcher = access::open_policy(&cfg.policy)?;
     let audit = AuditSink::open(cfg.audit_log.as_deref())?;
-    let control_cfg = tls::quic_config(&creds, &[Role::Relay], &node::control_params())?;
-    let tunnel_cfg = tls::quic_config(&creds, &[Role::Agent], &node::tunnel_params())?;
+    let control_cfg = tls::quic_config(&creds, &[Role::Relay], &QuicParams::control())?;
+    let tunnel_cfg = tls::quic_config(&creds, &[Role::Agent], &QuicParams::tunnel())?;
     let limits = Limits {
         tcp_buffer: cfg.tcp_buffer.clamp(4096, 16 << 20),
         udp_idle: Duration::from_secs(cfg.udp_idle_secs.max(1)),

@@ -11,7 +11,7 @@ use sluice_dataplane::control::{ControlClient, ControlEvent};
 use sluice_dataplane::identity::{PeerId, Role};
 use sluice_dataplane::nat::candidate::{gather, Candidate};
 use sluice_dataplane::session::QuicSession;
-use sluice_dataplane::tls::{self, Credentials, QuicParams};
+use sluice_dataplane::tls::Credentials;
 use sluice_dataplane::tunnel::Tunnel;
 use sluice_dataplane::wire::{Punch, RELAY_FORWARD_OVERHEAD};
 use tokio::net::UdpSocket;
@@ -20,7 +20,6 @@ use crate::config::IdentityFiles;
 use crate::udp_batch::UdpSender;
 use crate::IdentityArgs;
 
-pub use sluice_dataplane::wire::{CONTROL_UDP_PAYLOAD, TUNNEL_UDP_PAYLOAD};
 /// Control keepalive; the relay is declared gone after `CONTROL_SILENCE` without a packet.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
 const CONTROL_SILENCE: Duration = Duration::from_secs(6);
@@ -34,26 +33,6 @@ const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
 /// Socket buffers: userspace tunnels lose throughput to receive-buffer drops otherwise.
 const SOCKET_BUFFER: usize = 4 << 20;
-
-pub fn control_params() -> QuicParams {
-    QuicParams {
-        alpn: tls::ALPN_CONTROL,
-        max_udp_payload: CONTROL_UDP_PAYLOAD,
-        idle_timeout_ms: 30_000,
-        dgram_queue: 1024,
-        streams: true,
-    }
-}
-
-pub fn tunnel_params() -> QuicParams {
-    QuicParams {
-        alpn: tls::ALPN_TUNNEL,
-        max_udp_payload: TUNNEL_UDP_PAYLOAD,
-        idle_timeout_ms: 120_000,
-        dgram_queue: 1024,
-        streams: true,
-    }
-}
 
 pub fn override_identity(
     cert: &mut PathBuf,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sluice_dataplane::identity::Role;
-use sluice_dataplane::tls;
+use sluice_dataplane::tls::{self, QuicParams};
 use sluice_relay::server::{Relay, RelayStats};
 use tokio::net::UdpSocket;
 
@@ -27,7 +27,7 @@ pub fn run(args: RelayArgs) -> Result<()> {
     let quic = tls::quic_config(
         &creds,
         &[Role::Agent, Role::Connector],
-        &node::control_params(),
+        &QuicParams::control(),
     )?;
     let rt = node::runtime()?;
     rt.block_on(async move {
