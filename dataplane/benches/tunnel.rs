@@ -100,26 +100,34 @@ impl TunnelPair {
 
     /// Moves every packet the agent has to the connector; returns the IP bytes delivered.
     fn carry_to_conn(&mut self) -> usize {
-        while let Some((n, _)) = self.agent.send(&mut self.wire) {
-            self.conn.recv_relayed(&mut self.wire[..n]);
-        }
-        let mut got = 0;
-        while let Some(r) = self.conn.recv_ip(&mut self.ip) {
-            got += r.packet.len();
-        }
-        got
+        carry(
+            &mut self.agent,
+            &mut self.conn,
+            &mut self.wire,
+            &mut self.ip,
+        )
     }
 
     fn carry_to_agent(&mut self) -> usize {
-        while let Some((n, _)) = self.conn.send(&mut self.wire) {
-            self.agent.recv_relayed(&mut self.wire[..n]);
-        }
-        let mut got = 0;
-        while let Some(r) = self.agent.recv_ip(&mut self.ip) {
-            got += r.packet.len();
-        }
-        got
+        carry(
+            &mut self.conn,
+            &mut self.agent,
+            &mut self.wire,
+            &mut self.ip,
+        )
     }
+}
+
+/// Every packet `from` has goes into `to`, which gives up its IP packets: their bytes.
+fn carry(from: &mut Tunnel, to: &mut Tunnel, wire: &mut [u8], ip: &mut [u8]) -> usize {
+    while let Some((n, _)) = from.send(wire) {
+        to.recv_relayed(&mut wire[..n]);
+    }
+    let mut got = 0;
+    while let Some(r) = to.recv_ip(ip) {
+        got += r.packet.len();
+    }
+    got
 }
 
 struct QuichePair {
