@@ -12,8 +12,10 @@ for pair in cmake:cmake ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl di
             sshd:openssh-server ssh:openssh-client; do
   have "${pair%%:*}" || need_pkgs+=("${pair#*:}")
 done
-# bindgen (used by BoringSSL's -sys crate) needs libclang itself.
-ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_pkgs+=(libclang-dev)
+# bindgen (used by BoringSSL's -sys crate) needs libclang itself; libclang-cpp (which other
+# packages pull in and whose name is alike) does not do.
+ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 \
+  || need_pkgs+=(libclang-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
