@@ -339,11 +339,10 @@ impl Agent {
         // The control link's first Initial is queued already: send it now, not at the first
         // timer (a second later).
         self.flush(socket).await;
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
+        let mut timer = node::LoopTimer::new();
         loop {
             let now = Instant::now();
-            node::rearm(timer.as_mut(), self.timeout(now));
+            timer.rearm(self.timeout(now));
             tokio::select! {
                 r = udp_rx.recv(socket) => {
                     r.context("UDP receive failed")?;
@@ -389,7 +388,7 @@ impl Agent {
                     }
                 }
                 Some(q) = asks.recv() => self.on_connector_query(q, Instant::now()),
-                _ = &mut timer => self.on_timeout(Instant::now(), &mut to_tun),
+                _ = timer.fired() => self.on_timeout(Instant::now(), &mut to_tun),
             }
             self.flush_round(dev, socket, &mut to_tun).await;
         }

@@ -207,11 +207,10 @@ impl Connector {
         // The control link's first Initial is queued already: send it now, not at the first
         // timer (a second later).
         self.flush(socket).await;
-        let timer = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(timer);
+        let mut timer = node::LoopTimer::new();
         loop {
             let now = Instant::now();
-            node::rearm(timer.as_mut(), self.timeout(now));
+            timer.rearm(self.timeout(now));
             tokio::select! {
                 r = udp_rx.recv(socket) => {
                     r.context("UDP receive failed")?;
@@ -252,7 +251,7 @@ impl Connector {
                     }
                 }
                 _ = wake.notified() => {}
-                _ = &mut timer => self.on_timeout(Instant::now()),
+                _ = timer.fired() => self.on_timeout(Instant::now()),
             }
             self.step_stacks();
             self.flush(socket).await;

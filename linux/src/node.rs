@@ -118,14 +118,51 @@ pub fn bind_udp(addr: SocketAddr) -> Result<tokio::net::UdpSocket> {
     Ok(tokio::net::UdpSocket::from_std(s.into())?)
 }
 
-/// Re-arms an event loop's timer for `after` from now, but only when that is earlier than the
-/// armed deadline (or the timer fired). Resetting a tokio timer while the loop runs wakes the
-/// runtime's driver (an eventfd write and one more epoll round) almost every time; a timer that
-/// fires early is harmless, since every loop checks each deadline against the clock.
-pub fn rearm(timer: std::pin::Pin<&mut tokio::time::Sleep>, after: Duration) {
-    let deadline = tokio::time::Instant::now() + after;
-    if timer.is_elapsed() || deadline < timer.deadline() {
-        timer.reset(deadline);
+/// An event loop's one timer, re-armed each round to the loop's next deadline.
+///
+/// It is moved both ways, so it never fires for a deadline that went away (at 20 ms between
+/// pings, a held ACK's deadline that the next ping cleared woke each process once per ping for
+/// nothing). Moving a tokio timer earlier wakes the runtime's driver (an eventfd write and one
+/// more epoll round): that is unavoidable with tokio's timer. Moving it later is cheap, but
+/// `Sleep::reset` only extends the deadline lazily (the driver still wakes at the old time, then
+/// re-files the timer), so a timer that must go later by more than [`LoopTimer::LATER`] is
+/// replaced instead.
+pub struct LoopTimer(std::pin::Pin<Box<tokio::time::Sleep>>);
+
+impl LoopTimer {
+    /// Smaller moves later are not worth a new timer: tokio's wheel counts whole milliseconds,
+    /// and firing that much early is harmless since every loop checks each deadline against the
+    /// clock.
+    const LATER: Duration = Duration::from_millis(1);
+
+    /// A timer that fires at once (the loop's first round then computes the real deadline).
+    pub fn new() -> Self {
+        LoopTimer(Box::pin(tokio::time::sleep(Duration::ZERO)))
+    }
+
+    /// Arms the timer for `after` from now.
+    pub fn rearm(&mut self, after: Duration) {
+        self.rearm_at(tokio::time::Instant::now() + after);
+    }
+
+    fn rearm_at(&mut self, deadline: tokio::time::Instant) {
+        let armed = self.0.deadline();
+        if self.0.is_elapsed() || deadline < armed {
+            self.0.as_mut().reset(deadline);
+        } else if deadline > armed + Self::LATER {
+            self.0 = Box::pin(tokio::time::sleep_until(deadline));
+        }
+    }
+
+    /// Resolves when the armed deadline passes.
+    pub async fn fired(&mut self) {
+        self.0.as_mut().await
+    }
+}
+
+impl Default for LoopTimer {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -484,5 +521,54 @@ impl DirectSetup {
         } else {
             tracing::debug!("refused a direct-path packet from {from}: {why}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Real time, but only bounds that hold on any machine: a tokio timer never fires before its
+    // deadline, and the upper bounds are seconds.
+
+    #[tokio::test]
+    async fn a_timer_moved_later_does_not_fire_at_the_old_deadline() {
+        let mut t = LoopTimer::new();
+        t.rearm(Duration::from_millis(10));
+        let start = tokio::time::Instant::now();
+        t.rearm(Duration::from_millis(60));
+        t.fired().await;
+        assert!(start.elapsed() >= Duration::from_millis(60));
+    }
+
+    #[tokio::test]
+    async fn a_timer_moved_earlier_fires_at_the_new_deadline() {
+        let mut t = LoopTimer::new();
+        t.rearm(Duration::from_secs(3600));
+        t.rearm(Duration::from_millis(10));
+        tokio::time::timeout(Duration::from_secs(5), t.fired())
+            .await
+            .expect("the earlier deadline fired");
+    }
+
+    #[tokio::test]
+    async fn a_fired_timer_is_armed_again() {
+        let mut t = LoopTimer::new();
+        t.fired().await;
+        let start = tokio::time::Instant::now();
+        t.rearm(Duration::from_millis(30));
+        t.fired().await;
+        assert!(start.elapsed() >= Duration::from_millis(30));
+    }
+
+    #[tokio::test]
+    async fn a_move_later_within_a_millisecond_keeps_the_armed_deadline() {
+        let mut t = LoopTimer::new();
+        let armed = tokio::time::Instant::now() + Duration::from_secs(10);
+        t.rearm_at(armed);
+        t.rearm_at(armed + Duration::from_micros(900));
+        assert_eq!(t.0.deadline(), armed);
+        t.rearm_at(armed + Duration::from_millis(2));
+        assert_eq!(t.0.deadline(), armed + Duration::from_millis(2));
     }
 }

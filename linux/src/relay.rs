@@ -57,13 +57,9 @@ async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()>
     let mut last_logged = RelayStats::default();
     let mut stats_tick = tokio::time::interval(STATS_EVERY);
     // One timer, re-armed each round, rather than a new one per packet.
-    let timer = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(timer);
+    let mut timer = node::LoopTimer::new();
     loop {
-        node::rearm(
-            timer.as_mut(),
-            relay.timeout().unwrap_or(Duration::from_secs(3600)),
-        );
+        timer.rearm(relay.timeout().unwrap_or(Duration::from_secs(3600)));
         tokio::select! {
             r = rx.recv(&socket) => {
                 r?;
@@ -82,7 +78,7 @@ async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()>
                     }
                 }
             }
-            _ = &mut timer => relay.on_timeout(),
+            _ = timer.fired() => relay.on_timeout(),
             _ = stats_tick.tick() => {
                 let s = relay.stats();
                 if s != last_logged {
