@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what Sluice needs on a Debian 12 machine (as root) and builds it in release mode.
+# Installs what Sluice needs on a Debian 12 machine (as root) and builds it in release mode
+# (`--no-build`: installs only).
 # Safe to run again: it installs only what is missing and cargo rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,10 @@ if ! have cargo; then
   echo "setup: Rust is missing: install Rust 1.85 or newer (https://rustup.rs), then run this again" >&2
   exit 1
 fi
+
+# scripts/test.sh passes --no-build: `cargo test` builds the binary itself, with the features the
+# test dependencies add to shared crates (a build here would be a second, unused one).
+[ "${1:-}" = --no-build ] && exit 0
 
 echo "setup: building sluice (release; the first build compiles BoringSSL and takes several minutes)"
 cargo build --release --locked --bin sluice
