@@ -15,7 +15,8 @@ for pair in cmake:cmake ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl di
 done
 # bindgen (used by BoringSSL's -sys crate) needs libclang itself; libclang-cpp (which other
 # packages pull in and whose name is alike) does not do.
-ls /usr/lib/llvm-*/lib/libclang.so* /usr/lib/llvm-*/lib/libclang-[0-9]*.so* >/dev/null 2>&1 \
+compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null \
+  || compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' >/dev/null \
   || need_pkgs+=(libclang-dev)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${need_pkgs[*]}"
