@@ -51,6 +51,15 @@ fn bad(path: &str, what: &str) -> IdentityError {
 }
 
 impl Credentials {
+    /// Whether this node's certificate is signed by the CA it trusts. When not, every peer
+    /// refuses it (the caller warns: a CA being replaced is a moment when this is expected).
+    pub fn signed_by_own_ca(&self) -> bool {
+        let (Some(leaf), Ok(ca_key)) = (self.cert_chain.first(), self.ca.public_key()) else {
+            return false;
+        };
+        leaf.verify(&ca_key).unwrap_or(false)
+    }
+
     pub fn load(cert_path: &str, key_path: &str, ca_path: &str) -> Result<Self, IdentityError> {
         let cert_pem = read(cert_path)?;
         let cert_chain =
@@ -61,6 +70,19 @@ impl Credentials {
         let key = PKey::private_key_from_pem(&read(key_path)?)
             .map_err(|_| bad(key_path, "private key"))?;
         let ca = X509::from_pem(&read(ca_path)?).map_err(|_| bad(ca_path, "CA certificate"))?;
+        // Caught here, with both files named, rather than as BoringSSL's KEY_VALUES_MISMATCH
+        // or a peer's refusal at the first handshake.
+        let leaf = &cert_chain[0];
+        let leaf_key = leaf
+            .public_key()
+            .map_err(|_| bad(cert_path, "certificate"))?;
+        if !leaf_key.public_eq(&key) {
+            return Err(IdentityError::File {
+                path: key_path.into(),
+                reason: format!("this key does not belong to the certificate {cert_path}"),
+            });
+        }
+
         let identity = identity_from_pem(&String::from_utf8_lossy(&cert_pem)).map_err(|e| {
             IdentityError::File {
                 path: cert_path.into(),

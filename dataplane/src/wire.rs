@@ -32,6 +32,7 @@
 //!   where the secret is the one the *receiver* announced in its candidates (so only the peer
 //!   at the other end of the authenticated tunnel can make one), and an ack echoes the txid.
 
+use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use crate::identity::PeerId;
@@ -179,7 +180,10 @@ pub fn put_relay_forward_header(buf: &mut [u8], peer: &PeerId) {
 }
 
 /// A control message on the control stream.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Its `Debug` leaves out the punch secret (and DNS payloads): messages are logged at debug
+/// level, and the secret is what keeps a stranger from steering a tunnel's direct path.
+#[derive(Clone, PartialEq, Eq)]
 pub enum ControlMessage {
     Hello {
         software: String,
@@ -208,14 +212,74 @@ pub enum ControlMessage {
     },
 }
 
-/// A connectivity check (or its answer) between the peers of a tunnel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A connectivity check (or its answer) between the peers of a tunnel. Its `Debug` leaves out
+/// the secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Punch {
     pub ack: bool,
     pub to: PeerId,
     pub from: PeerId,
     pub secret: u64,
     pub txid: u64,
+}
+
+impl fmt::Debug for ControlMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ControlMessage::Hello { software } => {
+                f.debug_struct("Hello").field("software", software).finish()
+            }
+            ControlMessage::ObservedAddr(a) => f.debug_tuple("ObservedAddr").field(a).finish(),
+            ControlMessage::Lookup { name } => {
+                f.debug_struct("Lookup").field("name", name).finish()
+            }
+            ControlMessage::LookupReply { name, peer } => f
+                .debug_struct("LookupReply")
+                .field("name", name)
+                .field("peer", peer)
+                .finish(),
+            ControlMessage::DnsQuery { id, message } => f
+                .debug_struct("DnsQuery")
+                .field("id", id)
+                .field("bytes", &message.len())
+                .finish(),
+            ControlMessage::DnsAnswer { id, message } => f
+                .debug_struct("DnsAnswer")
+                .field("id", id)
+                .field("bytes", &message.len())
+                .finish(),
+            ControlMessage::Candidates {
+                generation, list, ..
+            } => f
+                .debug_struct("Candidates")
+                .field("generation", generation)
+                .field("secret", &REDACTED)
+                .field("list", list)
+                .finish(),
+        }
+    }
+}
+
+impl fmt::Debug for Punch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Punch")
+            .field("ack", &self.ack)
+            .field("to", &self.to)
+            .field("from", &self.from)
+            .field("secret", &REDACTED)
+            .field("txid", &self.txid)
+            .finish()
+    }
+}
+
+/// Stands in for a secret in `Debug` output.
+struct Redacted;
+const REDACTED: Redacted = Redacted;
+
+impl fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 impl Punch {
@@ -572,6 +636,37 @@ mod tests {
                 },
             ],
         });
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_punch_secret() {
+        let secret = 0x0123_4567_89ab_cdef_u64;
+        let msg = ControlMessage::Candidates {
+            generation: 1,
+            secret,
+            list: Vec::new(),
+        };
+        let punch = Punch {
+            ack: false,
+            to: PeerId([1; 32]),
+            from: PeerId([2; 32]),
+            secret,
+            txid: 9,
+        };
+        for text in [
+            format!("{msg:?}"),
+            format!("{msg:#?}"),
+            format!("{punch:?}"),
+        ] {
+            assert!(text.contains("<redacted>"), "{text}");
+            for shown in [
+                secret.to_string(),
+                format!("{secret:x}"),
+                format!("{secret:X}"),
+            ] {
+                assert!(!text.contains(&shown), "{text}");
+            }
+        }
     }
 
     #[test]

@@ -14,9 +14,27 @@ use sluice_policy::{Decision, Flow, Policy, Proto};
 
 use crate::config::ConfigError;
 
-/// Loads the policy at start; an invalid file is a configuration error (exit code 2).
-pub fn open_policy(path: &Path) -> Result<PolicyWatcher> {
-    let (w, warnings) = PolicyWatcher::open(path).map_err(|e| ConfigError(e.to_string()))?;
+/// Loads the policy at start; a missing or invalid file is a configuration error (exit code 2)
+/// naming the config file (`origin`) and its `policy` key.
+pub fn open_policy(path: &Path, origin: &str) -> Result<PolicyWatcher> {
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(ConfigError(format!(
+            "{origin}: `policy` {}: cannot read: {e}",
+            path.display()
+        ))
+        .into());
+    }
+    let (w, warnings) = PolicyWatcher::open(path).map_err(|e| {
+        ConfigError(format!(
+            "{origin}: `policy` {} is invalid:\n{}",
+            path.display(),
+            e.to_string()
+                .lines()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))
+    })?;
     for d in warnings {
         tracing::warn!("policy: {d}");
     }
@@ -78,13 +96,17 @@ pub struct AuditSink {
 impl AuditSink {
     pub fn open(path: Option<&Path>) -> Result<Self> {
         let file = match path {
-            Some(p) => Some(
+            Some(p) => Some({
+                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("cannot create {}", dir.display()))?;
+                }
                 OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
-                    .with_context(|| format!("cannot open audit log {}", p.display()))?,
-            ),
+                    .with_context(|| format!("cannot open audit log {}", p.display()))?
+            }),
             None => None,
         };
         Ok(AuditSink { file })

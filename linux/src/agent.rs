@@ -29,6 +29,7 @@ use sluice_policy::Subject;
 use crate::access::{self, AuditSink, FlowRecord};
 use crate::config::{self, AgentConfig};
 use crate::dns::{self, ConnectorQuery, ConnectorReply, DnsState, FlowKey, SharedDns};
+use crate::instance::{self, InstanceLock};
 use crate::node::{self, ControlLink};
 use crate::{resolvconf, tun, udp_batch, AgentArgs};
 use sluice_dataplane::nat::candidate::{Candidate, Kind};
@@ -86,6 +87,8 @@ fn networks(p: &sluice_policy::Policy) -> Vec<IpNet> {
 pub fn run(args: AgentArgs) -> Result<()> {
     let origin = args.config.display().to_string();
     let mut cfg: AgentConfig = config::load(&args.config)?;
+    // The file first, then each flag: an error names whichever said it.
+    cfg.validate(&origin)?;
     if let Some(r) = args.relay {
         cfg.relay = r;
     }
@@ -96,6 +99,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         cfg.tun.name = n;
     }
     if let Some(m) = args.mtu {
+        config::check_mtu(m, "--mtu")?;
         cfg.tun.mtu = m;
     }
     if let Some(p) = args.policy {
@@ -104,71 +108,95 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if let Some(p) = args.status_socket {
         cfg.status_socket = p;
     }
+    if let Some(p) = args.audit_log {
+        cfg.audit_log = Some(p);
+    }
+    if args.no_dns {
+        cfg.dns.listen = false;
+    }
+    if args.no_direct {
+        cfg.direct_paths = false;
+    }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
-    cfg.validate(&origin)?;
-    let creds = node::credentials(&cfg.identity(), Role::Agent)?;
+    let origin_of = |flag: bool, key: &str| {
+        if flag {
+            format!("--{key}")
+        } else {
+            format!("{origin}: `{key}`")
+        }
+    };
+    // Everything that can be checked is checked before anything in the system changes, so a
+    // start that fails leaves the system (and any agent already running) as it was.
+    let creds = node::credentials(&cfg.identity(), Role::Agent, &origin)?;
     let control_cfg = tls::quic_config(&creds, &[Role::Relay], &QuicParams::control())?;
     let tunnel_cfg = tls::quic_config(&creds, &[Role::Connector], &QuicParams::tunnel())?;
-    let watcher = access::open_policy(&cfg.policy)?;
-    let audit = AuditSink::open(cfg.audit_log.as_deref())?;
+    let watcher = access::open_policy(&cfg.policy, &origin)?;
+    let pool = SyntheticPool::new(
+        (cfg.dns.pool_v4.network(), cfg.dns.pool_v4.prefix_len()),
+        (cfg.dns.pool_v6.network(), cfg.dns.pool_v6.prefix_len()),
+        cfg.dns.max_names,
+    )
+    .map_err(|e| config::ConfigError(format!("{origin}: `dns`: {e}")))?;
+    let pools = [IpNet::V4(pool.v4_net()), IpNet::V6(pool.v6_net())];
+    if let Some((net, pool_net)) = networks(watcher.policy())
+        .iter()
+        .find_map(|n| pools.iter().find(|p| overlap(n, p)).map(|p| (*n, *p)))
+    {
+        return Err(config::ConfigError(format!(
+            "{}: the synthetic pool {pool_net} overlaps the policy's resource network {net} ({}); pick a pool no resource uses",
+            origin_of(false, if pool_net.addr().is_ipv4() { "dns.pool_v4" } else { "dns.pool_v6" }),
+            cfg.policy.display()
+        ))
+        .into());
+    }
+    let audit_path = cfg
+        .audit_log
+        .clone()
+        .unwrap_or_else(|| std::path::Path::new(instance::STATE_DIR).join("agent-audit.jsonl"));
+    let audit = AuditSink::open(Some(&audit_path))?;
+    // One agent per network namespace: taken before the TUN device, routes, DNS or backups.
+    let _instance = InstanceLock::take(
+        &instance::netns_lock_path(std::path::Path::new(instance::STATE_DIR)),
+        &instance::holder_text(&format!("TUN {}, config {origin}", cfg.tun.name)),
+    )?;
+    tracing::debug!("holding {}", _instance.path().display());
     let rt = node::runtime()?;
     rt.block_on(async move {
         let dev = tun::create(&cfg.tun)?;
-        let pool = SyntheticPool::new(
-            (cfg.dns.pool_v4.network(), cfg.dns.pool_v4.prefix_len()),
-            (cfg.dns.pool_v6.network(), cfg.dns.pool_v6.prefix_len()),
-            cfg.dns.max_names,
-        )
-        .map_err(|e| config::ConfigError(format!("{origin}: `dns`: {e}")))?;
-        let mut nets = networks(watcher.policy());
-        nets.push(IpNet::V4(pool.v4_net()));
-        nets.push(IpNet::V6(pool.v6_net()));
-        tun::add_routes(&cfg.tun.name, &nets)?;
+        let socket =
+            node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
+        let local = socket.local_addr()?;
+        let dns_addr = SocketAddr::new(cfg.tun.ipv4.addr().into(), 53);
+        // Without its DNS listener the agent still carries every flow to an address; names are
+        // then the system resolver's business alone, so the system is left alone too.
+        let listeners = if cfg.dns.listen {
+            match dns::bind(dns_addr) {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    tracing::warn!(
+                        "{e:#}; running without split DNS (resource names will not resolve; `dns.listen: false` silences this)"
+                    );
+                    None
+                }
+            }
+        } else {
+            tracing::info!("DNS listener off (`dns.listen: false`): resource names are not answered");
+            None
+        };
         let dns_state: SharedDns = Arc::new(Mutex::new(DnsState {
             pool,
             policy: watcher.policy().clone(),
             flows: Default::default(),
         }));
-        let dns_addr = SocketAddr::new(cfg.tun.ipv4.addr().into(), 53);
-        if cfg.dns.configure_system {
-            // A previous agent killed before it could restore the system's resolver: undo it
-            // first, so the upstreams read below are the real ones.
-            resolvconf::recover()?;
-        }
-        let upstreams: Vec<SocketAddr> = match &cfg.dns.upstream {
-            Some(u) => u.clone(),
-            None => dns::upstreams_from_resolv_conf(
-                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-            ),
-        }
-        .into_iter()
-        .filter(|u| *u != dns_addr)
-        .collect();
-        // Restored when this goes out of scope: on return, error, or signal.
-        let _system_dns = if cfg.dns.configure_system {
-            Some(resolvconf::take_over(
-                &cfg.tun.name,
-                &dns_addr.ip().to_string(),
-                &watcher.policy().dns_domains(),
-            )?)
-        } else {
-            None
-        };
-        let (ask_tx, ask_rx) = mpsc::channel(256);
-        let dns_server = dns::serve(dns_addr, dns_state.clone(), upstreams, ask_tx);
-        let socket =
-            node::bind_udp(cfg.listen).with_context(|| format!("cannot bind {}", cfg.listen))?;
-        let local = socket.local_addr()?;
         tracing::info!(
-            "agent {:?} (peer {}): TUN {} mtu {}, {} resource network(s), relay {}",
+            "agent {:?} (peer {}): TUN {} mtu {}, relay {}",
             creds.identity.name,
             creds.identity.peer_id.short(),
             cfg.tun.name,
             cfg.tun.mtu,
-            nets.len(),
             cfg.relay
         );
-        let link = ControlLink::new(control_cfg, local, cfg.relay);
+        let link = ControlLink::new(control_cfg, local, cfg.relay.clone());
         // `sluice status` reads the snapshot the agent publishes once a second.
         let (status_tx, status_rx) = tokio::sync::watch::channel(crate::status::AgentStatus {
             name: creds.identity.name.clone(),
@@ -176,30 +204,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
             relay: link.status(),
             tunnels: Vec::new(),
         });
-        // Held until the agent stops, which removes the socket file. Without it the tunnels
-        // still work, so a bad path is a warning, not a reason to refuse to start.
-        let _status_server = match crate::status::serve(&cfg.status_socket, status_rx) {
-            Ok(s) => {
-                tracing::info!("status socket {}", cfg.status_socket.display());
-                Some(s)
-            }
-            Err(e) => {
-                tracing::warn!("no status socket, `sluice status` cannot reach this agent: {e}");
-                None
-            }
-        };
         let subject = watcher
             .policy()
             .subject(&creds.identity.name, &creds.identity.groups);
-        tracing::info!(
-            "policy: {:?} is in group(s): {}",
-            subject.user,
-            if subject.groups.is_empty() {
-                "none".into()
-            } else {
-                subject.groups.join(", ")
-            }
-        );
         let mut agent = Agent {
             link,
             tunnel_cfg,
@@ -215,7 +222,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
             flows: FlowCache::new(FLOW_CACHE),
             audit,
             tun_name: cfg.tun.name.clone(),
-            routed: nets,
+            wanted: Vec::new(),
+            routed: Vec::new(),
+            kept_out: Vec::new(),
             resource_slots: Vec::new(),
             dns: dns_state.clone(),
             named_buf: Vec::with_capacity(2048),
@@ -234,6 +243,74 @@ pub fn run(args: AgentArgs) -> Result<()> {
             peer_id: creds.identity.peer_id,
             udp_tx: crate::udp_batch::UdpSender::default(),
         };
+        let mut nets = networks(agent.watcher.policy());
+        nets.extend(pools);
+        agent.set_routes(nets)?;
+        tracing::info!(
+            "{} resource network(s) routed into {}; flow decisions go to {}",
+            agent.wanted.len(),
+            cfg.tun.name,
+            audit_path.display()
+        );
+        // The system's resolver: claimed (its lock taken, a crashed agent's change undone)
+        // before the upstreams are read from it, so they are the real ones.
+        let mut claim = None;
+        if listeners.is_some() && cfg.dns.configure_system {
+            match resolvconf::claim(&instance::holder_text(&format!("TUN {}", cfg.tun.name))) {
+                Ok(c) => claim = Some(c),
+                Err(e) if resolvconf::is_held(&e) => tracing::warn!(
+                    "leaving the system resolver alone: {e:#} (it is this namespace's /etc/resolv.conf)"
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        let upstreams: Vec<SocketAddr> = match &cfg.dns.upstream {
+            Some(u) => u.clone(),
+            None => dns::upstreams_from_resolv_conf(
+                &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+            ),
+        }
+        .into_iter()
+        .filter(|u| *u != dns_addr)
+        .collect();
+        // Restored when this goes out of scope: on return, error, or signal.
+        let _system_dns = match &mut claim {
+            Some(c) => Some(resolvconf::take_over(
+                c,
+                &cfg.tun.name,
+                &dns_addr.ip().to_string(),
+                &agent.watcher.policy().dns_domains(),
+            )?),
+            None => None,
+        };
+        let (ask_tx, ask_rx) = mpsc::channel(256);
+        let dns_server = async {
+            match listeners {
+                Some(l) => dns::serve(l, dns_state.clone(), upstreams, ask_tx).await,
+                None => std::future::pending().await,
+            }
+        };
+        // Held until the agent stops, which removes the socket file. Without it the tunnels
+        // still work, so a bad path is a warning, not a reason to refuse to start.
+        let _status_server = match crate::status::serve(&cfg.status_socket, status_rx) {
+            Ok(s) => {
+                tracing::info!("status socket {}", cfg.status_socket.display());
+                Some(s)
+            }
+            Err(e) => {
+                tracing::warn!("no status socket, `sluice status` cannot reach this agent: {e}");
+                None
+            }
+        };
+        tracing::info!(
+            "policy: {:?} is in group(s): {}",
+            agent.subject.user,
+            if agent.subject.groups.is_empty() {
+                "none".into()
+            } else {
+                agent.subject.groups.join(", ")
+            }
+        );
         tokio::select! {
             r = agent.run(&dev, &socket, ask_rx) => r,
             r = dns_server => r,
@@ -243,6 +320,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
             }
         }
     })
+}
+
+/// Whether two networks share an address.
+fn overlap(a: &IpNet, b: &IpNet) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
 }
 
 struct Slot {
@@ -291,8 +373,12 @@ struct Agent {
     flows: FlowCache<FlowKey>,
     audit: AuditSink,
     tun_name: String,
-    /// Networks routed into the TUN device now.
+    /// The networks the policy and the synthetic pools ask to route into the TUN device.
+    wanted: Vec<IpNet>,
+    /// What is routed there now: `wanted` less the relay's addresses.
     routed: Vec<IpNet>,
+    /// The relay addresses kept out of `routed`.
+    kept_out: Vec<std::net::IpAddr>,
     /// Connector slot of each resource of the current policy, filled on first use.
     resource_slots: Vec<Option<usize>>,
     /// The synthetic address pool and policy the DNS server shares with the packet path.
@@ -428,6 +514,8 @@ impl Agent {
 
     fn on_timeout(&mut self, now: Instant, to_tun: &mut tun::TunWriter) {
         self.link.on_timeout(now);
+        // Before anything is sent to a relay address that resolved anew.
+        self.check_relay_routes();
         if now >= self.next_reload_check {
             self.next_reload_check = now + RELOAD_EVERY;
             self.check_reload();
@@ -797,8 +885,29 @@ impl Agent {
             nets.push(IpNet::V4(st.pool.v4_net()));
             nets.push(IpNet::V6(st.pool.v6_net()));
         }
-        nets.sort();
-        nets.dedup();
+        if let Err(e) = self.set_routes(nets) {
+            tracing::warn!("policy reload: {e:#}");
+        }
+    }
+
+    /// Routes `wanted` into the TUN device, less the relay's addresses (whatever the policy
+    /// says, the agent's own way to the relay never goes into its tunnel), changing only what
+    /// differs from the routes in place.
+    fn set_routes(&mut self, mut wanted: Vec<IpNet>) -> Result<()> {
+        wanted.sort();
+        wanted.dedup();
+        let relay = self.link.relay_addrs();
+        let (nets, hits) = tun::without(&wanted, &relay);
+        for (net, ip) in &hits {
+            if !self.kept_out.contains(ip) {
+                tracing::warn!(
+                    "the policy routes {net} into the tunnel, which holds the relay's address {ip}: {ip} stays outside the tunnel"
+                );
+            }
+        }
+        self.kept_out = hits.iter().map(|(_, ip)| *ip).collect();
+        self.kept_out.sort();
+        self.kept_out.dedup();
         let added: Vec<IpNet> = nets
             .iter()
             .filter(|n| !self.routed.contains(n))
@@ -810,18 +919,37 @@ impl Agent {
             .filter(|n| !nets.contains(n))
             .copied()
             .collect();
-        if let Err(e) = tun::add_routes(&self.tun_name, &added) {
-            tracing::warn!("policy reload: {e:#}");
-        }
-        if let Err(e) = tun::remove_routes(&self.tun_name, &removed) {
-            tracing::warn!("policy reload: {e:#}");
-        }
-        for s in &mut self.slots {
-            if let Some(t) = &mut s.tunnel {
-                t.exclude_from_direct(nets.clone());
-            }
-        }
+        // Added first: a network split anew keeps a route at every moment.
+        let add = tun::add_routes(&self.tun_name, &added);
+        let del = tun::remove_routes(&self.tun_name, &removed);
         self.routed = nets;
+        if wanted != self.wanted {
+            for s in &mut self.slots {
+                if let Some(t) = &mut s.tunnel {
+                    t.exclude_from_direct(wanted.clone());
+                }
+            }
+            self.wanted = wanted;
+        }
+        add.and(del)
+    }
+
+    /// The relay's addresses changed (a name resolved anew): keep them out of the routes.
+    fn check_relay_routes(&mut self) {
+        let mut inside: Vec<std::net::IpAddr> = self
+            .link
+            .relay_addrs()
+            .into_iter()
+            .filter(|ip| self.wanted.iter().any(|n| n.contains(ip)))
+            .collect();
+        inside.sort();
+        inside.dedup();
+        if inside == self.kept_out {
+            return;
+        }
+        if let Err(e) = self.set_routes(self.wanted.clone()) {
+            tracing::warn!("routes around the relay: {e:#}");
+        }
     }
 
     fn start_lookup(&mut self, i: usize, now: Instant) {
@@ -922,7 +1050,7 @@ impl Agent {
                             self.direct.me,
                             self.direct.local,
                             self.direct.candidates.clone(),
-                            self.routed.clone(),
+                            self.wanted.clone(),
                             Instant::now(),
                         );
                     }

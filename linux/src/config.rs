@@ -8,6 +8,68 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
+/// The relay: an IP address and port, or a hostname and port that is resolved again on every
+/// reconnect (each address it has is tried in turn).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTarget {
+    pub host: String,
+    pub port: u16,
+    /// The address itself, when `host` is an IP literal.
+    pub literal: Option<SocketAddr>,
+}
+
+impl std::str::FromStr for RelayTarget {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(RelayTarget {
+                host: a.ip().to_string(),
+                port: a.port(),
+                literal: Some(a),
+            });
+        }
+        let usage = || {
+            format!("{s:?}: expected HOST:PORT (like relay.example.com:4433, 192.0.2.1:4433 or [2001:db8::1]:4433)")
+        };
+        let (host, port) = s.rsplit_once(':').ok_or_else(usage)?;
+        let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(usage)?;
+        // A hostname: letters, digits, hyphens and dots (an IPv6 address needs its brackets).
+        let ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !ok {
+            return Err(usage());
+        }
+        Ok(RelayTarget {
+            host: host.to_ascii_lowercase(),
+            port,
+            literal: None,
+        })
+    }
+}
+
+impl std::fmt::Display for RelayTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.literal {
+            Some(a) => write!(f, "{a}"),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for RelayTarget {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A configuration problem; the binary exits with code 2 on it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -57,8 +119,8 @@ fn default_any() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
-    /// The relay's UDP address.
-    pub relay: SocketAddr,
+    /// The relay: HOST:PORT (an IP address, or a name resolved on every reconnect).
+    pub relay: RelayTarget,
     /// Local UDP address for the relay connection and (later) direct tunnels.
     #[serde(default = "default_any")]
     pub listen: SocketAddr,
@@ -142,7 +204,8 @@ impl Default for TunConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentConfig {
-    pub relay: SocketAddr,
+    /// The relay: HOST:PORT (an IP address, or a name resolved on every reconnect).
+    pub relay: RelayTarget,
     #[serde(default = "default_any")]
     pub listen: SocketAddr,
     /// This node's certificate (PEM), issued by `sluice ca issue`.
@@ -157,7 +220,8 @@ pub struct AgentConfig {
     /// serves each (reloaded when the file changes). The agent routes every resource network
     /// into its TUN device and checks each new flow; the connector checks again.
     pub policy: PathBuf,
-    /// Where every new-flow decision is written as a JSON line (default: standard output).
+    /// Where every new-flow decision is written as a JSON line (default
+    /// /run/sluice/agent-audit.jsonl: standard output is the console's).
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
     /// Split DNS: the agent answers for resource hostnames itself.
@@ -197,6 +261,10 @@ pub struct DnsConfig {
     /// or /etc/resolv.conf, restored on exit).
     #[serde(default = "default_true")]
     pub configure_system: bool,
+    /// Serve DNS on the tunnel address (UDP and TCP port 53 of `tun.ipv4` only). Off, resource
+    /// names do not resolve and the system resolver is left alone; flows to addresses work.
+    #[serde(default = "default_true")]
+    pub listen: bool,
 }
 
 fn default_true() -> bool {
@@ -225,15 +293,63 @@ impl Default for DnsConfig {
             max_names: default_max_names(),
             upstream: None,
             configure_system: true,
+            listen: true,
         }
     }
 }
 
-/// Reads and parses a YAML file; errors name the file, line, column and key.
-pub fn load<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+/// Paths in a config file are relative to the file's own folder (not the working directory),
+/// so a config can be started from anywhere.
+pub trait RelativePaths {
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf>;
+}
+
+impl RelativePaths for RelayConfig {
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        vec![&mut self.cert, &mut self.key, &mut self.ca]
+    }
+}
+
+impl RelativePaths for ConnectorConfig {
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        let mut v = vec![
+            &mut self.cert,
+            &mut self.key,
+            &mut self.ca,
+            &mut self.policy,
+        ];
+        v.extend(self.audit_log.as_mut());
+        v
+    }
+}
+
+impl RelativePaths for AgentConfig {
+    fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
+        let mut v = vec![
+            &mut self.cert,
+            &mut self.key,
+            &mut self.ca,
+            &mut self.policy,
+            &mut self.status_socket,
+        ];
+        v.extend(self.audit_log.as_mut());
+        v
+    }
+}
+
+/// Reads and parses a YAML file; errors name the file, line, column and key. Relative paths in
+/// it are taken from the file's folder.
+pub fn load<T: DeserializeOwned + RelativePaths>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("{}: cannot read: {e}", path.display())))?;
-    parse(&text, &path.display().to_string())
+    let mut cfg: T = parse(&text, &path.display().to_string())?;
+    let base = path.parent().unwrap_or(Path::new(""));
+    for p in cfg.paths_mut() {
+        if p.is_relative() && !p.as_os_str().is_empty() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok(cfg)
 }
 
 pub fn parse<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigError> {
@@ -241,6 +357,20 @@ pub fn parse<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigE
     serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
         let inner = e.into_inner();
+        let msg = inner.to_string();
+        // serde_yaml places a missing key where its mapping ends, which is some unrelated line:
+        // name the key and the mapping it belongs in instead.
+        if let Some(rest) = msg.strip_prefix("missing field `") {
+            let field = rest.split('`').next().unwrap_or(rest);
+            let within = if key == "." {
+                String::new()
+            } else {
+                format!(" under `{key}`")
+            };
+            return ConfigError(format!(
+                "{origin}: invalid configuration: required key `{field}` is missing{within}"
+            ));
+        }
         let place = match inner.location() {
             Some(l) => format!("{origin}:{}:{}", l.line(), l.column()),
             None => origin.to_string(),
@@ -254,13 +384,51 @@ pub fn parse<T: DeserializeOwned>(text: &str, origin: &str) -> Result<T, ConfigE
     })
 }
 
+/// Checks a TUN MTU; `what` names where it came from (a key of a file, or a flag).
+pub fn check_mtu(mtu: u16, what: &str) -> Result<(), ConfigError> {
+    if mtu < 1280 {
+        return Err(ConfigError(format!(
+            "{what} is {mtu}; IPv6 needs at least 1280"
+        )));
+    }
+    Ok(())
+}
+
 impl AgentConfig {
+    /// Checks what the file says (flags are checked where they are applied, so an error names
+    /// the flag, not the file).
     pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
-        if self.tun.mtu < 1280 {
+        check_mtu(self.tun.mtu, &format!("{origin}: `tun.mtu`"))?;
+        let d = &self.dns;
+        if d.pool_v4.trunc() != d.pool_v4 {
             return Err(ConfigError(format!(
-                "{origin}: `tun.mtu` is {}; IPv6 needs at least 1280",
-                self.tun.mtu
+                "{origin}: `dns.pool_v4` {} has host bits set; did you mean {}?",
+                d.pool_v4,
+                d.pool_v4.trunc()
             )));
+        }
+        if d.pool_v6.trunc() != d.pool_v6 {
+            return Err(ConfigError(format!(
+                "{origin}: `dns.pool_v6` {} has host bits set; did you mean {}?",
+                d.pool_v6,
+                d.pool_v6.trunc()
+            )));
+        }
+        let tun_v4 = self.tun.ipv4.addr();
+        if d.pool_v4.contains(&tun_v4) {
+            return Err(ConfigError(format!(
+                "{origin}: `dns.pool_v4` {} contains the agent's own address {tun_v4} (`tun.ipv4`)",
+                d.pool_v4
+            )));
+        }
+        if let Some(v6) = self.tun.ipv6 {
+            if d.pool_v6.contains(&v6.addr()) {
+                return Err(ConfigError(format!(
+                    "{origin}: `dns.pool_v6` {} contains the agent's own address {} (`tun.ipv6`)",
+                    d.pool_v6,
+                    v6.addr()
+                )));
+            }
         }
         Ok(())
     }

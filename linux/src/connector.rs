@@ -30,6 +30,7 @@ use crate::udp_batch;
 use crate::ConnectorArgs;
 
 pub fn run(args: ConnectorArgs) -> Result<()> {
+    let origin = args.config.display().to_string();
     let mut cfg: ConnectorConfig = config::load(&args.config)?;
     if let Some(r) = args.relay {
         cfg.relay = r;
@@ -40,9 +41,12 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
     if let Some(p) = args.policy {
         cfg.policy = p;
     }
+    if let Some(p) = args.audit_log {
+        cfg.audit_log = Some(p);
+    }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
-    let creds = node::credentials(&cfg.identity(), Role::Connector)?;
-    let watcher = access::open_policy(&cfg.policy)?;
+    let creds = node::credentials(&cfg.identity(), Role::Connector, &origin)?;
+    let watcher = access::open_policy(&cfg.policy, &origin)?;
     let audit = AuditSink::open(cfg.audit_log.as_deref())?;
     let control_cfg = tls::quic_config(&creds, &[Role::Relay], &QuicParams::control())?;
     let tunnel_cfg = tls::quic_config(&creds, &[Role::Agent], &QuicParams::tunnel())?;
@@ -70,7 +74,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             creds.identity.peer_id.short(),
             cfg.relay
         );
-        let link = ControlLink::new(control_cfg, local, cfg.relay);
+        let link = ControlLink::new(control_cfg, local, cfg.relay.clone());
         // Resolves the hostnames agents address (split DNS) with this network's resolvers.
         let resolver = match hickory_resolver::TokioResolver::builder_tokio().and_then(|b| b.build()) {
             Ok(r) => Some(std::sync::Arc::new(r)),

@@ -277,23 +277,74 @@ async fn answer(reply: Reply, r: &Resolvers, query: &[u8], tcp: bool) -> Option<
     }
 }
 
-/// Serves DNS on `addr` (UDP and TCP) until the future is dropped.
+/// The next TCP client, or never without a TCP listener.
+async fn accept(tcp: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tcp {
+        Some(t) => t.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The agent's DNS sockets, bound before the agent changes anything in the system.
+pub struct Listeners {
+    pub addr: SocketAddr,
+    udp: UdpSocket,
+    tcp: Option<TcpListener>,
+}
+
+/// Binds UDP and TCP port 53 on `addr` (the TUN device's address) only. The UDP socket shares
+/// the port with a resolver bound to every address (`*:53`, as dnsmasq does) when that one
+/// allows it (SO_REUSEADDR); TCP cannot share with a listening wildcard socket, so without it
+/// answers too large for UDP come back truncated with nowhere to retry, which is said.
+pub fn bind(addr: SocketAddr) -> Result<Listeners> {
+    let udp = {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())
+            .with_context(|| format!("cannot serve DNS on {addr}/udp"))?;
+        UdpSocket::from_std(s.into())?
+    };
+    let tcp = (|| -> std::io::Result<TcpListener> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        s.set_reuse_address(true)?;
+        s.set_nonblocking(true)?;
+        s.bind(&addr.into())?;
+        s.listen(128)?;
+        TcpListener::from_std(s.into())
+    })();
+    let tcp = match tcp {
+        Ok(t) => Some(t),
+        Err(e) => {
+            tracing::warn!(
+                "DNS on {addr}/tcp: {e} (another DNS server listens on every address?); answering over UDP only, so answers too large for UDP cannot be retried over TCP"
+            );
+            None
+        }
+    };
+    Ok(Listeners { addr, udp, tcp })
+}
+
+/// Serves DNS on the bound listeners until the future is dropped.
 pub async fn serve(
-    addr: SocketAddr,
+    listeners: Listeners,
     state: SharedDns,
     upstreams: Vec<SocketAddr>,
     connectors: mpsc::Sender<ConnectorQuery>,
 ) -> Result<()> {
-    let udp = Arc::new(
-        UdpSocket::bind(addr)
-            .await
-            .with_context(|| format!("cannot serve DNS on {addr}/udp"))?,
-    );
-    let tcp = TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("cannot serve DNS on {addr}/tcp"))?;
+    let Listeners { addr, udp, tcp } = listeners;
+    let udp = Arc::new(udp);
     tracing::info!(
-        "DNS on {addr} (udp, tcp): resource names answered here, others forwarded to {}",
+        "DNS on {addr} ({}): resource names answered here, others forwarded to {}",
+        if tcp.is_some() { "udp, tcp" } else { "udp" },
         if upstreams.is_empty() {
             "nobody (no upstream resolver known)".to_string()
         } else {
@@ -336,7 +387,7 @@ pub async fn serve(
                     }
                 }
             }
-            r = tcp.accept() => {
+            r = accept(tcp.as_ref()) => {
                 let Ok((stream, _)) = r else { continue };
                 let (state, resolvers) = (state.clone(), resolvers.clone());
                 tokio::spawn(async move {

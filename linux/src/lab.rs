@@ -81,6 +81,8 @@ pub const CORP_ZONE: &str = "corp.internal";
 pub const UPSTREAM_DNS: &str = "192.0.2.53";
 /// What the upstream resolver answers for the lab's one public name.
 pub const PUBLIC_NAME: (&str, &str) = ("www.example.test", "192.0.2.80");
+/// The relay's name in the "public" zone.
+pub const RELAY_NAME: &str = "relay.example.test";
 
 pub struct Lab {
     pub prefix: String,
@@ -536,6 +538,8 @@ fn start_services(lab: &Lab) -> Result<()> {
         &[
             "--local=/example.test/".to_string(),
             format!("--address=/{}/{}", PUBLIC_NAME.0, PUBLIC_NAME.1),
+            // The relay by name, for nodes configured with `relay: relay.example.test:4433`.
+            format!("--address=/{}/{RELAY_ADDR}", RELAY_NAME),
         ],
     )?;
     wait_until(Duration::from_secs(10), "the lab's HTTP server", || {

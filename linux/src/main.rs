@@ -6,6 +6,7 @@ mod ca;
 mod config;
 mod connector;
 mod dns;
+mod instance;
 mod lab;
 mod lab_nat;
 mod node;
@@ -96,10 +97,11 @@ pub struct IdentityArgs {
 
 #[derive(Args)]
 pub struct RelayArgs {
-    /// YAML configuration file (see configs/relay.yaml).
+    /// YAML configuration file (see configs/relay.yaml); relative paths in it are taken from
+    /// its folder.
     #[arg(long, short)]
     pub config: PathBuf,
-    /// UDP address to listen on; overrides `listen`.
+    /// UDP address to listen on; overrides `listen` (default 0.0.0.0:4433).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     #[command(flatten)]
@@ -108,45 +110,62 @@ pub struct RelayArgs {
 
 #[derive(Args)]
 pub struct ConnectorArgs {
-    /// YAML configuration file (see configs/connector.yaml).
+    /// YAML configuration file (see configs/connector.yaml); relative paths in it are taken
+    /// from its folder.
     #[arg(long, short)]
     pub config: PathBuf,
-    /// The relay's UDP address; overrides `relay`.
+    /// The relay, HOST:PORT (an IP address, or a name resolved on every reconnect); overrides
+    /// `relay`.
     #[arg(long)]
-    pub relay: Option<SocketAddr>,
-    /// Local UDP address; overrides `listen`.
+    pub relay: Option<config::RelayTarget>,
+    /// Local UDP address; overrides `listen` (default 0.0.0.0:0, any port).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// Access policy file; overrides `policy`.
     #[arg(long)]
     pub policy: Option<PathBuf>,
+    /// Audit log (JSON lines); overrides `audit_log` (default: standard output).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
 
 #[derive(Args)]
 pub struct AgentArgs {
-    /// YAML configuration file (see configs/agent.yaml).
+    /// YAML configuration file (see configs/agent.yaml); relative paths in it are taken from
+    /// its folder.
     #[arg(long, short)]
     pub config: PathBuf,
-    /// The relay's UDP address; overrides `relay`.
+    /// The relay, HOST:PORT (an IP address, or a name resolved on every reconnect); overrides
+    /// `relay`.
     #[arg(long)]
-    pub relay: Option<SocketAddr>,
-    /// Local UDP address; overrides `listen`.
+    pub relay: Option<config::RelayTarget>,
+    /// Local UDP address; overrides `listen` (default 0.0.0.0:0, any port).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
-    /// TUN interface name; overrides `tun.name`.
+    /// TUN interface name; overrides `tun.name` (default sluice0).
     #[arg(long)]
     pub tun_name: Option<String>,
-    /// TUN MTU; overrides `tun.mtu`.
+    /// TUN MTU, at least 1280; overrides `tun.mtu` (default 1280).
     #[arg(long)]
     pub mtu: Option<u16>,
     /// Access policy file; overrides `policy`.
     #[arg(long)]
     pub policy: Option<PathBuf>,
-    /// Unix socket for `sluice status`; overrides `status_socket`.
+    /// Unix socket for `sluice status`; overrides `status_socket` (default
+    /// /run/sluice/agent.sock).
     #[arg(long)]
     pub status_socket: Option<PathBuf>,
+    /// Audit log (JSON lines); overrides `audit_log` (default /run/sluice/agent-audit.jsonl).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+    /// No DNS listener (and the system resolver left alone); sets `dns.listen: false`.
+    #[arg(long)]
+    pub no_dns: bool,
+    /// Keep every tunnel on the relay; sets `direct_paths: false`.
+    #[arg(long)]
+    pub no_direct: bool,
     #[command(flatten)]
     pub identity: IdentityArgs,
 }
@@ -208,9 +227,49 @@ pub enum LabCmd {
     NatProbe(lab_nat::ProbeOpts),
 }
 
+/// Sluice's own crates: a bare level in `RUST_LOG` applies to these.
+const OUR_CRATES: [&str; 5] = [
+    "sluice",
+    "sluice_dataplane",
+    "sluice_netstack",
+    "sluice_policy",
+    "sluice_relay",
+];
+
+/// The tracing filter for a `RUST_LOG` value. A bare level (`debug`) is for Sluice's crates
+/// only: other crates stay at `warn` unless named (`hickory_proto=debug`), since some of them
+/// dump whole DNS messages or handshakes at debug level, about 15 lines per lookup.
+fn log_filter(rust_log: Option<&str>) -> String {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let mut ours = "info".to_string();
+    let mut others = "warn";
+    let mut named = Vec::new();
+    for d in rust_log.unwrap_or("").split(',').map(str::trim) {
+        let lower = d.to_ascii_lowercase();
+        if d.is_empty() {
+            continue;
+        } else if let Some(level) = LEVELS.iter().find(|l| **l == lower) {
+            ours = level.to_string();
+            // Quieter than warn (error, off) quiets everything; louder stays ours alone.
+            if matches!(*level, "off" | "error") {
+                others = level;
+            }
+        } else {
+            named.push(d.to_string());
+        }
+    }
+    let mut f = vec![others.to_string()];
+    f.extend(OUR_CRATES.iter().map(|c| format!("{c}={ours}")));
+    f.extend(named);
+    f.join(",")
+}
+
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let spec = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("warning: RUST_LOG: {e}; logging at info");
+        tracing_subscriber::EnvFilter::new(log_filter(None))
+    });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
@@ -263,6 +322,43 @@ fn main() -> ExitCode {
             }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn a_bare_level_is_for_our_crates_and_others_stay_at_warn() {
+        let f = log_filter(Some("debug"));
+        assert!(f.starts_with("warn,"), "{f}");
+        assert!(
+            f.contains("sluice=debug") && f.contains("sluice_dataplane=debug"),
+            "{f}"
+        );
+        assert!(!f.contains("hickory"), "{f}");
+
+        let f = log_filter(None);
+        assert!(
+            f.starts_with("warn,") && f.contains("sluice_netstack=info"),
+            "{f}"
+        );
+
+        // Named crates get what they ask for.
+        let f = log_filter(Some("info,hickory_proto=debug"));
+        assert!(
+            f.ends_with(",hickory_proto=debug") && f.contains("sluice=info"),
+            "{f}"
+        );
+
+        // Quieter than warn quiets the others too.
+        assert!(log_filter(Some("error")).starts_with("error,"));
+        assert!(log_filter(Some("OFF")).starts_with("off,"));
+        // Every result is a filter tracing accepts.
+        for v in ["debug", "", "trace,quiche=info", "sluice_relay=trace"] {
+            tracing_subscriber::EnvFilter::try_new(log_filter(Some(v))).unwrap();
         }
     }
 }

@@ -3,20 +3,20 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use sluice_dataplane::control::{ControlClient, ControlEvent};
-use sluice_dataplane::identity::{PeerId, Role};
+use sluice_dataplane::identity::{IdentityError, PeerId, Role};
 use sluice_dataplane::nat::candidate::{gather, Candidate};
 use sluice_dataplane::session::QuicSession;
-use sluice_dataplane::tls::Credentials;
+use sluice_dataplane::tls::{self, Credentials};
 use sluice_dataplane::tunnel::Tunnel;
 use sluice_dataplane::wire::{Punch, RELAY_FORWARD_OVERHEAD};
 use tokio::net::UdpSocket;
 
-use crate::config::IdentityFiles;
+use crate::config::{ConfigError, IdentityFiles, RelayTarget};
 use crate::udp_batch::UdpSender;
 use crate::IdentityArgs;
 
@@ -51,28 +51,81 @@ pub fn override_identity(
     }
 }
 
-/// Loads the node's credentials and checks the certificate is for the role being run.
-pub fn credentials(files: &IdentityFiles, role: Role) -> Result<Credentials> {
+/// Loads the node's credentials and checks the certificate is for the role being run. Every
+/// error is a configuration error (exit status 2) that names the key and the file.
+pub fn credentials(files: &IdentityFiles, role: Role, origin: &str) -> Result<Credentials> {
     let path = |p: &PathBuf| p.to_string_lossy().into_owned();
-    let creds = Credentials::load(&path(&files.cert), &path(&files.key), &path(&files.ca))?;
+    // Which setting a file came from: `cert: ...` in the file, or --cert.
+    let key_of = |p: &str| {
+        if Path::new(p) == files.cert {
+            "cert"
+        } else if Path::new(p) == files.key {
+            "key"
+        } else {
+            "ca"
+        }
+    };
+    let creds = Credentials::load(&path(&files.cert), &path(&files.key), &path(&files.ca))
+        .map_err(|e| match e {
+            IdentityError::File { path, reason } => {
+                ConfigError(format!("{origin}: `{}` {path}: {reason}", key_of(&path)))
+            }
+            other => ConfigError(format!(
+                "{origin}: `cert` {}: {other}",
+                files.cert.display()
+            )),
+        })?;
     if creds.identity.role != role {
-        bail!(
-            "{}: this is a {} certificate, but this process runs the {role} role (issue one with `sluice ca issue --role {role}`)",
+        return Err(ConfigError(format!(
+            "{origin}: `cert` {}: this is a {} certificate, but this process runs the {role} role (issue one with `sluice ca issue --role {role}`)",
             files.cert.display(),
             creds.identity.role
-        );
+        )).into());
     }
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0);
     if creds.identity.not_after < now {
-        bail!(
-            "{}: certificate expired; issue a new one",
-            files.cert.display()
+        return Err(ConfigError(format!(
+            "{origin}: `cert` {}: certificate expired {} ago; issue a new one",
+            files.cert.display(),
+            crate::node::human_duration(Duration::from_secs(
+                (now - creds.identity.not_after) as u64
+            ))
+        ))
+        .into());
+    }
+    if !creds.signed_by_own_ca() {
+        tracing::warn!(
+            "{origin}: `cert` {} is not signed by the CA in `ca` {}: peers will refuse this node",
+            files.cert.display(),
+            files.ca.display()
         );
     }
+    if let Ok(m) = std::fs::metadata(&files.key) {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                "{origin}: `key` {} can be read by other users (mode {mode:04o}); `chmod 600 {}`",
+                files.key.display(),
+                files.key.display()
+            );
+        }
+    }
     Ok(creds)
+}
+
+/// A duration for people: "45s", "12min", "3h", "2 days".
+pub fn human_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}min", s / 60),
+        7200..=172_799 => format!("{}h", s / 3600),
+        _ => format!("{} days", s / 86_400),
+    }
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -180,11 +233,18 @@ pub async fn shutdown_signal() {
 }
 
 /// The control connection to the relay, kept up: reconnects with backoff when it closes or the
-/// relay falls silent, and sends keepalives so NAT mappings and liveness stay fresh.
+/// relay falls silent, and sends keepalives so NAT mappings and liveness stay fresh. A relay
+/// given by name is resolved again for every new connection (off the event loop, in a thread),
+/// and each of its addresses is tried in turn.
 pub struct ControlLink {
     config: quiche::Config,
     local: SocketAddr,
+    target: RelayTarget,
+    /// The address in use (or last used); unspecified until a name resolved.
     relay: SocketAddr,
+    /// Addresses of a relay name still to try before resolving it again.
+    untried: Vec<SocketAddr>,
+    resolving: Option<std::sync::mpsc::Receiver<std::io::Result<Vec<SocketAddr>>>>,
     client: Option<ControlClient>,
     backoff: Duration,
     retry_at: Option<Instant>,
@@ -192,15 +252,36 @@ pub struct ControlLink {
     last_rx: Instant,
     next_keepalive: Instant,
     events: Vec<ControlEvent>,
+    /// When the current connection's handshake finished.
+    connected_at: Option<Instant>,
+    /// Why the last connection ended or was refused, for `sluice status`.
+    last_error: Option<String>,
+    /// Connections in a row that ended before they were up for [`STABLE_AFTER`].
+    failures: u32,
 }
 
+/// How often a pending name resolution is looked at.
+const RESOLVE_POLL: Duration = Duration::from_millis(20);
+/// A connection that lasts this long was a real one: the backoff starts over after it. (A
+/// relay that refuses our certificate does so right after the client's handshake finishes, so
+/// "connected" alone proves nothing.)
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
 impl ControlLink {
-    pub fn new(config: quiche::Config, local: SocketAddr, relay: SocketAddr) -> Self {
+    pub fn new(config: quiche::Config, local: SocketAddr, target: RelayTarget) -> Self {
         let now = Instant::now();
+        let unspecified = if local.is_ipv4() {
+            SocketAddr::from(([0, 0, 0, 0], 0))
+        } else {
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+        };
         let mut link = ControlLink {
             config,
             local,
-            relay,
+            relay: target.literal.unwrap_or(unspecified),
+            target,
+            untried: Vec::new(),
+            resolving: None,
             client: None,
             backoff: BACKOFF_MIN,
             retry_at: Some(now),
@@ -208,9 +289,81 @@ impl ControlLink {
             last_rx: now,
             next_keepalive: now + CONTROL_KEEPALIVE,
             events: Vec::new(),
+            connected_at: None,
+            last_error: None,
+            failures: 0,
         };
         link.on_timeout(now);
         link
+    }
+
+    /// The address to dial next, or None while a relay name is being resolved (or failed to).
+    fn next_relay_addr(&mut self, now: Instant) -> Option<SocketAddr> {
+        if let Some(a) = self.target.literal {
+            return Some(a);
+        }
+        if let Some(a) = self.untried.pop() {
+            return Some(a);
+        }
+        let rx = self.resolving.get_or_insert_with(|| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (host, port) = (self.target.host.clone(), self.target.port);
+            std::thread::spawn(move || {
+                use std::net::ToSocketAddrs;
+                let _ = tx.send(
+                    (host.as_str(), port)
+                        .to_socket_addrs()
+                        .map(Iterator::collect),
+                );
+            });
+            rx
+        });
+        let result = match rx.try_recv() {
+            Ok(r) => r,
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                self.retry_at = Some(now + RESOLVE_POLL);
+                return None;
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(std::io::Error::other(
+                "the resolver thread ended without an answer",
+            )),
+        };
+        self.resolving = None;
+        // Our socket speaks one address family.
+        match result.map(|v: Vec<SocketAddr>| {
+            v.into_iter()
+                .filter(|a| a.is_ipv4() == self.local.is_ipv4())
+                .collect::<Vec<_>>()
+        }) {
+            Ok(addrs) if !addrs.is_empty() => {
+                tracing::debug!(
+                    "relay {} resolved to {}",
+                    self.target,
+                    addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                // Tried in the resolver's order.
+                self.untried = addrs.into_iter().rev().collect();
+                self.untried.pop()
+            }
+            Ok(_) => {
+                tracing::warn!(
+                    "relay {}: the name has no {} address",
+                    self.target,
+                    if self.local.is_ipv4() { "IPv4" } else { "IPv6" }
+                );
+                self.schedule_retry(now);
+                None
+            }
+            Err(e) => {
+                tracing::warn!("relay {}: cannot resolve the name: {e}", self.target);
+                self.schedule_retry(now);
+                None
+            }
+        }
     }
 
     /// The client, when its handshake is done.
@@ -278,7 +431,7 @@ impl ControlLink {
                 self.client = None;
                 self.events
                     .push(ControlEvent::Closed("relay silent".into()));
-                self.schedule_retry(now);
+                self.ended("relay silent".into(), now);
             }
         }
         if now >= self.next_keepalive {
@@ -289,9 +442,13 @@ impl ControlLink {
         }
         if self.client.is_none() && self.retry_at.is_some_and(|r| now >= r) {
             self.retry_at = None;
+            let Some(relay) = self.next_relay_addr(now) else {
+                return;
+            };
+            self.relay = relay;
             match ControlClient::connect(&mut self.config, self.local, self.relay) {
                 Ok(c) => {
-                    tracing::debug!("connecting to relay {}", self.relay);
+                    tracing::debug!("connecting to relay {} at {}", self.target, self.relay);
                     self.client = Some(c);
                     self.started = now;
                     self.last_rx = now;
@@ -309,6 +466,36 @@ impl ControlLink {
         self.relay
     }
 
+    /// Every address the relay is known at now: the one in use and those still to try. The
+    /// agent keeps these out of its TUN routes.
+    pub fn relay_addrs(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self.untried.iter().map(|a| a.ip()).collect();
+        if !self.relay.ip().is_unspecified() {
+            v.push(self.relay.ip());
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// The connection ended (or never came up) because of `why`: retry after the backoff, which
+    /// starts over only after a connection that lasted; a relay name is resolved again.
+    fn ended(&mut self, why: String, now: Instant) {
+        let lasted = self
+            .connected_at
+            .take()
+            .is_some_and(|t| now.saturating_duration_since(t) >= STABLE_AFTER);
+        if lasted {
+            self.backoff = BACKOFF_MIN;
+            self.failures = 0;
+            self.untried.clear();
+        } else {
+            self.failures = self.failures.saturating_add(1);
+        }
+        self.last_error = Some(why);
+        self.schedule_retry(now);
+    }
+
     fn schedule_retry(&mut self, now: Instant) {
         let jitter = Duration::from_millis(rand::random::<u64>() % 250);
         self.retry_at = Some(now + self.backoff + jitter);
@@ -320,18 +507,47 @@ impl ControlLink {
         while let Some(ev) = c.poll_event() {
             match &ev {
                 ControlEvent::Connected { relay } => {
-                    tracing::info!("connected to relay {relay:?} at {}", self.relay);
-                    self.backoff = BACKOFF_MIN;
+                    // Said at debug until the relay speaks (its first message is our observed
+                    // address): a relay that refuses us finishes the handshake first.
+                    tracing::debug!("handshake with relay {relay:?} at {} done", self.relay);
+                    self.connected_at = Some(Instant::now());
                 }
-                ControlEvent::ObservedAddr(a) => tracing::info!("relay sees us at {a}"),
-                ControlEvent::Closed(why) => tracing::warn!("relay connection closed: {why}"),
+                ControlEvent::ObservedAddr(a) => {
+                    if self.last_error.take().is_some() || self.failures > 0 {
+                        tracing::info!("connected to relay at {} again", self.relay);
+                    } else {
+                        tracing::info!("connected to relay at {}", self.relay);
+                    }
+                    tracing::info!("relay sees us at {a}");
+                }
+                ControlEvent::Closed(why) => {
+                    // The first refusal in a row is a warning; repeats are counted, said at the
+                    // 2nd, 4th, 8th... time, so a refused node does not flood its log.
+                    let n = self.failures + 1;
+                    if self
+                        .connected_at
+                        .is_some_and(|t| t.elapsed() >= STABLE_AFTER)
+                    {
+                        tracing::warn!("relay connection closed: {why}");
+                    } else if n == 1 || n.is_power_of_two() {
+                        tracing::warn!(
+                            "relay {} at {}: {why} (attempt {n}; retrying with backoff, up to {}s apart)",
+                            self.target,
+                            self.relay,
+                            BACKOFF_MAX.as_secs()
+                        );
+                    } else {
+                        tracing::debug!("relay connection closed: {why} (attempt {n})");
+                    }
+                }
                 ControlEvent::LookupReply { .. } => {}
             }
             self.events.push(ev);
         }
         if c.is_closed() {
+            let why = tls::describe_close(c.conn()).unwrap_or_else(|| "closed".into());
             self.client = None;
-            self.schedule_retry(Instant::now());
+            self.ended(why, Instant::now());
         }
     }
 
@@ -339,9 +555,18 @@ impl ControlLink {
     pub fn status(&self) -> crate::status::RelayStatus {
         let up = self.client.as_ref().filter(|c| c.is_connected());
         crate::status::RelayStatus {
-            addr: self.relay.to_string(),
+            addr: match self.target.literal {
+                Some(a) => a.to_string(),
+                None if self.relay.ip().is_unspecified() => self.target.to_string(),
+                None => format!("{} ({})", self.target, self.relay),
+            },
             connected: up.is_some(),
             observed_addr: up.and_then(|c| c.observed_addr()).map(|a| a.to_string()),
+            error: if up.is_some() {
+                None
+            } else {
+                self.last_error.clone()
+            },
         }
     }
 }

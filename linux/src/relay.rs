@@ -18,12 +18,13 @@ use crate::RelayArgs;
 const STATS_EVERY: Duration = Duration::from_secs(30);
 
 pub fn run(args: RelayArgs) -> Result<()> {
+    let origin = args.config.display().to_string();
     let mut cfg: RelayConfig = config::load(&args.config)?;
     if let Some(l) = args.listen {
         cfg.listen = l;
     }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
-    let creds = node::credentials(&cfg.identity(), Role::Relay)?;
+    let creds = node::credentials(&cfg.identity(), Role::Relay, &origin)?;
     let quic = tls::quic_config(
         &creds,
         &[Role::Agent, Role::Connector],

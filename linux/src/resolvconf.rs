@@ -6,7 +6,9 @@
 //! as in network namespaces, cannot be replaced by rename), after saving the original under
 //! /run/sluice. It restores the original on exit; after a crash, the next start restores it
 //! first. The backup is named after the file's device and inode, so agents in different
-//! namespaces, each with its own resolv.conf, never mix up their backups.
+//! namespaces, each with its own resolv.conf, never mix up their backups. Whoever rewrites a
+//! resolv.conf, or restores a leftover backup, first holds that file's lock
+//! ([`crate::instance`]), so a second agent can never undo a live agent's change.
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
@@ -15,8 +17,9 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
+use crate::instance::{InstanceLock, LockError, STATE_DIR};
+
 const RESOLV_CONF: &str = "/etc/resolv.conf";
-const STATE_DIR: &str = "/run/sluice";
 const STUB: &str = "/run/systemd/resolve/stub-resolv.conf";
 
 /// What the agent changed, to be undone by [`SystemDns::restore`] (also on drop).
@@ -28,7 +31,15 @@ pub enum SystemDns {
         target: PathBuf,
         backup: PathBuf,
         restored: bool,
+        /// Held until the original is back.
+        _lock: InstanceLock,
     },
+}
+
+/// The right to change this namespace's resolv.conf: its lock, taken before anything is read
+/// or restored.
+pub struct Claim {
+    lock: Option<InstanceLock>,
 }
 
 /// Where the original of `target` is kept while the agent has it rewritten.
@@ -37,24 +48,28 @@ pub fn backup_path(target: &Path) -> Result<PathBuf> {
     Ok(Path::new(STATE_DIR).join(format!("resolv.conf.{}-{}.backup", m.dev(), m.ino())))
 }
 
-/// Restores a resolv.conf a previous run left rewritten (it crashed or was killed). Returns
-/// whether there was anything to restore.
-pub fn recover() -> Result<bool> {
+/// Takes the lock of /etc/resolv.conf (as this namespace sees it), then restores what a
+/// previous agent left rewritten when it crashed or was killed: the lock proves that agent is
+/// gone. Fails with [`LockError::Held`] while another agent has the file rewritten.
+pub fn claim(who: &str) -> Result<Claim> {
     let target = Path::new(RESOLV_CONF);
     let backup = backup_path(target)?;
-    match fs::read(&backup) {
-        Ok(original) => {
-            fs::write(target, original)
-                .with_context(|| format!("cannot restore {}", target.display()))?;
-            fs::remove_file(&backup)?;
-            tracing::warn!(
-                "restored {} as a previous agent left it changed",
-                target.display()
-            );
-            Ok(true)
-        }
-        Err(_) => Ok(false),
+    let lock = InstanceLock::take(&backup.with_extension("lock"), who)?;
+    if let Ok(original) = fs::read(&backup) {
+        fs::write(target, original)
+            .with_context(|| format!("cannot restore {}", target.display()))?;
+        fs::remove_file(&backup)?;
+        tracing::warn!(
+            "restored {} as a previous agent left it changed",
+            target.display()
+        );
     }
+    Ok(Claim { lock: Some(lock) })
+}
+
+/// Whether an error of [`claim`] means another agent owns the file.
+pub fn is_held(e: &anyhow::Error) -> bool {
+    matches!(e.downcast_ref::<LockError>(), Some(LockError::Held { .. }))
 }
 
 fn uses_resolved() -> bool {
@@ -81,7 +96,12 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
 
 /// Makes `server` (the agent's DNS address) the resolver: for `domains` only with
 /// systemd-resolved, for everything otherwise (the agent forwards the rest upstream).
-pub fn take_over(tun: &str, server: &str, domains: &[String]) -> Result<SystemDns> {
+pub fn take_over(
+    claim: &mut Claim,
+    tun: &str,
+    server: &str,
+    domains: &[String],
+) -> Result<SystemDns> {
     if uses_resolved() {
         run("resolvectl", &["dns", tun, server])?;
         let routing: Vec<String> = domains.iter().map(|d| format!("~{d}")).collect();
@@ -95,6 +115,10 @@ pub fn take_over(tun: &str, server: &str, domains: &[String]) -> Result<SystemDn
         return Ok(SystemDns::Resolved);
     }
     let target = PathBuf::from(RESOLV_CONF);
+    let lock = claim
+        .lock
+        .take()
+        .context("resolv.conf was taken over once already")?;
     let original = fs::read_to_string(&target).unwrap_or_default();
     fs::create_dir_all(STATE_DIR)?;
     let backup = backup_path(&target)?;
@@ -118,6 +142,7 @@ pub fn take_over(tun: &str, server: &str, domains: &[String]) -> Result<SystemDn
         target,
         backup,
         restored: false,
+        _lock: lock,
     })
 }
 
@@ -127,6 +152,7 @@ impl SystemDns {
             target,
             backup,
             restored,
+            ..
         } = self
         {
             if *restored {

@@ -47,6 +47,10 @@ pub struct RelayStatus {
     pub connected: bool,
     /// Our address as the relay sees it (QUIC Address Discovery).
     pub observed_addr: Option<String>,
+    /// While not connected: why the last attempt failed (`the peer refused us: certificate
+    /// expired`, `relay silent`, ...).
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -313,7 +317,10 @@ pub fn render(st: &AgentStatus) -> String {
     let relay = match (&st.relay.connected, &st.relay.observed_addr) {
         (true, Some(a)) => format!("connected, sees us at {a}"),
         (true, None) => "connected".to_string(),
-        (false, _) => "not connected".to_string(),
+        (false, _) => match &st.relay.error {
+            Some(why) => format!("not connected ({why})"),
+            None => "not connected".to_string(),
+        },
     };
     let mut out = format!(
         "agent {} (peer {short}), relay {}: {relay}\n",
@@ -436,6 +443,7 @@ mod tests {
                 addr: "192.0.2.1:4433".into(),
                 connected: true,
                 observed_addr: Some("192.0.2.10:40000".into()),
+                error: None,
             },
             tunnels: vec![
                 TunnelStatus {
@@ -534,9 +542,12 @@ mod tests {
         let mut st = sample();
         st.tunnels.clear();
         st.relay.connected = false;
+        st.relay.error = Some("the peer refused us: certificate expired".into());
         let text = render(&st);
         assert!(
-            text.contains("relay 192.0.2.1:4433: not connected"),
+            text.contains(
+                "relay 192.0.2.1:4433: not connected (the peer refused us: certificate expired)"
+            ),
             "{text}"
         );
         assert!(text.contains("no tunnels yet"), "{text}");

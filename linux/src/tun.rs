@@ -12,6 +12,25 @@ use crate::config::TunConfig;
 /// super-packets and takes coalesced ones, so one read or write moves many packets), or without
 /// them where the kernel refuses.
 pub fn create(cfg: &TunConfig) -> Result<AsyncDevice> {
+    // An existing interface of that name is the usual cause of a failure here, and deserves
+    // its own words (the kernel's EBUSY or EINVAL would read like a permission problem).
+    let sys = std::path::Path::new("/sys/class/net").join(&cfg.name);
+    if sys.exists() {
+        if !sys.join("tun_flags").exists() {
+            bail!(
+                "cannot create TUN device {:?}: an interface of that name exists and is not a TUN device (see `ip -d link show {}`); set another `tun.name` or --tun-name",
+                cfg.name,
+                cfg.name
+            );
+        }
+        // A persistent TUN device made for us is fine; one an agent holds is not.
+        return build(cfg, true).or_else(|_| build(cfg, false)).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open TUN device {:?}: it exists and another process holds it (another agent?): {e:#}; set another `tun.name` or --tun-name",
+                cfg.name
+            )
+        });
+    }
     match build(cfg, true) {
         Ok(d) => Ok(d),
         Err(e) => {
@@ -33,11 +52,13 @@ fn build(cfg: &TunConfig, offload: bool) -> Result<AsyncDevice> {
     if let Some(v6) = cfg.ipv6 {
         b = b.ipv6(v6.addr(), v6.prefix_len());
     }
-    b.build_async().with_context(|| {
-        format!(
-            "cannot create TUN device {:?} (needs root or CAP_NET_ADMIN, and /dev/net/tun)",
-            cfg.name
-        )
+    b.build_async().map_err(|e| {
+        let hint = match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => " (needs root or CAP_NET_ADMIN)",
+            Some(libc::ENOENT) | Some(libc::ENODEV) => " (no /dev/net/tun: load the tun module)",
+            _ => "",
+        };
+        anyhow::anyhow!("cannot create TUN device {:?}: {e}{hint}", cfg.name)
     })
 }
 
@@ -141,6 +162,49 @@ impl TunWriter {
     }
 }
 
+/// `nets` without the addresses in `keep_out`: a network holding one is split into the
+/// smallest set of prefixes that covers the rest of it. The agent keeps its relay (and so its
+/// own control traffic) out of the tunnel this way, whatever the policy says. Also returns
+/// which network held which excluded address, for the log.
+pub fn without(
+    nets: &[IpNet],
+    keep_out: &[std::net::IpAddr],
+) -> (Vec<IpNet>, Vec<(IpNet, std::net::IpAddr)>) {
+    let mut out: Vec<IpNet> = nets.to_vec();
+    let mut hits = Vec::new();
+    for ip in keep_out {
+        let mut next = Vec::with_capacity(out.len());
+        for net in out {
+            if !net.contains(ip) {
+                next.push(net);
+                continue;
+            }
+            if let Some(original) = nets.iter().find(|n| n.contains(ip)) {
+                hits.push((*original, *ip));
+            }
+            // Halve the network, keep the half without the address, go on in the other half.
+            let mut cur = net;
+            while cur.prefix_len() < cur.max_prefix_len() {
+                let Ok(mut halves) = cur.subnets(cur.prefix_len() + 1) else {
+                    break;
+                };
+                let (Some(a), Some(b)) = (halves.next(), halves.next()) else {
+                    break;
+                };
+                let (with, other) = if a.contains(ip) { (a, b) } else { (b, a) };
+                next.push(other);
+                cur = with;
+            }
+        }
+        out = next;
+    }
+    out.sort();
+    out.dedup();
+    hits.sort();
+    hits.dedup();
+    (out, hits)
+}
+
 /// Routes each network through the device. The routes vanish with the device when the agent
 /// exits, so nothing is left behind even after a crash.
 pub fn add_routes(dev: &str, nets: &[IpNet]) -> Result<()> {
@@ -153,6 +217,9 @@ pub fn remove_routes(dev: &str, nets: &[IpNet]) -> Result<()> {
 }
 
 fn routes(op: &str, dev: &str, nets: &[IpNet]) -> Result<()> {
+    if nets.is_empty() {
+        return Ok(());
+    }
     for net in nets {
         let family = if matches!(net, IpNet::V4(_)) {
             "-4"
@@ -171,4 +238,46 @@ fn routes(op: &str, dev: &str, nets: &[IpNet]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn an_excluded_address_is_cut_out_of_its_network_and_nothing_else_changes() {
+        let relay: IpAddr = "192.0.2.1".parse().unwrap();
+        let (out, hits) = without(&nets(&["198.51.100.0/24", "192.0.2.1/32"]), &[relay]);
+        assert_eq!(out, nets(&["198.51.100.0/24"]));
+        assert_eq!(hits, vec![("192.0.2.1/32".parse().unwrap(), relay)]);
+
+        let (out, _) = without(&nets(&["192.0.2.0/30"]), &[relay]);
+        assert_eq!(out, nets(&["192.0.2.0/32", "192.0.2.2/31"]));
+
+        // All of IPv4 but one address: 32 prefixes, none of them holding it, covering the rest.
+        let (out, hits) = without(&nets(&["0.0.0.0/0", "::/0"]), &[relay]);
+        assert_eq!(out.len(), 33);
+        assert_eq!(hits.len(), 1);
+        assert!(out.iter().all(|n| !n.contains(&relay)));
+        let covered: u128 = out
+            .iter()
+            .filter(|n| matches!(n, IpNet::V4(_)))
+            .map(|n| 1u128 << (32 - n.prefix_len()))
+            .sum();
+        assert_eq!(covered, (1u128 << 32) - 1);
+        for probe in ["192.0.2.0", "192.0.2.2", "10.0.0.1", "255.255.255.255"] {
+            let ip: IpAddr = probe.parse().unwrap();
+            assert!(out.iter().any(|n| n.contains(&ip)), "{probe}");
+        }
+
+        // Not in any network: unchanged.
+        let (out, hits) = without(&nets(&["10.0.0.0/8"]), &["2001:db8::1".parse().unwrap()]);
+        assert_eq!(out, nets(&["10.0.0.0/8"]));
+        assert!(hits.is_empty());
+    }
 }
