@@ -25,14 +25,23 @@ pub fn open_policy(path: &Path, origin: &str) -> Result<PolicyWatcher> {
         .into());
     }
     let (w, warnings) = PolicyWatcher::open(path).map_err(|e| {
+        // One "error:" in front (the binary's) is enough: each problem is listed by place.
+        let problems: Vec<String> =
+            e.0.iter()
+                .filter(|d| d.severity == sluice_policy::Severity::Error)
+                .map(|d| {
+                    let key = if d.key.is_empty() {
+                        String::new()
+                    } else {
+                        format!("`{}`: ", d.key)
+                    };
+                    format!("  {}:{}:{}: {key}{}", d.file, d.line, d.column, d.message)
+                })
+                .collect();
         ConfigError(format!(
-            "{origin}: `policy` {} is invalid:\n{}",
+            "{origin}: `policy` {} is invalid (`sluice policy check` explains):\n{}",
             path.display(),
-            e.to_string()
-                .lines()
-                .map(|l| format!("  {l}"))
-                .collect::<Vec<_>>()
-                .join("\n")
+            problems.join("\n")
         ))
     })?;
     for d in warnings {
