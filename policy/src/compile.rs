@@ -1,7 +1,7 @@
 //! From policy text to a compiled [`Policy`]: parse, validate (every error with file, line,
 //! column and key), warn about rules that cannot matter, and build the lookup tables.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -267,7 +267,9 @@ fn parse_who(s: &str) -> Result<Who, String> {
     Err(format!("{s:?}: expected everyone, group:NAME or user:NAME"))
 }
 
-fn parse_expiry(s: &str) -> Result<i64, String> {
+/// A date (midnight UTC) or an RFC 3339 time, as Unix seconds: what `expires:` takes, and so
+/// what `policy explain --at` takes too.
+pub fn parse_expiry(s: &str) -> Result<i64, String> {
     use time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
         return Ok(t.unix_timestamp());
@@ -421,11 +423,20 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
                 if up == g && !reported_cycle && x != g {
                     reported_cycle = true;
                     let name = &p.groups[g as usize];
+                    // The path is what an admin has to break; a cycle among many groups is
+                    // otherwise hard to find.
+                    let path: Vec<&str> = include_cycle(&includes, g)
+                        .iter()
+                        .map(|&i| p.groups[i as usize].as_str())
+                        .collect();
                     cx.push(
                         Severity::Error,
                         &format!("groups.{name}"),
                         true,
-                        format!("group {name:?} includes itself through a cycle of includes"),
+                        format!(
+                            "group {name:?} includes itself through a cycle: {}",
+                            path.join(" -> ")
+                        ),
                     );
                 }
                 if !seen.contains(&up) {
@@ -679,6 +690,38 @@ fn shadow_warnings(p: &Policy, parsed: &[ParsedRule], cx: &mut Ctx<'_>) {
             }
         }
     }
+}
+
+/// The shortest chain of includes from group `g` back to itself, both ends included (empty if
+/// there is none).
+fn include_cycle(includes: &[Vec<u32>], g: u32) -> Vec<u32> {
+    let mut prev: Vec<Option<u32>> = vec![None; includes.len()];
+    let mut queue = VecDeque::from([g]);
+    while let Some(x) = queue.pop_front() {
+        for &y in includes.get(x as usize).map_or(&[][..], |v| v.as_slice()) {
+            if y == g {
+                // Walk back from x to g, then read it forwards: g -> ... -> x -> g.
+                let mut back = Vec::new();
+                let mut cur = x;
+                while cur != g {
+                    back.push(cur);
+                    match prev.get(cur as usize).copied().flatten() {
+                        Some(p) => cur = p,
+                        None => break,
+                    }
+                }
+                let mut path = vec![g];
+                path.extend(back.into_iter().rev());
+                path.push(g);
+                return path;
+            }
+            if prev.get(y as usize).is_some_and(|p| p.is_none()) {
+                prev[y as usize] = Some(x);
+                queue.push_back(y);
+            }
+        }
+    }
+    Vec::new()
 }
 
 fn join_key(base: &str, key: &str) -> String {

@@ -42,7 +42,7 @@ const EXPECTED: &[Expect] = &[
     Expect { file: "08-unknown-group-in-include", line: 10, column: 15, at: "sres]",
              key: "groups.engineering.include[0]", message: "unknown group \"sres\"" },
     Expect { file: "09-include-cycle", line: 9, column: 3, at: "engineering:",
-             key: "groups.engineering", message: "\"engineering\" includes itself through a cycle of includes" },
+             key: "groups.engineering", message: "group \"engineering\" includes itself through a cycle: engineering -> sre -> engineering" },
     Expect { file: "10-bad-cidr", line: 20, column: 17, at: "10.30.0.0/33]",
              key: "resources[1].addresses[0]", message: "\"10.30.0.0/33\" is not a valid CIDR" },
     Expect { file: "11-cidr-host-bits", line: 20, column: 17, at: "10.30.1.0/16]",
@@ -65,6 +65,8 @@ const EXPECTED: &[Expect] = &[
              key: "rules[1].who[0]", message: "\"team:sre\": expected everyone, group:NAME or user:NAME" },
     Expect { file: "20-bad-expiry", line: 33, column: 14, at: "2099-02-30",
              key: "rules[1].expires", message: "\"2099-02-30\" is not a date (2027-01-31) or an RFC 3339 time" },
+    Expect { file: "21-include-cycle-three-groups", line: 10, column: 3, at: "oncall:",
+             key: "groups.oncall", message: "group \"oncall\" includes itself through a cycle: oncall -> ops -> sre -> oncall" },
 ];
 
 fn errors_of(file: &str) -> (String, Vec<Diagnostic>) {
@@ -98,7 +100,7 @@ fn every_fixture_is_in_the_table() {
         .map(|e| format!("{}.yaml", e.file))
         .collect();
     assert_eq!(on_disk, listed);
-    assert_eq!(EXPECTED.len(), 20);
+    assert_eq!(EXPECTED.len(), 21);
 }
 
 #[test]
