@@ -2,7 +2,7 @@
 //! column and key), warn about rules that cannot matter, and build the lookup tables.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
@@ -15,6 +15,11 @@ use crate::matcher::{
 use crate::model::{Action, PolicyFile};
 
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The agent's default tunnel addresses (`tun.ipv4`, `tun.ipv6` in linux/src/config.rs). A
+/// resource covering one would route the agent's own packets back into its tunnel.
+pub const AGENT_TUN_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 1);
+pub const AGENT_TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd5c, 0x1ce0, 0x1, 0, 0, 0, 0, 1);
 
 /// A validated policy and the warnings its check produced.
 #[derive(Debug)]
@@ -479,6 +484,9 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
         for (ai, a) in r.addresses.iter().enumerate() {
             match parse_address(a) {
                 Ok(Address::Net(net)) => {
+                    if let Some(w) = route_warning(net) {
+                        cx.warn(&format!("{base}.addresses[{ai}]"), w);
+                    }
                     match net {
                         IpNet::V4(n) => p.v4.insert(v4_bits(n.network()), n.prefix_len(), 32, id),
                         IpNet::V6(n) => p.v6.insert(v6_bits(n.network()), n.prefix_len(), 128, id),
@@ -512,6 +520,7 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
             },
         });
     }
+    everything_covered_warning(&p.networks, cx);
     p.allow = vec![Default::default(); p.resources.len()];
     p.deny = vec![Default::default(); p.resources.len()];
 
@@ -722,6 +731,61 @@ fn include_cycle(includes: &[Vec<u32>], g: u32) -> Vec<u32> {
         }
     }
     Vec::new()
+}
+
+/// Resource networks the agent routes into its tunnel and should not: every address (the
+/// relay's with it, so the agent cuts itself off), or its own tunnel address.
+fn route_warning(net: IpNet) -> Option<String> {
+    if net.prefix_len() == 0 {
+        let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+        return Some(format!(
+            "{net} covers every {family} address: the agent would route all {family} traffic \
+             into the tunnel, its relay's address included; list the networks the resource \
+             really has"
+        ));
+    }
+    let (own, setting) = match net {
+        IpNet::V4(_) => (IpAddr::V4(AGENT_TUN_V4), "tun.ipv4"),
+        IpNet::V6(_) => (IpAddr::V6(AGENT_TUN_V6), "tun.ipv6"),
+    };
+    net.contains(&own).then(|| {
+        format!(
+            "{net} covers {own}, the agent's default tunnel address ({setting}): the agent's \
+             own traffic would be routed back into the tunnel; narrow the range or give agents \
+             another {setting}"
+        )
+    })
+}
+
+/// The same as a /0 entry when several resources' networks together cover a whole family
+/// (0.0.0.0/1 and 128.0.0.0/1, say).
+fn everything_covered_warning(networks: &[(IpNet, u32)], cx: &mut Ctx<'_>) {
+    for (family, whole) in [
+        ("IPv4", IpNet::V4(Default::default())),
+        ("IPv6", IpNet::V6(Default::default())),
+    ] {
+        let nets: Vec<IpNet> = networks
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| n.addr().is_ipv4() == whole.addr().is_ipv4())
+            .collect();
+        // A single /0 entry has its own warning already.
+        if nets.iter().any(|n| n.prefix_len() == 0) {
+            continue;
+        }
+        if IpNet::aggregate(&nets).contains(&whole) {
+            cx.push(
+                Severity::Warning,
+                "resources",
+                true,
+                format!(
+                    "together, the resources' addresses cover every {family} address ({whole}): \
+                     the agent would route all {family} traffic into the tunnel, its relay's \
+                     address included; list the networks the resources really have"
+                ),
+            );
+        }
+    }
 }
 
 fn join_key(base: &str, key: &str) -> String {

@@ -184,3 +184,85 @@ fn first_errors_are_pairwise_distinct() {
     }
     assert_eq!(seen.len(), EXPECTED.len());
 }
+
+/// Resources that would route the agent's relay or its own tunnel address into the tunnel are
+/// valid but warned about, each at the address entry (or at `resources` when only the union of
+/// several entries covers everything).
+#[test]
+fn routes_that_swallow_the_relay_or_the_tunnel_are_warned_about() {
+    let text = "\
+version: 1
+resources:
+  - name: all-v4
+    connector: c
+    addresses: [10.0.0.0/8, 0.0.0.0/0]
+    ports: [any]
+  - name: all-v6
+    connector: c
+    addresses: [\"::/0\"]
+    ports: [any]
+  - name: cgnat
+    connector: c
+    addresses: [100.64.0.0/10]
+    ports: [any]
+  - name: ula
+    connector: c
+    addresses: [\"fd5c:1ce0::/32\", 10.1.0.0/16]
+    ports: [any]
+rules:
+  - action: allow
+    who: [everyone]
+    to: [all-v4, all-v6, cgnat, ula]
+";
+    let c = compile(text, "p.yaml", NOW).unwrap_or_else(|e| panic!("{e}"));
+    let shown: Vec<String> = c.warnings.iter().map(|d| d.to_string()).collect();
+    let expected = [
+        "p.yaml:5:29: warning: `resources[0].addresses[1]`: 0.0.0.0/0 covers every IPv4 address: the agent would route all IPv4 traffic into the tunnel, its relay's address included; list the networks the resource really has",
+        "p.yaml:9:17: warning: `resources[1].addresses[0]`: ::/0 covers every IPv6 address: the agent would route all IPv6 traffic into the tunnel, its relay's address included; list the networks the resource really has",
+        "p.yaml:13:17: warning: `resources[2].addresses[0]`: 100.64.0.0/10 covers 100.96.0.1, the agent's default tunnel address (tun.ipv4): the agent's own traffic would be routed back into the tunnel; narrow the range or give agents another tun.ipv4",
+        "p.yaml:17:17: warning: `resources[3].addresses[0]`: fd5c:1ce0::/32 covers fd5c:1ce0:1::1, the agent's default tunnel address (tun.ipv6): the agent's own traffic would be routed back into the tunnel; narrow the range or give agents another tun.ipv6",
+    ];
+    assert_eq!(shown, expected);
+    assert!(c.warnings.iter().all(|d| d.severity == Severity::Warning));
+
+    // Two halves make a whole: warned once, at `resources` (the lower half also holds the
+    // tunnel address).
+    let halves = "\
+version: 1
+resources:
+  - name: low
+    connector: c
+    addresses: [0.0.0.0/1]
+    ports: [any]
+  - name: high
+    connector: c
+    addresses: [128.0.0.0/1]
+    ports: [any]
+rules:
+  - action: allow
+    who: [everyone]
+    to: [low, high]
+";
+    let c = compile(halves, "p.yaml", NOW).unwrap_or_else(|e| panic!("{e}"));
+    let shown: Vec<String> = c.warnings.iter().map(|d| d.to_string()).collect();
+    assert_eq!(shown, [
+        "p.yaml:5:17: warning: `resources[0].addresses[0]`: 0.0.0.0/1 covers 100.96.0.1, the agent's default tunnel address (tun.ipv4): the agent's own traffic would be routed back into the tunnel; narrow the range or give agents another tun.ipv4",
+        "p.yaml:2:1: warning: `resources`: together, the resources' addresses cover every IPv4 address (0.0.0.0/0): the agent would route all IPv4 traffic into the tunnel, its relay's address included; list the networks the resources really have",
+    ]);
+
+    // Ordinary networks next to the tunnel addresses: no warning.
+    let fine = "\
+version: 1
+resources:
+  - name: near
+    connector: c
+    addresses: [100.96.1.0/24, \"fd5c:1ce0:2::/48\", 10.0.0.0/8]
+    ports: [any]
+rules:
+  - action: allow
+    who: [everyone]
+    to: [near]
+";
+    let c = compile(fine, "p.yaml", NOW).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+}
