@@ -57,25 +57,39 @@ enum Cmd {
 
 #[derive(Subcommand)]
 pub enum PolicyCmd {
-    /// Validate a policy: prints errors and warnings; exit 0 when valid, 1 when not.
+    /// Validate a policy: prints errors and warnings.
+    ///
+    /// Exit status: 0 valid (warnings allowed), 1 invalid, 2 the file cannot be read or the
+    /// command line is wrong.
     Check {
         /// The policy file (YAML).
         file: PathBuf,
     },
     /// Print the decision for one flow and the rule that made it (or the default deny).
+    ///
+    /// Exit status, for scripts: 0 allowed, 1 denied, 2 usage error or invalid policy (its
+    /// errors are printed as by `policy check`).
     Explain {
         /// The policy file (YAML).
         file: PathBuf,
         /// The user (the agent certificate's name).
         #[arg(long)]
         user: String,
-        /// A group the user's certificate lists (repeat for several).
-        #[arg(long)]
-        group: Vec<String>,
-        /// The destination: HOST_OR_IP:PORT/PROTO (tcp, udp) or HOST_OR_IP/icmp.
+        /// A group the user's certificate lists: repeat the flag or separate with commas
+        /// (--group eng --group ops, or --group eng,ops).
+        #[arg(
+            long = "group",
+            visible_alias = "groups",
+            value_name = "GROUP",
+            value_delimiter = ','
+        )]
+        groups: Vec<String>,
+        /// The destination: IP:PORT/PROTO (tcp, udp), [IPV6]:PORT/PROTO, HOST:PORT/PROTO, or
+        /// HOST_OR_IP/icmp (ICMP has no port).
         #[arg(long)]
         to: String,
-        /// Decide as of this time (RFC 3339) instead of now, to see rule expiry.
+        /// Decide as of this time instead of now, to see rule expiry: a date (2027-01-31,
+        /// midnight UTC) or an RFC 3339 time (2027-01-31T12:00:00Z).
         #[arg(long)]
         at: Option<String>,
     },
