@@ -182,7 +182,7 @@ pub enum CaCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Issue a node certificate signed by the CA: OUT/NAME.pem and OUT/NAME.key (mode 0600).
+    /// Issue a node certificate signed by the CA: OUT/NAME.pem and OUT/NAME.key (the key mode 0600).
     ///
     /// Existing node files are kept unless --force is given; the CA's own ca.pem and ca.key are
     /// never overwritten.
