@@ -298,21 +298,106 @@ pub fn identity_from_pem(pem: &str) -> Result<Identity, IdentityError> {
     identity_from_der(&p.contents)
 }
 
-/// Parses a duration such as `90s`, `45m`, `12h`, `30d` or `1y`.
-pub fn parse_validity(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
+/// Why a validity like `--valid 30d` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValidityError {
+    #[error(
+        "{0:?}: expected a number and a unit: s, min, h, d, w, mo (30 days) or y (like 12h or 30d)"
+    )]
+    Syntax(String),
+    // `m` read as minutes once, which looks like months: a certificate meant for six months
+    // expired in six minutes. Neither reading is safe to guess.
+    #[error("{0:?} is ambiguous: use {1}min for minutes or {1}mo for months")]
+    AmbiguousM(String, u64),
+    #[error("{0:?}: a validity must be more than zero")]
+    Zero(String),
+}
+
+/// Parses a duration such as `90s`, `45min`, `12h`, `30d`, `2w`, `6mo` (30 days each) or `1y`
+/// (365 days). A bare `m` is refused as ambiguous.
+pub fn parse_validity(s: &str) -> Result<Duration, ValidityError> {
+    let t = s.trim();
+    let syntax = || ValidityError::Syntax(s.to_string());
+    let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(syntax)?;
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num.parse().map_err(|_| syntax())?;
+    let secs: u64 = match unit {
         "s" => 1,
-        "m" => 60,
+        "min" => 60,
         "h" => 3600,
         "d" => 86_400,
+        "w" => 7 * 86_400,
+        "mo" => 30 * 86_400,
         "y" => 365 * 86_400,
-        _ => return None,
+        "m" => return Err(ValidityError::AmbiguousM(s.to_string(), n)),
+        _ => return Err(syntax()),
     };
-    (n > 0).then(|| Duration::from_secs(n.saturating_mul(secs)))
+    if n == 0 {
+        return Err(ValidityError::Zero(s.to_string()));
+    }
+    Ok(Duration::from_secs(n.saturating_mul(secs)))
+}
+
+/// What `sluice ca show` prints about a certificate, CA or node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertSummary {
+    /// The subject common name.
+    pub name: String,
+    /// The subject organisation (set on CA certificates).
+    pub organisation: Option<String>,
+    /// None for a CA certificate, which has no sluice role.
+    pub role: Option<Role>,
+    pub groups: Vec<String>,
+    pub peer_id: PeerId,
+    /// Seconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// Reads the first certificate of a PEM file, a node's or a CA's, without verifying it.
+pub fn summarize_pem(pem: &str) -> Result<CertSummary, IdentityError> {
+    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&p.contents)
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let organisation = cert
+        .subject()
+        .iter_organization()
+        .next()
+        .and_then(|o| o.as_str().ok())
+        .map(str::to_string);
+    let (not_before, not_after) = (
+        cert.validity().not_before.timestamp(),
+        cert.validity().not_after.timestamp(),
+    );
+    if cert.is_ca() {
+        let name = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .ok_or(IdentityError::NoName)?
+            .to_string();
+        return Ok(CertSummary {
+            name,
+            organisation,
+            role: None,
+            groups: Vec::new(),
+            peer_id: PeerId::from_spki(cert.tbs_certificate.subject_pki.raw),
+            not_before,
+            not_after,
+        });
+    }
+    let id = identity_from_der(&p.contents)?;
+    Ok(CertSummary {
+        name: id.name,
+        organisation,
+        role: Some(id.role),
+        groups: id.groups,
+        peer_id: id.peer_id,
+        not_before,
+        not_after,
+    })
 }
 
 #[cfg(test)]
@@ -354,13 +439,73 @@ mod tests {
 
     #[test]
     fn validity_parses() {
-        assert_eq!(parse_validity("12h"), Some(Duration::from_secs(43_200)));
-        assert_eq!(
-            parse_validity("30d"),
-            Some(Duration::from_secs(30 * 86_400))
-        );
-        for bad in ["", "h", "12", "0h", "-1h", "3w", "1.5h"] {
-            assert_eq!(parse_validity(bad), None, "{bad:?}");
+        let ok = [
+            ("90s", 90),
+            ("45min", 45 * 60),
+            ("12h", 43_200),
+            ("30d", 30 * 86_400),
+            ("2w", 14 * 86_400),
+            ("6mo", 180 * 86_400),
+            ("1y", 365 * 86_400),
+            (" 3d ", 3 * 86_400),
+        ];
+        for (s, secs) in ok {
+            assert_eq!(parse_validity(s), Ok(Duration::from_secs(secs)), "{s:?}");
         }
+        for bad in ["", "h", "12", "-1h", "1.5h", "3x", "6mins", "6M", "d30"] {
+            assert_eq!(
+                parse_validity(bad),
+                Err(ValidityError::Syntax(bad.into())),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(parse_validity("0h"), Err(ValidityError::Zero("0h".into())));
+    }
+
+    #[test]
+    fn a_bare_m_is_refused_as_ambiguous() {
+        let e = parse_validity("6m").unwrap_err();
+        assert_eq!(e, ValidityError::AmbiguousM("6m".into(), 6));
+        assert_eq!(
+            e.to_string(),
+            "\"6m\" is ambiguous: use 6min for minutes or 6mo for months"
+        );
+    }
+
+    #[test]
+    fn summaries_cover_ca_and_node_certificates() {
+        let ca = create_ca("acme", Duration::from_secs(3600)).unwrap();
+        let s = summarize_pem(&ca.cert_pem).unwrap();
+        assert_eq!(s.role, None);
+        assert_eq!(s.organisation.as_deref(), Some("acme"));
+        assert_eq!(s.name, "acme sluice CA");
+        let node = issue(
+            &ca,
+            Role::Agent,
+            "alice",
+            &["eng".into()],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let n = summarize_pem(&node.cert_pem).unwrap();
+        let id = identity_from_pem(&node.cert_pem).unwrap();
+        assert_eq!(
+            (
+                n.role,
+                n.name.as_str(),
+                n.groups.clone(),
+                n.peer_id,
+                n.not_after
+            ),
+            (
+                Some(Role::Agent),
+                "alice",
+                vec!["eng".to_string()],
+                id.peer_id,
+                id.not_after
+            )
+        );
+        assert!(n.not_before < n.not_after);
+        assert!(summarize_pem("not a certificate").is_err());
     }
 }

@@ -58,25 +58,39 @@ enum Cmd {
 
 #[derive(Subcommand)]
 pub enum PolicyCmd {
-    /// Validate a policy: prints errors and warnings; exit 0 when valid, 1 when not.
+    /// Validate a policy: prints errors and warnings.
+    ///
+    /// Exit status: 0 valid (warnings allowed), 1 invalid, 2 the file cannot be read or the
+    /// command line is wrong.
     Check {
         /// The policy file (YAML).
         file: PathBuf,
     },
     /// Print the decision for one flow and the rule that made it (or the default deny).
+    ///
+    /// Exit status, for scripts: 0 allowed, 1 denied, 2 usage error or invalid policy (its
+    /// errors are printed as by `policy check`).
     Explain {
         /// The policy file (YAML).
         file: PathBuf,
         /// The user (the agent certificate's name).
         #[arg(long)]
         user: String,
-        /// A group the user's certificate lists (repeat for several).
-        #[arg(long)]
-        group: Vec<String>,
-        /// The destination: HOST_OR_IP:PORT/PROTO (tcp, udp) or HOST_OR_IP/icmp.
+        /// A group the user's certificate lists: repeat the flag or separate with commas
+        /// (--group eng --group ops, or --group eng,ops).
+        #[arg(
+            long = "group",
+            visible_alias = "groups",
+            value_name = "GROUP",
+            value_delimiter = ','
+        )]
+        groups: Vec<String>,
+        /// The destination: IP:PORT/PROTO (tcp, udp), [IPV6]:PORT/PROTO, HOST:PORT/PROTO, or
+        /// HOST_OR_IP/icmp (ICMP has no port).
         #[arg(long)]
         to: String,
-        /// Decide as of this time (RFC 3339) instead of now, to see rule expiry.
+        /// Decide as of this time instead of now, to see rule expiry: a date (2027-01-31,
+        /// midnight UTC) or an RFC 3339 time (2027-01-31T12:00:00Z).
         #[arg(long)]
         at: Option<String>,
     },
@@ -180,14 +194,17 @@ pub enum CaCmd {
         /// Organisation name written into the CA certificate.
         #[arg(long, default_value = "sluice")]
         org: String,
-        /// Validity, like 90d or 10y.
+        /// Validity: a number and a unit s, min, h, d, w, mo (30 days) or y, like 90d or 10y.
         #[arg(long, default_value = "10y")]
         valid: String,
         /// Replace an existing CA in DIR (every certificate it issued stops working).
         #[arg(long)]
         force: bool,
     },
-    /// Issue a node certificate signed by the CA: OUT/NAME.pem and OUT/NAME.key.
+    /// Issue a node certificate signed by the CA: OUT/NAME.pem and OUT/NAME.key (the key mode 0600).
+    ///
+    /// Existing node files are kept unless --force is given; the CA's own ca.pem and ca.key are
+    /// never overwritten.
     Issue {
         /// Directory holding ca.pem and ca.key.
         #[arg(long, default_value = ".")]
@@ -195,20 +212,33 @@ pub enum CaCmd {
         /// What the node is: agent, connector or relay.
         #[arg(long)]
         role: String,
-        /// The node's name (user or device for agents; connectors are addressed by it).
+        /// The node's name (user or device for agents; connectors are addressed by it). Also
+        /// the file name: no '/', no leading dot.
         #[arg(long)]
         name: String,
-        /// Comma-separated groups, for access policy.
-        #[arg(long, value_delimiter = ',')]
+        /// A group for access policy: repeat the flag or separate with commas
+        /// (--group eng --group ops, or --group eng,ops).
+        #[arg(
+            long = "group",
+            visible_alias = "groups",
+            value_name = "GROUP",
+            value_delimiter = ','
+        )]
         groups: Vec<String>,
-        /// Validity, like 12h, 30d or 1y.
+        /// Validity: a number and a unit s, min, h, d, w, mo (30 days) or y, like 12h, 30d or
+        /// 1y (a bare m is refused: minutes or months?).
         #[arg(long, default_value = "30d")]
         valid: String,
         /// Where to write the certificate and key (default: the CA directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Replace NAME.pem and NAME.key if they exist: the node's old key is lost and its peer
+        /// id changes.
+        #[arg(long)]
+        force: bool,
     },
-    /// Print what a certificate says: name, role, groups, peer id, expiry.
+    /// Print what a certificate says: name, role, groups, peer id, expiry. Works on node and
+    /// CA certificates; exit status 1 when the certificate has expired.
     Show {
         /// Certificate file (PEM).
         cert: PathBuf,

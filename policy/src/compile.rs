@@ -1,8 +1,8 @@
 //! From policy text to a compiled [`Policy`]: parse, validate (every error with file, line,
 //! column and key), warn about rules that cannot matter, and build the lookup tables.
 
-use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 
@@ -15,6 +15,11 @@ use crate::matcher::{
 use crate::model::{Action, PolicyFile};
 
 pub const FORMAT_VERSION: u32 = 1;
+
+/// The agent's default tunnel addresses (`tun.ipv4`, `tun.ipv6` in linux/src/config.rs). A
+/// resource covering one would route the agent's own packets back into its tunnel.
+pub const AGENT_TUN_V4: Ipv4Addr = Ipv4Addr::new(100, 96, 0, 1);
+pub const AGENT_TUN_V6: Ipv6Addr = Ipv6Addr::new(0xfd5c, 0x1ce0, 0x1, 0, 0, 0, 0, 1);
 
 /// A validated policy and the warnings its check produced.
 #[derive(Debug)]
@@ -267,7 +272,9 @@ fn parse_who(s: &str) -> Result<Who, String> {
     Err(format!("{s:?}: expected everyone, group:NAME or user:NAME"))
 }
 
-fn parse_expiry(s: &str) -> Result<i64, String> {
+/// A date (midnight UTC) or an RFC 3339 time, as Unix seconds: what `expires:` takes, and so
+/// what `policy explain --at` takes too.
+pub fn parse_expiry(s: &str) -> Result<i64, String> {
     use time::format_description::well_known::Rfc3339;
     if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
         return Ok(t.unix_timestamp());
@@ -421,11 +428,20 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
                 if up == g && !reported_cycle && x != g {
                     reported_cycle = true;
                     let name = &p.groups[g as usize];
+                    // The path is what an admin has to break; a cycle among many groups is
+                    // otherwise hard to find.
+                    let path: Vec<&str> = include_cycle(&includes, g)
+                        .iter()
+                        .map(|&i| p.groups[i as usize].as_str())
+                        .collect();
                     cx.push(
                         Severity::Error,
                         &format!("groups.{name}"),
                         true,
-                        format!("group {name:?} includes itself through a cycle of includes"),
+                        format!(
+                            "group {name:?} includes itself through a cycle: {}",
+                            path.join(" -> ")
+                        ),
                     );
                 }
                 if !seen.contains(&up) {
@@ -468,6 +484,9 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
         for (ai, a) in r.addresses.iter().enumerate() {
             match parse_address(a) {
                 Ok(Address::Net(net)) => {
+                    if let Some(w) = route_warning(net) {
+                        cx.warn(&format!("{base}.addresses[{ai}]"), w);
+                    }
                     match net {
                         IpNet::V4(n) => p.v4.insert(v4_bits(n.network()), n.prefix_len(), 32, id),
                         IpNet::V6(n) => p.v6.insert(v6_bits(n.network()), n.prefix_len(), 128, id),
@@ -501,6 +520,7 @@ fn build(pf: &PolicyFile, cx: &mut Ctx<'_>, now: i64) -> Policy {
             },
         });
     }
+    everything_covered_warning(&p.networks, cx);
     p.allow = vec![Default::default(); p.resources.len()];
     p.deny = vec![Default::default(); p.resources.len()];
 
@@ -677,6 +697,93 @@ fn shadow_warnings(p: &Policy, parsed: &[ParsedRule], cx: &mut Ctx<'_>) {
                 );
                 break;
             }
+        }
+    }
+}
+
+/// The shortest chain of includes from group `g` back to itself, both ends included (empty if
+/// there is none).
+fn include_cycle(includes: &[Vec<u32>], g: u32) -> Vec<u32> {
+    let mut prev: Vec<Option<u32>> = vec![None; includes.len()];
+    let mut queue = VecDeque::from([g]);
+    while let Some(x) = queue.pop_front() {
+        for &y in includes.get(x as usize).map_or(&[][..], |v| v.as_slice()) {
+            if y == g {
+                // Walk back from x to g, then read it forwards: g -> ... -> x -> g.
+                let mut back = Vec::new();
+                let mut cur = x;
+                while cur != g {
+                    back.push(cur);
+                    match prev.get(cur as usize).copied().flatten() {
+                        Some(p) => cur = p,
+                        None => break,
+                    }
+                }
+                let mut path = vec![g];
+                path.extend(back.into_iter().rev());
+                path.push(g);
+                return path;
+            }
+            if prev.get(y as usize).is_some_and(|p| p.is_none()) {
+                prev[y as usize] = Some(x);
+                queue.push_back(y);
+            }
+        }
+    }
+    Vec::new()
+}
+
+/// Resource networks the agent routes into its tunnel and should not: every address (the
+/// relay's with it, so the agent cuts itself off), or its own tunnel address.
+fn route_warning(net: IpNet) -> Option<String> {
+    if net.prefix_len() == 0 {
+        let family = if net.addr().is_ipv4() { "IPv4" } else { "IPv6" };
+        return Some(format!(
+            "{net} covers every {family} address: the agent would route all {family} traffic \
+             into the tunnel, its relay's address included; list the networks the resource \
+             really has"
+        ));
+    }
+    let (own, setting) = match net {
+        IpNet::V4(_) => (IpAddr::V4(AGENT_TUN_V4), "tun.ipv4"),
+        IpNet::V6(_) => (IpAddr::V6(AGENT_TUN_V6), "tun.ipv6"),
+    };
+    net.contains(&own).then(|| {
+        format!(
+            "{net} covers {own}, the agent's default tunnel address ({setting}): the agent's \
+             own traffic would be routed back into the tunnel; narrow the range or give agents \
+             another {setting}"
+        )
+    })
+}
+
+/// The same as a /0 entry when several resources' networks together cover a whole family
+/// (0.0.0.0/1 and 128.0.0.0/1, say).
+fn everything_covered_warning(networks: &[(IpNet, u32)], cx: &mut Ctx<'_>) {
+    for (family, whole) in [
+        ("IPv4", IpNet::V4(Default::default())),
+        ("IPv6", IpNet::V6(Default::default())),
+    ] {
+        let nets: Vec<IpNet> = networks
+            .iter()
+            .map(|(n, _)| *n)
+            .filter(|n| n.addr().is_ipv4() == whole.addr().is_ipv4())
+            .collect();
+        // A single /0 entry has its own warning already.
+        if nets.iter().any(|n| n.prefix_len() == 0) {
+            continue;
+        }
+        if IpNet::aggregate(&nets).contains(&whole) {
+            cx.push(
+                Severity::Warning,
+                "resources",
+                true,
+                format!(
+                    "together, the resources' addresses cover every {family} address ({whole}): \
+                     the agent would route all {family} traffic into the tunnel, its relay's \
+                     address included; list the networks the resources really have"
+                ),
+            );
         }
     }
 }

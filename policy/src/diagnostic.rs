@@ -12,6 +12,8 @@ pub enum Severity {
 pub struct Diagnostic {
     pub severity: Severity,
     pub file: String,
+    /// 1-based; 0 when the diagnostic is about the whole file (it could not be read), which is
+    /// then shown without a position.
     pub line: usize,
     pub column: usize,
     /// Path of the offending key, like `rules[2].who[0]`.
@@ -25,11 +27,43 @@ impl fmt::Display for Diagnostic {
             Severity::Error => "error",
             Severity::Warning => "warning",
         };
-        write!(f, "{}:{}:{}: {sev}: ", self.file, self.line, self.column)?;
+        if self.line == 0 {
+            // `FILE: cannot read: ...`: no made-up position, and no severity word, which the
+            // caller's own `error:` prefix would repeat.
+            write!(f, "{}: ", self.file)?;
+            if self.severity == Severity::Warning {
+                f.write_str("warning: ")?;
+            }
+        } else {
+            write!(f, "{}:{}:{}: {sev}: ", self.file, self.line, self.column)?;
+        }
         if !self.key.is_empty() {
             write!(f, "`{}`: ", self.key)?;
         }
         f.write_str(&self.message)
+    }
+}
+
+impl Diagnostic {
+    /// An error about the file as a whole, like one that cannot be read.
+    pub fn whole_file(file: &str, message: String) -> Diagnostic {
+        Diagnostic {
+            severity: Severity::Error,
+            file: file.to_string(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message,
+        }
+    }
+}
+
+/// An I/O error as people read it: "No such file or directory", without Rust's "(os error 2)".
+pub fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.rfind(" (os error ") {
+        Some(i) if s.ends_with(')') => s[..i].to_string(),
+        _ => s,
     }
 }
 
@@ -46,5 +80,24 @@ impl fmt::Display for PolicyErrors {
             .map(|d| d.to_string())
             .collect();
         f.write_str(&errors.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_cannot_be_read_has_no_position() {
+        // ENOENT on every Linux architecture.
+        let e = std::io::Error::from_raw_os_error(2);
+        let d = Diagnostic::whole_file(
+            "/nonexistent.yaml",
+            format!("cannot read: {}", io_reason(&e)),
+        );
+        assert_eq!(
+            d.to_string(),
+            "/nonexistent.yaml: cannot read: No such file or directory"
+        );
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::compile::{compile, Compiled};
-use crate::diagnostic::{Diagnostic, PolicyErrors, Severity};
+use crate::diagnostic::{io_reason, Diagnostic, PolicyErrors};
 use crate::matcher::Policy;
 
 pub enum Reload {
@@ -42,14 +42,10 @@ pub fn now_unix() -> i64 {
 fn read_and_compile(path: &Path) -> Result<(String, Compiled), PolicyErrors> {
     let name = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|e| {
-        PolicyErrors(vec![Diagnostic {
-            severity: Severity::Error,
-            file: name.clone(),
-            line: 0,
-            column: 0,
-            key: String::new(),
-            message: format!("cannot read: {e}"),
-        }])
+        PolicyErrors(vec![Diagnostic::whole_file(
+            &name,
+            format!("cannot read: {}", io_reason(&e)),
+        )])
     })?;
     let c = compile(&text, &name, now_unix())?;
     Ok((text, c))

@@ -42,7 +42,7 @@ const EXPECTED: &[Expect] = &[
     Expect { file: "08-unknown-group-in-include", line: 10, column: 15, at: "sres]",
              key: "groups.engineering.include[0]", message: "unknown group \"sres\"" },
     Expect { file: "09-include-cycle", line: 9, column: 3, at: "engineering:",
-             key: "groups.engineering", message: "\"engineering\" includes itself through a cycle of includes" },
+             key: "groups.engineering", message: "group \"engineering\" includes itself through a cycle: engineering -> sre -> engineering" },
     Expect { file: "10-bad-cidr", line: 20, column: 17, at: "10.30.0.0/33]",
              key: "resources[1].addresses[0]", message: "\"10.30.0.0/33\" is not a valid CIDR" },
     Expect { file: "11-cidr-host-bits", line: 20, column: 17, at: "10.30.1.0/16]",
@@ -65,6 +65,8 @@ const EXPECTED: &[Expect] = &[
              key: "rules[1].who[0]", message: "\"team:sre\": expected everyone, group:NAME or user:NAME" },
     Expect { file: "20-bad-expiry", line: 33, column: 14, at: "2099-02-30",
              key: "rules[1].expires", message: "\"2099-02-30\" is not a date (2027-01-31) or an RFC 3339 time" },
+    Expect { file: "21-include-cycle-three-groups", line: 10, column: 3, at: "oncall:",
+             key: "groups.oncall", message: "group \"oncall\" includes itself through a cycle: oncall -> ops -> sre -> oncall" },
 ];
 
 fn errors_of(file: &str) -> (String, Vec<Diagnostic>) {
@@ -98,7 +100,7 @@ fn every_fixture_is_in_the_table() {
         .map(|e| format!("{}.yaml", e.file))
         .collect();
     assert_eq!(on_disk, listed);
-    assert_eq!(EXPECTED.len(), 20);
+    assert_eq!(EXPECTED.len(), 21);
 }
 
 #[test]
@@ -181,4 +183,86 @@ fn first_errors_are_pairwise_distinct() {
         );
     }
     assert_eq!(seen.len(), EXPECTED.len());
+}
+
+/// Resources that would route the agent's relay or its own tunnel address into the tunnel are
+/// valid but warned about, each at the address entry (or at `resources` when only the union of
+/// several entries covers everything).
+#[test]
+fn routes_that_swallow_the_relay_or_the_tunnel_are_warned_about() {
+    let text = "\
+version: 1
+resources:
+  - name: all-v4
+    connector: c
+    addresses: [10.0.0.0/8, 0.0.0.0/0]
+    ports: [any]
+  - name: all-v6
+    connector: c
+    addresses: [\"::/0\"]
+    ports: [any]
+  - name: cgnat
+    connector: c
+    addresses: [100.64.0.0/10]
+    ports: [any]
+  - name: ula
+    connector: c
+    addresses: [\"fd5c:1ce0::/32\", 10.1.0.0/16]
+    ports: [any]
+rules:
+  - action: allow
+    who: [everyone]
+    to: [all-v4, all-v6, cgnat, ula]
+";
+    let c = compile(text, "p.yaml", NOW).unwrap_or_else(|e| panic!("{e}"));
+    let shown: Vec<String> = c.warnings.iter().map(|d| d.to_string()).collect();
+    let expected = [
+        "p.yaml:5:29: warning: `resources[0].addresses[1]`: 0.0.0.0/0 covers every IPv4 address: the agent would route all IPv4 traffic into the tunnel, its relay's address included; list the networks the resource really has",
+        "p.yaml:9:17: warning: `resources[1].addresses[0]`: ::/0 covers every IPv6 address: the agent would route all IPv6 traffic into the tunnel, its relay's address included; list the networks the resource really has",
+        "p.yaml:13:17: warning: `resources[2].addresses[0]`: 100.64.0.0/10 covers 100.96.0.1, the agent's default tunnel address (tun.ipv4): the agent's own traffic would be routed back into the tunnel; narrow the range or give agents another tun.ipv4",
+        "p.yaml:17:17: warning: `resources[3].addresses[0]`: fd5c:1ce0::/32 covers fd5c:1ce0:1::1, the agent's default tunnel address (tun.ipv6): the agent's own traffic would be routed back into the tunnel; narrow the range or give agents another tun.ipv6",
+    ];
+    assert_eq!(shown, expected);
+    assert!(c.warnings.iter().all(|d| d.severity == Severity::Warning));
+
+    // Two halves make a whole: warned once, at `resources` (the lower half also holds the
+    // tunnel address).
+    let halves = "\
+version: 1
+resources:
+  - name: low
+    connector: c
+    addresses: [0.0.0.0/1]
+    ports: [any]
+  - name: high
+    connector: c
+    addresses: [128.0.0.0/1]
+    ports: [any]
+rules:
+  - action: allow
+    who: [everyone]
+    to: [low, high]
+";
+    let c = compile(halves, "p.yaml", NOW).unwrap_or_else(|e| panic!("{e}"));
+    let shown: Vec<String> = c.warnings.iter().map(|d| d.to_string()).collect();
+    assert_eq!(shown, [
+        "p.yaml:5:17: warning: `resources[0].addresses[0]`: 0.0.0.0/1 covers 100.96.0.1, the agent's default tunnel address (tun.ipv4): the agent's own traffic would be routed back into the tunnel; narrow the range or give agents another tun.ipv4",
+        "p.yaml:2:1: warning: `resources`: together, the resources' addresses cover every IPv4 address (0.0.0.0/0): the agent would route all IPv4 traffic into the tunnel, its relay's address included; list the networks the resources really have",
+    ]);
+
+    // Ordinary networks next to the tunnel addresses: no warning.
+    let fine = "\
+version: 1
+resources:
+  - name: near
+    connector: c
+    addresses: [100.96.1.0/24, \"fd5c:1ce0:2::/48\", 10.0.0.0/8]
+    ports: [any]
+rules:
+  - action: allow
+    who: [everyone]
+    to: [near]
+";
+    let c = compile(fine, "p.yaml", NOW).unwrap_or_else(|e| panic!("{e}"));
+    assert!(c.warnings.is_empty(), "{:?}", c.warnings);
 }
