@@ -56,13 +56,23 @@ pub struct ControlClient {
     observed: Option<SocketAddr>,
     /// Whether sending now would only carry an ACK that can wait.
     acks: AckHold,
+    /// This process's instance id, sent in the hello.
+    instance: u64,
+    /// When the relay's certificate expires: the connection closes then.
+    relay_expires: Option<Instant>,
 }
 
+/// The relay closes a connection with this application code when another node with the same
+/// certificate holds the registration; the closed node should stay off for a while.
+pub const CLOSE_DUPLICATE: u64 = 0x5105;
+
 impl ControlClient {
+    /// Connects to the relay; `instance` is random per process (see [`ControlMessage::Hello`]).
     pub fn connect(
         config: &mut quiche::Config,
         local: SocketAddr,
         relay: SocketAddr,
+        instance: u64,
     ) -> Result<Self, ControlError> {
         let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
         rand::fill(&mut scid);
@@ -78,6 +88,8 @@ impl ControlClient {
             closed_reported: false,
             observed: None,
             acks: AckHold::default(),
+            instance,
+            relay_expires: None,
         })
     }
 
@@ -87,6 +99,18 @@ impl ControlClient {
 
     pub fn is_connected(&self) -> bool {
         self.connected && !self.is_closed()
+    }
+
+    /// When the relay's certificate expires (once connected).
+    pub fn relay_expires(&self) -> Option<Instant> {
+        self.relay_expires
+    }
+
+    /// Whether the relay closed us because another node with our certificate is connected.
+    pub fn closed_as_duplicate(&self) -> bool {
+        self.conn
+            .peer_error()
+            .is_some_and(|e| e.is_app && e.error_code == CLOSE_DUPLICATE)
     }
 
     pub fn observed_addr(&self) -> Option<SocketAddr> {
@@ -187,12 +211,16 @@ impl ControlClient {
             match self.conn.peer_cert().map(identity_from_der) {
                 Some(Ok(id)) if id.role == Role::Relay => {
                     self.connected = true;
+                    let left = id.not_after - crate::identity::unix_now();
+                    self.relay_expires =
+                        Some(Instant::now() + std::time::Duration::from_secs(left.max(0) as u64));
                     self.events.push_back(ControlEvent::Connected {
                         relay: id.name.clone(),
                     });
                     // The first message opens the stream, so the relay can answer on it.
                     let hello = ControlMessage::Hello {
                         software: concat!("sluice ", env!("CARGO_PKG_VERSION")).into(),
+                        instance: self.instance,
                     };
                     if let Err(e) = self.stream.queue_first(&hello) {
                         tracing::debug!("control: cannot send hello: {e}");

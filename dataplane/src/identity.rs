@@ -400,6 +400,13 @@ pub fn summarize_pem(pem: &str) -> Result<CertSummary, IdentityError> {
     })
 }
 
+/// The wall clock in unix seconds, as certificates count time (0 if the clock is before 1970).
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

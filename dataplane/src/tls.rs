@@ -116,7 +116,10 @@ impl QuicParams {
         QuicParams {
             alpn: ALPN_CONTROL,
             max_udp_payload: crate::wire::CONTROL_UDP_PAYLOAD,
-            idle_timeout_ms: 30_000,
+            // Clients send a keepalive every 2 s and give up on a relay silent for 6 s; the
+            // relay drops a silent client after this (a killed connector's registration goes
+            // away in seconds, not half a minute).
+            idle_timeout_ms: 8_000,
             dgram_queue: 1024,
             streams: true,
         }
@@ -297,11 +300,10 @@ fn describe_error(who: &str, e: &quiche::ConnectionError) -> String {
         };
         return format!("{whose}: {} (TLS alert {alert}){detail}", alert_name(alert));
     }
-    if e.is_app {
-        format!(
-            "{who} closed the connection: code {} {reason}",
-            e.error_code
-        )
+    if e.is_app && !reason.is_empty() {
+        format!("{who} closed the connection: {reason}")
+    } else if e.is_app {
+        format!("{who} closed the connection: code {}", e.error_code)
     } else {
         format!(
             "{who} closed the connection: QUIC error {:#x} {reason}",

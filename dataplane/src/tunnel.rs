@@ -141,6 +141,29 @@ pub struct Tunnel {
     acks: AckHold,
     /// Keeps the DATAGRAM queue's standing delay short under load.
     codel: Codel,
+    /// When the tunnel was made: a handshake not done by [`HANDSHAKE_TIMEOUT`] is given up.
+    created: Instant,
+    /// Whether anything comes back at all, on whichever path: a peer that is gone (killed,
+    /// its machine off) is noticed within [`PEER_SILENCE`] of an unanswered packet.
+    peer_liveness: Liveness,
+    /// When the peer's certificate expires: the tunnel closes then.
+    peer_expires: Option<Instant>,
+}
+
+/// A tunnel whose handshake has not finished by then is closed (the connector is gone, or
+/// the relay routes to a registration that is dead), so new flows are refused, not held.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A tunnel that got no packet for this long while QUIC had to probe is dead.
+pub const PEER_SILENCE: Duration = Duration::from_secs(5);
+/// Application close codes of a tunnel (also used by control connections).
+pub const CLOSE_PEER_SILENT: u64 = 0x5101;
+pub const CLOSE_CERT_EXPIRED: u64 = 0x5102;
+pub const CLOSE_HANDSHAKE_TIMEOUT: u64 = 0x5103;
+pub const CLOSE_GOODBYE: u64 = 0x5104;
+
+/// Probe timeouts so far on all of `conn`'s paths.
+fn pto_all_paths(conn: &quiche::Connection) -> usize {
+    conn.path_stats().map(|p| p.total_pto_count).sum()
 }
 
 /// Probe timeouts so far on `conn`'s active path.
@@ -214,6 +237,9 @@ impl Tunnel {
             up_at: None,
             acks: AckHold::default(),
             codel: Codel::new(Instant::now()),
+            created: Instant::now(),
+            peer_liveness: Liveness::with_silence(Instant::now(), 0, PEER_SILENCE),
+            peer_expires: None,
         }
     }
 
@@ -248,7 +274,10 @@ impl Tunnel {
         let len = pkt.len();
         match self.conn.recv(pkt, info) {
             Ok(_) => {
-                self.acks.on_recv(len, Instant::now());
+                let now = Instant::now();
+                self.acks.on_recv(len, now);
+                let conn = &self.conn;
+                self.peer_liveness.on_recv(now, || pto_all_paths(conn));
                 if self.path != Path::Relay {
                     // Off the active path: a path probe, answered at once.
                     self.acks.urgent();
@@ -271,6 +300,8 @@ impl Tunnel {
             Ok(_) => {
                 let now = Instant::now();
                 self.acks.on_recv(len, now);
+                let conn = &self.conn;
+                self.peer_liveness.on_recv(now, || pto_all_paths(conn));
                 if self.path != Path::Direct(from) {
                     // Off the active path: a path probe, answered at once.
                     self.acks.urgent();
@@ -501,6 +532,62 @@ impl Tunnel {
     /// The next punch to send from our socket.
     pub fn poll_punch(&mut self) -> Option<(SocketAddr, [u8; PUNCH_LEN])> {
         self.direct.as_mut()?.traversal.poll_transmit()
+    }
+
+    /// When [`Tunnel::on_deadline`] is due: the direct path's checks, the handshake's limit,
+    /// the peer's silence or its certificate's expiry, whichever comes first.
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.is_closed() {
+            return None;
+        }
+        let own = if self.remote.is_none() {
+            Some(self.created + HANDSHAKE_TIMEOUT)
+        } else {
+            let silent = self.peer_liveness.deadline(pto_all_paths(&self.conn));
+            match (silent, self.peer_expires) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+        };
+        match (own, self.direct_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs what [`Tunnel::deadline`] said was due: the tunnel may close here (the event says
+    /// why).
+    pub fn on_deadline(&mut self, now: Instant) {
+        if self.is_closed() {
+            return;
+        }
+        let close = if self.remote.is_none() {
+            (now >= self.created + HANDSHAKE_TIMEOUT)
+                .then_some((CLOSE_HANDSHAKE_TIMEOUT, "no handshake within 5 s"))
+        } else if self.peer_expires.is_some_and(|t| now >= t) {
+            Some((CLOSE_CERT_EXPIRED, "certificate expired"))
+        } else if self.peer_liveness.is_dead(now, pto_all_paths(&self.conn)) {
+            Some((CLOSE_PEER_SILENT, "peer silent for 5 s"))
+        } else {
+            None
+        };
+        if let Some((code, why)) = close {
+            tracing::info!("tunnel {}: closing: {why}", self.peer.short());
+            let _ = self.conn.close(true, code, why.as_bytes());
+            self.acks.urgent();
+            self.after_io_impl();
+            return;
+        }
+        if self.direct_deadline().is_some_and(|d| d <= now) {
+            self.on_direct_timeout(now);
+        }
+    }
+
+    /// Closes the tunnel because this side is stopping; the peer hears it at once.
+    pub fn goodbye(&mut self) {
+        let _ = self.conn.close(true, CLOSE_GOODBYE, b"stopping");
+        self.acks.urgent();
+        self.after_io_impl();
     }
 
     /// When [`Tunnel::on_direct_timeout`] is due.
@@ -848,8 +935,13 @@ impl Tunnel {
                 return;
             }
         }
+        let now = Instant::now();
+        let left = id.not_after - crate::identity::unix_now();
+        self.peer_expires = Some(now + Duration::from_secs(left.max(0) as u64));
+        let conn = &self.conn;
+        self.peer_liveness = Liveness::with_silence(now, pto_all_paths(conn), PEER_SILENCE);
         self.remote = Some(id.clone());
-        self.up_at = Some(Instant::now());
+        self.up_at = Some(now);
         // The handshake's last flight (HANDSHAKE_DONE, first ACKs) goes at once.
         self.acks.urgent();
         self.events.push_back(TunnelEvent::Up(id));

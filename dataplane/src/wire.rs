@@ -185,8 +185,11 @@ pub fn put_relay_forward_header(buf: &mut [u8], peer: &PeerId) {
 /// level, and the secret is what keeps a stranger from steering a tunnel's direct path.
 #[derive(Clone, PartialEq, Eq)]
 pub enum ControlMessage {
+    /// The first message of a control connection. `instance` is random per process: the relay
+    /// tells a node that reconnects from two nodes that share one certificate.
     Hello {
         software: String,
+        instance: u64,
     },
     ObservedAddr(SocketAddr),
     Lookup {
@@ -226,9 +229,11 @@ pub struct Punch {
 impl fmt::Debug for ControlMessage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ControlMessage::Hello { software } => {
-                f.debug_struct("Hello").field("software", software).finish()
-            }
+            ControlMessage::Hello { software, instance } => f
+                .debug_struct("Hello")
+                .field("software", software)
+                .field("instance", instance)
+                .finish(),
             ControlMessage::ObservedAddr(a) => f.debug_tuple("ObservedAddr").field(a).finish(),
             ControlMessage::Lookup { name } => {
                 f.debug_struct("Lookup").field("name", name).finish()
@@ -404,9 +409,10 @@ impl ControlMessage {
         let start = out.len();
         out.extend_from_slice(&[0, 0]);
         match self {
-            ControlMessage::Hello { software } => {
+            ControlMessage::Hello { software, instance } => {
                 out.push(MSG_HELLO);
                 put_name(out, software)?;
+                out.extend_from_slice(&instance.to_be_bytes());
             }
             ControlMessage::ObservedAddr(addr) => {
                 out.push(MSG_OBSERVED_ADDR);
@@ -496,9 +502,12 @@ impl ControlMessage {
                     list,
                 }
             }
-            MSG_HELLO => ControlMessage::Hello {
-                software: r.name()?,
-            },
+            MSG_HELLO => {
+                let software = r.name()?;
+                // Added after the first version: a hello without it is from an older node.
+                let instance = if r.0.is_empty() { 0 } else { r.u64()? };
+                ControlMessage::Hello { software, instance }
+            }
             MSG_LOOKUP => ControlMessage::Lookup { name: r.name()? },
             MSG_LOOKUP_REPLY => {
                 let name = r.name()?;
@@ -603,6 +612,7 @@ mod tests {
         });
         roundtrip(ControlMessage::Hello {
             software: "sluice 0.1.0".into(),
+            instance: 0x0102_0304_0506_0708,
         });
         roundtrip(ControlMessage::LookupReply {
             name: "conn-eu".into(),

@@ -316,6 +316,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             r = dns_server => r,
             _ = node::shutdown_signal() => {
                 tracing::info!("agent: shutting down ({})", agent.stats_line());
+                agent.goodbye(&socket).await;
                 Ok(())
             }
         }
@@ -354,6 +355,8 @@ struct Stats {
     denied: u64,
     too_big: u64,
     dropped: u64,
+    /// TCP segments of connections whose tunnel went away, answered with a reset.
+    reset: u64,
 }
 
 struct Agent {
@@ -407,8 +410,8 @@ impl Agent {
     fn stats_line(&self) -> String {
         let s = &self.stats;
         format!(
-            "{} packets from TUN, {} malformed, {} without route, {} denied, {} too big, {} dropped",
-            s.tun_packets, s.tun_bad, s.no_route, s.denied, s.too_big, s.dropped
+            "{} packets from TUN, {} malformed, {} without route, {} denied, {} too big, {} dropped, {} reset",
+            s.tun_packets, s.tun_bad, s.no_route, s.denied, s.too_big, s.dropped, s.reset
         )
     }
 
@@ -503,7 +506,7 @@ impl Agent {
                 if let Some(d) = tn.timeout() {
                     t = t.min(d);
                 }
-                if let Some(d) = tn.direct_deadline() {
+                if let Some(d) = tn.deadline() {
                     t = t.min(d.saturating_duration_since(now));
                 }
                 t = t.min(s.next_keepalive.saturating_duration_since(now));
@@ -537,8 +540,8 @@ impl Agent {
                 if t.timeout() == Some(Duration::ZERO) {
                     t.on_timeout();
                 }
-                if t.direct_deadline().is_some_and(|d| d <= now) {
-                    t.on_direct_timeout(now);
+                if t.deadline().is_some_and(|d| d <= now) {
+                    t.on_deadline(now);
                 }
                 if now >= slot.next_keepalive {
                     slot.next_keepalive = now + node::TUNNEL_KEEPALIVE;
@@ -677,6 +680,16 @@ impl Agent {
                     self.stats.dropped += 1;
                     tracing::debug!("tunnel to {}: dropping a packet: {e}", slot.name);
                 }
+            }
+            return;
+        }
+        if info.proto == packet::PROTO_TCP && !info.tcp.syn {
+            // A segment of a connection whose tunnel is gone (the connector stopped or
+            // restarted): no new tunnel can carry it on, so the app hears it now, not after
+            // its retransmissions give up.
+            self.stats.reset += 1;
+            if let Some(rst) = packet::tcp_rst(&info) {
+                to_tun.push(&rst);
             }
             return;
         }
@@ -1106,6 +1119,18 @@ impl Agent {
             slot.tunnel = None;
         }
         let _ = to_tun;
+    }
+
+    /// Says goodbye before exiting: connectors and the relay hear the close at once.
+    async fn goodbye(&mut self, socket: &UdpSocket) {
+        for s in &mut self.slots {
+            if let Some(t) = &mut s.tunnel {
+                t.goodbye();
+            }
+        }
+        self.flush(socket).await;
+        self.link.goodbye();
+        self.flush(socket).await;
     }
 
     async fn flush(&mut self, socket: &UdpSocket) {

@@ -109,6 +109,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             r = c.run(&socket, flow_rx, dns_rx) => r,
             _ = node::shutdown_signal() => {
                 tracing::info!("connector: shutting down with {} agent(s), {} flow(s)", c.sessions.len(), c.splicer.flow_count());
+                c.goodbye(&socket).await;
                 Ok(())
             }
         }
@@ -273,7 +274,7 @@ impl Connector {
             }
             t = t.min(s.next_keepalive.saturating_duration_since(now));
             t = t.min(s.stack.poll_delay());
-            if let Some(d) = s.tunnel.direct_deadline() {
+            if let Some(d) = s.tunnel.deadline() {
                 t = t.min(d.saturating_duration_since(now));
             }
         }
@@ -302,8 +303,8 @@ impl Connector {
             if let Some(c) = &fresh {
                 s.tunnel.set_candidates(c.clone(), now);
             }
-            if s.tunnel.direct_deadline().is_some_and(|d| d <= now) {
-                s.tunnel.on_direct_timeout(now);
+            if s.tunnel.deadline().is_some_and(|d| d <= now) {
+                s.tunnel.on_deadline(now);
             }
             if now >= s.next_keepalive {
                 s.next_keepalive = now + node::TUNNEL_KEEPALIVE;
@@ -582,6 +583,17 @@ impl Connector {
         if self.sessions.remove(&peer).is_some() {
             self.splicer.drop_agent(peer);
         }
+    }
+
+    /// Says goodbye before exiting: every tunnel and the relay hear the close at once (their
+    /// peers then stop waiting for us), instead of after their silence limits.
+    async fn goodbye(&mut self, socket: &UdpSocket) {
+        for s in self.sessions.values_mut() {
+            s.tunnel.goodbye();
+        }
+        self.flush(socket).await;
+        self.link.goodbye();
+        self.flush(socket).await;
     }
 
     async fn flush(&mut self, socket: &UdpSocket) {

@@ -258,7 +258,13 @@ pub struct ControlLink {
     last_error: Option<String>,
     /// Connections in a row that ended before they were up for [`STABLE_AFTER`].
     failures: u32,
+    /// Random per process: tells the relay this node's reconnections from another node with
+    /// the same certificate.
+    instance: u64,
 }
+
+/// How long a node the relay turned away as a duplicate waits before trying again.
+const DUPLICATE_BACKOFF: Duration = Duration::from_secs(30);
 
 /// How often a pending name resolution is looked at.
 const RESOLVE_POLL: Duration = Duration::from_millis(20);
@@ -292,6 +298,7 @@ impl ControlLink {
             connected_at: None,
             last_error: None,
             failures: 0,
+            instance: rand::random::<u64>() | 1,
         };
         link.on_timeout(now);
         link
@@ -404,6 +411,9 @@ impl ControlLink {
             if let Some(d) = c.timeout() {
                 t = t.min(d);
             }
+            if let Some(e) = c.relay_expires() {
+                t = t.min(e.saturating_duration_since(now));
+            }
         }
         if let Some(r) = self.retry_at {
             t = t.min(r.saturating_duration_since(now));
@@ -418,6 +428,18 @@ impl ControlLink {
             }
         }
         self.collect();
+        if let Some(c) = self
+            .client
+            .as_mut()
+            .filter(|c| c.relay_expires().is_some_and(|t| now >= t) && !c.is_closed())
+        {
+            tracing::warn!("relay {}: its certificate expired; closing", self.target);
+            let _ = c.conn_mut().close(
+                true,
+                sluice_dataplane::tunnel::CLOSE_CERT_EXPIRED,
+                b"certificate expired",
+            );
+        }
         if let Some(c) = &mut self.client {
             let silent = now.saturating_duration_since(self.last_rx);
             let handshaking =
@@ -446,7 +468,7 @@ impl ControlLink {
                 return;
             };
             self.relay = relay;
-            match ControlClient::connect(&mut self.config, self.local, self.relay) {
+            match ControlClient::connect(&mut self.config, self.local, self.relay, self.instance) {
                 Ok(c) => {
                     tracing::debug!("connecting to relay {} at {}", self.target, self.relay);
                     self.client = Some(c);
@@ -459,6 +481,14 @@ impl ControlLink {
                 }
             }
         }
+    }
+
+    /// Closes the control connection because this node stops: the relay forgets it at once.
+    pub fn goodbye(&mut self) {
+        if let Some(c) = &mut self.client {
+            c.close("stopping");
+        }
+        self.retry_at = None;
     }
 
     /// The relay's address: packets from it are the control connection's.
@@ -546,8 +576,25 @@ impl ControlLink {
         }
         if c.is_closed() {
             let why = tls::describe_close(c.conn()).unwrap_or_else(|| "closed".into());
+            let duplicate = c.closed_as_duplicate();
             self.client = None;
             self.ended(why, Instant::now());
+            if duplicate {
+                // Another node with our certificate holds the relay: stay off (it wins while it
+                // is connected), and try again now and then in case it went away.
+                let now = Instant::now();
+                if self.failures <= 1 {
+                    tracing::error!(
+                        "relay {}: another node with this certificate is connected, so this one stays off (two connectors need two names: see docs); retrying every {}s",
+                        self.target,
+                        DUPLICATE_BACKOFF.as_secs()
+                    );
+                }
+                self.retry_at = Some(now + DUPLICATE_BACKOFF);
+                self.last_error = Some(
+                    "duplicate identity: another node with this certificate holds the relay".into(),
+                );
+            }
         }
     }
 

@@ -40,15 +40,13 @@ pub fn run(args: RelayArgs) -> Result<()> {
             socket.local_addr()?,
             creds.identity.peer_id.short()
         );
-        tokio::select! {
-            r = serve(socket, quic) => r.context("relay failed")?,
-            _ = node::shutdown_signal() => tracing::info!("relay: shutting down"),
-        }
+        serve(socket, quic).await.context("relay failed")?;
         Ok(())
     })
 }
 
-/// Serves relay clients on `socket` until the future is dropped.
+/// Serves relay clients on `socket` until SIGINT or SIGTERM, then closes every connection so
+/// the clients know at once.
 async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()> {
     let local = socket.local_addr()?;
     let mut relay = Relay::new(config, local);
@@ -59,6 +57,8 @@ async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()>
     let mut stats_tick = tokio::time::interval(STATS_EVERY);
     // One timer, re-armed each round, rather than a new one per packet.
     let mut timer = node::LoopTimer::new();
+    let shutdown = node::shutdown_signal();
+    tokio::pin!(shutdown);
     loop {
         timer.rearm(relay.timeout().unwrap_or(Duration::from_secs(3600)));
         tokio::select! {
@@ -80,6 +80,15 @@ async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()>
                 }
             }
             _ = timer.fired() => relay.on_timeout(),
+            _ = &mut shutdown => {
+                tracing::info!("relay: shutting down");
+                relay.goodbye();
+                while let Some((n, to)) = relay.send(&mut out) {
+                    tx.send(&socket, &out[..n], to).await;
+                }
+                tx.flush(&socket).await;
+                return Ok(());
+            }
             _ = stats_tick.tick() => {
                 let s = relay.stats();
                 if s != last_logged {

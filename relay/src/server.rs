@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sluice_dataplane::ack_hold::AckHold;
-use sluice_dataplane::control::CONTROL_STREAM;
+use sluice_dataplane::control::{CLOSE_DUPLICATE, CONTROL_STREAM};
 use sluice_dataplane::identity::{identity_from_der, Identity, PeerId, Role};
 use sluice_dataplane::tls;
+use sluice_dataplane::tunnel::{CLOSE_CERT_EXPIRED, CLOSE_GOODBYE};
 use sluice_dataplane::wire::{
     ControlDecoder, ControlMessage, DGRAM_RELAY_FORWARD, RELAY_FORWARD_OVERHEAD,
 };
@@ -44,6 +45,13 @@ struct Client {
     cids: Vec<Vec<u8>>,
     /// A forwarded packet's ACK waits (briefly) for the next packet to this client.
     acks: AckHold,
+    /// The client's process (from its hello); 0 until then.
+    instance: u64,
+    /// Whether the client holds its peer id's registration (a second node with the same
+    /// certificate waits for its hello before it may take it over).
+    registered: bool,
+    /// When the client's certificate expires: the connection closes then.
+    expires: Option<Instant>,
 }
 
 pub struct Relay {
@@ -54,6 +62,10 @@ pub struct Relay {
     by_cid: HashMap<Vec<u8>, Handle>,
     by_peer: HashMap<PeerId, Handle>,
     connectors: HashMap<String, PeerId>,
+    /// Per peer id, the processes that another process with the same certificate replaced
+    /// while that one is still connected: they are refused, so two nodes sharing one
+    /// certificate do not take the registration from each other forever.
+    displaced: HashMap<PeerId, Vec<u64>>,
     next_handle: Handle,
     dirty: BTreeSet<Handle>,
     /// Packets that are not for a connection (retry, version negotiation), to send as is.
@@ -72,6 +84,7 @@ impl Relay {
             by_cid: HashMap::new(),
             by_peer: HashMap::new(),
             connectors: HashMap::new(),
+            displaced: HashMap::new(),
             next_handle: 1,
             dirty: BTreeSet::new(),
             stateless_out: Vec::new(),
@@ -195,6 +208,9 @@ impl Relay {
                 stream_open: false,
                 cids: vec![scid],
                 acks: AckHold::default(),
+                instance: 0,
+                registered: false,
+                expires: None,
             },
         );
         Some(handle)
@@ -228,12 +244,28 @@ impl Relay {
         };
         tracing::info!("relay: {id} connected from {}", c.peer_addr);
         c.identity = Some(id.clone());
+        let left = id.not_after - sluice_dataplane::identity::unix_now();
+        c.expires = Some(Instant::now() + Duration::from_secs(left.max(0) as u64));
         // The handshake's last flight (HANDSHAKE_DONE) goes at once.
         c.acks.urgent();
+        // A peer id already held by a live connection is settled by the hello, which says
+        // whether this is the same process reconnecting or another one with the same key.
+        if !self.by_peer.contains_key(&id.peer_id) {
+            self.register(handle);
+        }
+    }
+
+    /// Gives `handle` its peer id's registration (forwarding and, for a connector, its name).
+    fn register(&mut self, handle: Handle) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        let Some(id) = c.identity.clone() else { return };
+        c.registered = true;
         if let Some(old) = self.by_peer.insert(id.peer_id, handle) {
             if old != handle {
                 if let Some(o) = self.clients.get_mut(&old) {
-                    tracing::info!("relay: {id} reconnected; closing its previous connection");
+                    o.registered = false;
                     let _ = o.conn.close(true, 0, b"replaced by a newer connection");
                     self.dirty.insert(old);
                 }
@@ -253,6 +285,66 @@ impl Relay {
         }
     }
 
+    /// The hello of a client whose peer id another connection holds: the same process
+    /// reconnecting takes over; another process (a copied certificate, two connectors started
+    /// with one config) takes over too, once, and the one it replaced stays off while it is
+    /// connected.
+    fn on_hello(&mut self, handle: Handle, instance: u64) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        c.instance = instance;
+        if c.registered {
+            return;
+        }
+        let Some(id) = c.identity.clone() else { return };
+        let new_addr = c.peer_addr;
+        let Some(&old) = self.by_peer.get(&id.peer_id) else {
+            return self.register(handle);
+        };
+        let (old_instance, old_addr) = match self.clients.get(&old) {
+            Some(o) => (o.instance, o.peer_addr),
+            None => return self.register(handle),
+        };
+        if old_instance == instance && instance != 0 {
+            tracing::info!("relay: {id} reconnected; closing its previous connection");
+            return self.register(handle);
+        }
+        let displaced = self.displaced.entry(id.peer_id).or_default();
+        if instance != 0 && displaced.contains(&instance) {
+            // Refused quietly: it was told, and the relay logged it, when it was replaced.
+            if let Some(c) = self.clients.get_mut(&handle) {
+                let _ = c.conn.close(
+                    true,
+                    CLOSE_DUPLICATE,
+                    b"duplicate identity: another node with this certificate is connected",
+                );
+                self.dirty.insert(handle);
+            }
+            return;
+        }
+        tracing::warn!(
+            "relay: duplicate identity: {id} connected from {new_addr} while another process with the same certificate is connected from {old_addr}; the newer one is kept, the older stays off while the newer is connected (give each node its own certificate)"
+        );
+        if old_instance != 0 {
+            displaced.push(old_instance);
+            // Bounded: a node restarted over and over leaves one id per restart.
+            if displaced.len() > 16 {
+                displaced.remove(0);
+            }
+        }
+        if let Some(o) = self.clients.get_mut(&old) {
+            o.registered = false;
+            let _ = o.conn.close(
+                true,
+                CLOSE_DUPLICATE,
+                b"duplicate identity: another node with this certificate connected",
+            );
+            self.dirty.insert(old);
+        }
+        self.register(handle);
+    }
+
     fn read_control(&mut self, handle: Handle) {
         let Some(c) = self.clients.get_mut(&handle) else {
             return;
@@ -265,10 +357,12 @@ impl Relay {
             c.stream_open = true;
         }
         let mut replies = Vec::new();
+        let mut hello = None;
         while let Some(msg) = c.decoder.next_message() {
             match msg {
-                Ok(ControlMessage::Hello { software }) => {
+                Ok(ControlMessage::Hello { software, instance }) => {
                     tracing::debug!("relay: {} runs {software}", c.peer_addr);
+                    hello = Some(instance);
                 }
                 Ok(ControlMessage::Lookup { name }) => {
                     let peer = self.connectors.get(&name).copied();
@@ -284,6 +378,9 @@ impl Relay {
         }
         for r in replies {
             let _ = r.encode(&mut c.out);
+        }
+        if let Some(instance) = hello {
+            self.on_hello(handle, instance);
         }
     }
 
@@ -318,7 +415,13 @@ impl Relay {
     }
 
     fn forward_datagrams(&mut self, from: Handle) {
-        let (src_id, src_role) = match self.clients.get(&from).and_then(|c| c.identity.as_ref()) {
+        // Only the holder of a peer id's registration speaks for it.
+        let (src_id, src_role) = match self
+            .clients
+            .get(&from)
+            .filter(|c| c.registered)
+            .and_then(|c| c.identity.as_ref())
+        {
             Some(id) => (id.peer_id, id.role),
             None => return,
         };
@@ -401,13 +504,43 @@ impl Relay {
         let now = Instant::now();
         self.clients
             .values()
-            .filter_map(|c| c.acks.timeout_on(&c.conn, now))
+            .filter_map(|c| {
+                let quic = c.acks.timeout_on(&c.conn, now);
+                let expiry = c
+                    .expires
+                    .filter(|_| !c.conn.is_closed() && !c.conn.is_draining())
+                    .map(|e| e.saturating_duration_since(now));
+                match (quic, expiry) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            })
             .min()
+    }
+
+    /// Closes every connection: the relay is stopping, and its clients should know now (they
+    /// reconnect, to this relay once it is back, with backoff).
+    pub fn goodbye(&mut self) {
+        for (h, c) in &mut self.clients {
+            let _ = c.conn.close(true, CLOSE_GOODBYE, b"relay stopping");
+            self.dirty.insert(*h);
+        }
     }
 
     /// Runs the timers that have expired.
     pub fn on_timeout(&mut self) {
         let now = Instant::now();
+        for (h, c) in &mut self.clients {
+            if c.expires.is_some_and(|e| now >= e) && !c.conn.is_closed() && !c.conn.is_draining() {
+                if let Some(id) = &c.identity {
+                    tracing::info!("relay: closing {id}: its certificate expired");
+                }
+                let _ = c
+                    .conn
+                    .close(true, CLOSE_CERT_EXPIRED, b"certificate expired");
+                self.dirty.insert(*h);
+            }
+        }
         let due: Vec<Handle> = self
             .clients
             .iter()
@@ -439,6 +572,8 @@ impl Relay {
                 tracing::info!("relay: {id} disconnected: {why}");
                 if self.by_peer.get(&id.peer_id) == Some(&h) {
                     self.by_peer.remove(&id.peer_id);
+                    // The node that won a duplicate is gone: the one it replaced may come back.
+                    self.displaced.remove(&id.peer_id);
                     if self.connectors.get(&id.name) == Some(&id.peer_id) {
                         self.connectors.remove(&id.name);
                     }

@@ -100,7 +100,7 @@ fn setup(tag: &str) -> (Net, Vec<Credentials>) {
             .unwrap();
         clients.push((
             addr,
-            ControlClient::connect(&mut cfg, addr, RELAY.parse().unwrap()).unwrap(),
+            ControlClient::connect(&mut cfg, addr, RELAY.parse().unwrap(), i as u64 + 1).unwrap(),
         ));
     }
     let net = Net {

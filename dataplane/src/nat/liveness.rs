@@ -19,6 +19,8 @@ const BASELINE_EVERY: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Clone)]
 pub struct Liveness {
+    /// How long a silence with a probe timeout fired makes the path dead.
+    silence: Duration,
     /// The last packet received on the path (or when the path started).
     last_rx: Instant,
     /// The path's probe-timeout count at `baseline_at`, a recent receive.
@@ -29,7 +31,13 @@ pub struct Liveness {
 impl Liveness {
     /// Watches a path from `now`, whose probe timeouts so far number `pto_total`.
     pub fn new(now: Instant, pto_total: usize) -> Self {
+        Self::with_silence(now, pto_total, DIRECT_SILENCE)
+    }
+
+    /// The same with another silence limit (a whole tunnel's, whatever its path).
+    pub fn with_silence(now: Instant, pto_total: usize, silence: Duration) -> Self {
         Liveness {
+            silence,
             last_rx: now,
             pto_at_rx: pto_total,
             baseline_at: now,
@@ -48,7 +56,7 @@ impl Liveness {
     /// When the path counts as dead unless something arrives first: only once a probe timed
     /// out since the last packet received.
     pub fn deadline(&self, pto_total: usize) -> Option<Instant> {
-        (pto_total > self.pto_at_rx).then_some(self.last_rx + DIRECT_SILENCE)
+        (pto_total > self.pto_at_rx).then_some(self.last_rx + self.silence)
     }
 
     pub fn is_dead(&self, now: Instant, pto_total: usize) -> bool {
