@@ -1,23 +1,32 @@
 #!/usr/bin/env bash
 # Installs what Sluice needs on a Debian 12 machine (as root) and builds it in release mode
-# (`--no-build`: installs only).
+# (`--no-build`: installs only). Enough on a bare Debian 12 (`debootstrap --variant=minbase`
+# plus a Rust toolchain): scripts/fresh-check.sh checks that.
 # Safe to run again: it installs only what is missing and cargo rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-have() { command -v "$1" >/dev/null 2>&1; }
-# command -> Debian package
-for pair in cmake:cmake ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils \
-            dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping pgrep:procps sha256sum:coreutils \
-            sshd:openssh-server ssh:openssh-client; do
-  have "${pair%%:*}" || need_pkgs+=("${pair#*:}")
+# A program on PATH (type -P: `kill` is also a bash builtin, the tests run the program).
+have() { type -P "$1" >/dev/null; }
+need() { [[ " ${need_pkgs[*]} " == *" $1 "* ]] || need_pkgs+=("$1"); }
+# command -> Debian package. The build: cc and c++ (BoringSSL, built by boring-sys with cmake
+# and make, is C and C++; ring and the linker need cc), git (boring-sys applies its patches to
+# BoringSSL with `git apply`). The lab and the tests: the rest (sysctl and kill are procps').
+for pair in cc:gcc c++:g++ make:make cmake:cmake git:git \
+            ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils \
+            dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping \
+            pgrep:procps sysctl:procps kill:procps sha256sum:coreutils \
+            sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client; do
+  have "${pair%%:*}" || need "${pair#*:}"
 done
 # bindgen (used by BoringSSL's -sys crate) needs libclang itself; libclang-cpp (which other
 # packages pull in and whose name is alike) does not do.
 compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null \
   || compgen -G '/usr/lib/llvm-*/lib/libclang-[0-9]*.so*' >/dev/null \
-  || need_pkgs+=(libclang-dev)
+  || need libclang-dev
+# cargo downloads crates over HTTPS and checks the server against the system's CA list.
+[ -s /etc/ssl/certs/ca-certificates.crt ] || need ca-certificates
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -31,7 +31,8 @@ pub struct LabOpts {
     #[arg(long, default_value = "sl-")]
     pub prefix: String,
     /// Directory for the lab's certificates, configs, logs and pid files
-    /// (default: /run/sluice-lab/PREFIX).
+    /// (default: /run/sluice-lab/PREFIX). `up` records it there (a symlink), so `status` and
+    /// `down` find it from the prefix alone.
     #[arg(long)]
     pub dir: Option<PathBuf>,
     /// Do not start relay, connector and agent (just the network and the services).
@@ -101,6 +102,52 @@ fn all_namespaces() -> impl Iterator<Item = &'static str> {
     NAMESPACES.into_iter().chain(ROUTERS)
 }
 
+/// Where a lab's state is found from its prefix alone: the default directory itself, or, for a
+/// lab started with `--dir D`, a symlink to D.
+pub fn state_link(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/run/sluice-lab/{prefix}"))
+}
+
+/// Makes the directory of a lab that is starting and records it under [`state_link`]: the
+/// default directory, or D (`--dir D`, made absolute) with a symlink to it. What a previous lab
+/// of this prefix recorded is replaced (its namespaces are gone by then).
+fn make_state_dir(prefix: &str, dir: Option<&Path>) -> Result<PathBuf> {
+    let link = state_link(prefix);
+    let want = match dir {
+        Some(d) => std::path::absolute(d).with_context(|| format!("--dir {}", d.display()))?,
+        None => link.clone(),
+    };
+    if want != link && want.starts_with(&link) {
+        bail!(
+            "--dir {}: not inside {}, where the lab records its directory",
+            want.display(),
+            link.display()
+        );
+    }
+    let is_link = fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link {
+        fs::remove_file(&link).with_context(|| format!("cannot remove {}", link.display()))?;
+    }
+    let mkdir =
+        |d: &Path| fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()));
+    if want == link {
+        mkdir(&link)?;
+        return Ok(link);
+    }
+    mkdir(&want)?;
+    let want = fs::canonicalize(&want)?;
+    if link.is_dir() {
+        // The state of a previous lab that used the default directory.
+        fs::remove_dir_all(&link).with_context(|| format!("cannot remove {}", link.display()))?;
+    }
+    if let Some(parent) = link.parent() {
+        mkdir(parent)?;
+    }
+    std::os::unix::fs::symlink(&want, &link)
+        .with_context(|| format!("cannot record the lab's directory in {}", link.display()))?;
+    Ok(want)
+}
+
 impl Lab {
     pub fn new(prefix: &str, dir: Option<PathBuf>) -> Result<Self> {
         if prefix.is_empty()
@@ -111,7 +158,11 @@ impl Lab {
         {
             bail!("--prefix {prefix:?}: use 1-8 characters from a-z 0-9 -");
         }
-        let dir = dir.unwrap_or_else(|| PathBuf::from(format!("/run/sluice-lab/{prefix}")));
+        // Without --dir: wherever `up` recorded this prefix's state.
+        let dir = dir.unwrap_or_else(|| {
+            let link = state_link(prefix);
+            fs::read_link(&link).unwrap_or(link)
+        });
         Ok(Lab {
             prefix: prefix.to_string(),
             dir,
@@ -191,18 +242,21 @@ pub fn sysctl(ns: &str, key: &str, val: &str) -> Result<()> {
 
 pub fn up(u: &UpOpts) -> Result<()> {
     let o = &u.lab;
-    let lab = Lab::from_opts(o)?;
+    // A previous lab of this prefix, with the directory it recorded (its pid files).
+    let previous = Lab::new(&o.prefix, None)?;
     let nat = NatConfig {
         agent: u.nat_agent,
         connector: u.nat_connector,
     };
-    if lab.any_ns_exists() {
-        println!("lab {}: removing what a previous lab left", lab.prefix);
-        teardown(&lab);
+    if previous.any_ns_exists() {
+        println!("lab {}: removing what a previous lab left", previous.prefix);
+        teardown(&previous);
     }
     let t0 = Instant::now();
-    // Before the network: the NAT routers' rulesets are written there.
-    fs::create_dir_all(&lab.dir).with_context(|| format!("cannot create {}", lab.dir.display()))?;
+    // Before the network: the NAT routers' rulesets are written there. Recorded first, so that
+    // `down --prefix` finds even a lab whose `up` failed half-way.
+    let dir = make_state_dir(&o.prefix, o.dir.as_deref())?;
+    let lab = Lab::new(&o.prefix, Some(dir))?;
     if let Err(e) = build_network(&lab, nat) {
         teardown(&lab);
         return Err(e.context("building the lab network failed"));
@@ -645,8 +699,37 @@ fn print_logs(lab: &Lab) {
     }
 }
 
+/// Whether `pid` runs (a zombie, dead but not yet reaped, does not).
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    proc_stat(pid).is_some_and(|(state, _)| state != 'Z')
+}
+
+/// A process's state letter and start time (clock ticks after boot), from /proc/PID/stat.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "PID (COMM) STATE ...": COMM may hold spaces and parentheses, so split after the last ')'.
+    let mut f = stat.get(stat.rfind(')')? + 1..)?.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    // Fields 3 (state) to 22 (starttime): starttime is the 20th after COMM.
+    let start = f.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// When `pid` started, as seconds since the epoch.
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let (_, ticks) = proc_stat(pid)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .ok()
+        .filter(|&h| h > 0)?;
+    let boot: u64 = fs::read_to_string("/proc/stat")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(boot + ticks / hz)
 }
 
 fn read_pid(lab: &Lab, name: &str) -> Option<u32> {
@@ -655,6 +738,22 @@ fn read_pid(lab: &Lab, name: &str) -> Option<u32> {
         .trim()
         .parse()
         .ok()
+}
+
+/// The pid in DIR/NAME.pid if that process is still the one the lab started: it started
+/// before the file was written. A pid file that outlived its process may name a pid the
+/// system has given to some unrelated process since.
+fn recorded_pid(lab: &Lab, name: &str) -> Option<u32> {
+    let pid = read_pid(lab, name)?;
+    let written = fs::metadata(lab.dir.join(format!("{name}.pid")))
+        .ok()?
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
+    // Start times have a resolution of a clock tick, file times of the file system's clock.
+    (proc_start_time(pid)? <= written + 2).then_some(pid)
 }
 
 fn ns_pids(ns: &str) -> Vec<i32> {
@@ -672,6 +771,10 @@ fn ns_pids(ns: &str) -> Vec<i32> {
 
 /// Stops every process in the lab's namespaces and deletes them. Never fails: whatever is
 /// already gone is skipped.
+///
+/// The namespaces themselves say what to stop (`ip netns pids`): everything in them goes,
+/// whether the lab started it or not and whatever DIR holds, so that a lab whose state is lost
+/// leaves nothing behind. The pid files add processes whose namespace was already deleted.
 fn teardown(lab: &Lab) {
     use nix::sys::signal::{kill, Signal};
     use nix::unistd::Pid;
@@ -679,23 +782,61 @@ fn teardown(lab: &Lab) {
         .filter(|n| lab.ns_exists(n))
         .map(|n| lab.ns(n))
         .collect();
-    let mut pids: Vec<i32> = existing.iter().flat_map(|ns| ns_pids(ns)).collect();
-    // `ip netns exec` parents too, from the pid files, in case the namespace is already gone.
+    // Never this process (`ip netns exec LAB-agent sluice lab down` runs in one of them).
+    let me = std::process::id() as i32;
+    let in_namespaces = || -> Vec<i32> {
+        existing
+            .iter()
+            .flat_map(|ns| ns_pids(ns))
+            .filter(|&p| p != me)
+            .collect()
+    };
+    let mut pids = in_namespaces();
     pids.extend(
         PROCESSES
             .iter()
-            .filter_map(|n| read_pid(lab, n))
-            .map(|p| p as i32),
+            .filter_map(|n| recorded_pid(lab, n))
+            .map(|p| p as i32)
+            .filter(|&p| p != me),
     );
-    for &p in &pids {
-        let _ = kill(Pid::from_raw(p), Signal::SIGTERM);
-    }
+    pids.sort_unstable();
+    pids.dedup();
+    let signal = |pids: &[i32], sig| {
+        for &p in pids {
+            let _ = kill(Pid::from_raw(p), sig);
+        }
+    };
+    let alive = |pids: &[i32]| -> Vec<i32> {
+        pids.iter()
+            .copied()
+            .filter(|&p| pid_alive(p as u32))
+            .collect()
+    };
+    signal(&pids, Signal::SIGTERM);
     let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(3) && pids.iter().any(|&p| pid_alive(p as u32)) {
+    while t0.elapsed() < Duration::from_secs(3) && !alive(&pids).is_empty() {
         std::thread::sleep(Duration::from_millis(50));
     }
-    for &p in &pids {
-        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    // What ignored SIGTERM, and what started in the namespaces meanwhile, until none is left.
+    let t0 = Instant::now();
+    loop {
+        let mut left = alive(&pids);
+        left.extend(in_namespaces().into_iter().filter(|&p| pid_alive(p as u32)));
+        left.sort_unstable();
+        left.dedup();
+        if left.is_empty() {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(2) {
+            eprintln!(
+                "lab {}: processes {left:?} did not exit after SIGKILL",
+                lab.prefix
+            );
+            break;
+        }
+        signal(&left, Signal::SIGKILL);
+        pids.extend(left);
+        std::thread::sleep(Duration::from_millis(50));
     }
     for ns in existing {
         let _ = ip(&["netns", "del", &ns]);
@@ -711,11 +852,17 @@ fn teardown(lab: &Lab) {
 
 pub fn down(o: &LabOpts) -> Result<()> {
     let lab = Lab::from_opts(o)?;
-    let present = lab.any_ns_exists() || lab.dir.exists();
+    let link = state_link(&lab.prefix);
+    let is_link = fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink());
+    let present = lab.any_ns_exists() || lab.dir.exists() || is_link;
     teardown(&lab);
     if lab.dir.exists() {
         fs::remove_dir_all(&lab.dir)
             .with_context(|| format!("cannot remove {}", lab.dir.display()))?;
+    }
+    // The record of where this prefix's state was: the lab is gone.
+    if is_link {
+        fs::remove_file(&link).with_context(|| format!("cannot remove {}", link.display()))?;
     }
     if present {
         println!("lab {} is down", lab.prefix);

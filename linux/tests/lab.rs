@@ -494,3 +494,106 @@ fn status_without_an_agent_says_so() {
     );
     assert!(out.stdout.is_empty());
 }
+
+/// `lab down --prefix P` and `lab status --prefix P` without the `--dir D` that `lab up` was
+/// given: they find the lab's state from the prefix, and nothing the lab ran, nor anything else
+/// left in its namespaces, survives `down`.
+#[test]
+fn lab_down_and_status_by_prefix_alone_find_a_lab_up_with_dir() {
+    require_root();
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let prefix = "ldpt-";
+    let dir = std::env::temp_dir().join(format!("sluice-ldpt-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&dir);
+    // Declared before the lab, so dropped after it: the lab's `down` runs first.
+    let _rm = RemoveDir(dir.clone());
+    let lab = Lab::up_with(prefix, &["--dir", dir.to_str().unwrap()]);
+
+    let names = ["relay", "connector", "agent", "http", "dns", "upstream-dns"];
+    let pid_of = |name: &str| -> i32 {
+        fs::read_to_string(dir.join(format!("{name}.pid")))
+            .unwrap_or_else(|e| panic!("{name}.pid in {}: {e}", dir.display()))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let pids: Vec<(&str, i32)> = names.iter().map(|&n| (n, pid_of(n))).collect();
+    for &(name, pid) in &pids {
+        assert!(
+            proc_alive(pid),
+            "{name} ({pid}) is not running after lab up"
+        );
+    }
+    let inodes: Vec<u64> = ["inet", "relay", "agent", "conn", "svc"]
+        .iter()
+        .map(|n| netns_inode(&lab.ns(n)))
+        .collect();
+    // A process no file of the lab records: `down` stops it too.
+    let mut stray = Command::new("ip")
+        .args(["netns", "exec", &lab.ns("conn"), "sleep", "300"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let out = sluice(&["lab", "status", "--prefix", prefix]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "lab status: {out:?}");
+    for &(name, pid) in &pids {
+        let line = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(name))
+            .unwrap_or_else(|| panic!("no row for {name} in:\n{table}"));
+        assert!(
+            line.contains(&pid.to_string()) && line.contains("running"),
+            "lab status without --dir does not show {name} ({pid}) running:\n{table}"
+        );
+    }
+    assert!(
+        table.contains(&format!("logs: {}/", dir.display())),
+        "lab status names another directory:\n{table}"
+    );
+
+    let out = sluice(&["lab", "down", "--prefix", prefix]);
+    assert!(out.status.success(), "lab down: {out:?}");
+    let t0 = Instant::now();
+    let stray_gone = loop {
+        if stray.try_wait().unwrap().is_some() {
+            break true;
+        }
+        if t0.elapsed() > Duration::from_secs(5) {
+            let _ = stray.kill();
+            let _ = stray.wait();
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let left: Vec<_> = pids.iter().filter(|&&(_, p)| proc_alive(p)).collect();
+    assert!(left.is_empty(), "still running after lab down: {left:?}");
+    let in_ns = pids_in_netns(&inodes);
+    assert!(
+        in_ns.is_empty(),
+        "processes still in the lab's namespaces: {in_ns:?}"
+    );
+    assert!(
+        stray_gone,
+        "a process started in {}conn survived lab down",
+        prefix
+    );
+    for n in ["inet", "relay", "agent", "conn", "svc"] {
+        assert!(
+            !PathBuf::from(format!("/run/netns/{}", lab.ns(n))).exists(),
+            "namespace {} is left",
+            lab.ns(n)
+        );
+    }
+    assert!(!dir.exists(), "{} is left", dir.display());
+    assert!(
+        fs::symlink_metadata(format!("/run/sluice-lab/{prefix}")).is_err(),
+        "/run/sluice-lab/{prefix} is left"
+    );
+}

@@ -146,6 +146,47 @@ impl Drop for Lab {
     }
 }
 
+/// Whether process `pid` runs: it exists and is no zombie (dead, waiting to be reaped).
+pub fn proc_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // "PID (COMM) STATE ...": COMM may hold spaces and parentheses.
+        stat.rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().next())
+            .is_some_and(|state| state != "Z")
+    })
+}
+
+/// The inode of network namespace `ns` (what /proc/PID/ns/net links to as `net:[INODE]`);
+/// it names the namespace even after `ip netns del` has removed its name.
+pub fn netns_inode(ns: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/run/netns/{ns}"))
+        .unwrap_or_else(|e| panic!("namespace {ns}: {e}"))
+        .ino()
+}
+
+/// The running processes whose network namespace is one of `inodes` (see [`netns_inode`]).
+pub fn pids_in_netns(inodes: &[u64]) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(link) = fs::read_link(e.path().join("ns/net")) else {
+            continue;
+        };
+        let ino = link
+            .to_str()
+            .and_then(|l| l.strip_prefix("net:["))
+            .and_then(|l| l.strip_suffix(']'))
+            .and_then(|n| n.parse::<u64>().ok());
+        if ino.is_some_and(|i| inodes.contains(&i)) && proc_alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 /// Runs `f` on a thread that has entered namespace `ns`; sockets it opens live there.
 pub fn in_netns<T: Send + 'static>(
     ns: &str,
