@@ -154,9 +154,13 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| std::path::Path::new(instance::STATE_DIR).join("agent-audit.jsonl"));
     let audit = AuditSink::open(Some(&audit_path))?;
-    // One agent per network namespace: taken before the TUN device, routes, DNS or backups.
+    // One agent per tunnel address and network namespace: taken before the TUN device,
+    // routes, DNS or backups.
     let _instance = InstanceLock::take(
-        &instance::netns_lock_path(std::path::Path::new(instance::STATE_DIR)),
+        &instance::netns_lock_path(
+            std::path::Path::new(instance::STATE_DIR),
+            cfg.tun.ipv4.addr(),
+        ),
         &instance::holder_text(&format!("TUN {}, config {origin}", cfg.tun.name)),
     )?;
     tracing::debug!("holding {}", _instance.path().display());

@@ -1,10 +1,12 @@
-//! One agent per network namespace, and one owner of a resolv.conf.
+//! One agent per tunnel address in a network namespace, and one owner of a resolv.conf.
 //!
-//! Two agents in one network namespace fight over the same routes, the DNS address and the
-//! resolver backup: a second start used to restore the first agent's resolv.conf, replace its
-//! routes and then fail on the DNS port, leaving the first agent cut off. So the agent takes an
-//! exclusive `flock` before it touches anything, keyed by the network namespace it runs in, and
-//! one more while it has a resolv.conf rewritten, keyed by that file. A lock dies with its
+//! Two agents with the same tunnel address in one network namespace fight over the DNS address,
+//! the routes and the resolver backup: a second start used to restore the first agent's
+//! resolv.conf, replace its routes and then fail on the DNS port, leaving the first agent cut
+//! off. So the agent takes an exclusive `flock` before it touches anything, keyed by the network
+//! namespace it runs in and its tunnel address (agents of two organisations, with their own
+//! addresses and networks, can share a namespace), and one more while it has a resolv.conf
+//! rewritten, keyed by that file. A lock dies with its
 //! process, so a crash never leaves a stale one; the file's text only says who holds it.
 
 use std::fs::{self, File, OpenOptions};
@@ -84,11 +86,11 @@ impl InstanceLock {
     }
 }
 
-/// The lock for agents in this process's network namespace.
-pub fn netns_lock_path(state_dir: &Path) -> PathBuf {
+/// The lock for agents with tunnel address `tun` in this process's network namespace.
+pub fn netns_lock_path(state_dir: &Path, tun: std::net::Ipv4Addr) -> PathBuf {
     // The namespace's inode tells namespaces apart (`ip netns identify` uses the same).
     let id = fs::metadata("/proc/self/ns/net").map_or(0, |m| m.ino());
-    state_dir.join(format!("agent.netns-{id}.lock"))
+    state_dir.join(format!("agent.netns-{id}.{tun}.lock"))
 }
 
 /// What a lock file says about its holder: pid and what it runs.
