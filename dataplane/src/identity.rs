@@ -253,18 +253,24 @@ pub fn issue_between(
     })
 }
 
+/// The subject's common name: a node's (or the CA's) name.
+fn common_name(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<String, IdentityError> {
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_string)
+        .ok_or(IdentityError::NoName)
+}
+
 /// Reads role, name, groups and peer id from a DER certificate. It does not verify the
 /// signature: call it on certificates the TLS stack has already verified against the CA.
 pub fn identity_from_der(der: &[u8]) -> Result<Identity, IdentityError> {
     let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
         .map_err(|e| IdentityError::Parse(e.to_string()))?;
-    let name = cert
-        .subject()
-        .iter_common_name()
-        .next()
-        .and_then(|cn| cn.as_str().ok())
-        .ok_or(IdentityError::NoName)?
-        .to_string();
+    let name = common_name(&cert)?;
     let mut role = None;
     let mut groups = Vec::new();
     for ext in cert.extensions() {
@@ -371,13 +377,7 @@ pub fn summarize_pem(pem: &str) -> Result<CertSummary, IdentityError> {
         cert.validity().not_after.timestamp(),
     );
     if cert.is_ca() {
-        let name = cert
-            .subject()
-            .iter_common_name()
-            .next()
-            .and_then(|cn| cn.as_str().ok())
-            .ok_or(IdentityError::NoName)?
-            .to_string();
+        let name = common_name(&cert)?;
         return Ok(CertSummary {
             name,
             organisation,
