@@ -19,9 +19,10 @@
 # read-only into the root; cargo's own home (registry, downloads) inside the root starts empty.
 # The root has the host's network (cargo and apt download through it) but its own /run: the
 # labs' namespaces (/run/netns) and state (/run/sluice-lab) inside it do not meet the host's,
-# so labs with the same prefix on the host are not disturbed. A full run builds everything
-# twice (release binary, then the tests): on 2 cores it takes the best part of an hour. CI does
-# not run it.
+# so labs with the same prefix on the host are not disturbed. The host's own CA certificates
+# (a TLS-intercepting proxy's) are added to the root's once setup.sh installs ca-certificates.
+# A full run builds everything twice (release binary, then the tests): on 2 cores it takes the
+# best part of an hour. CI does not run it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
