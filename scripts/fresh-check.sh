@@ -19,9 +19,10 @@
 # read-only into the root; cargo's own home (registry, downloads) inside the root starts empty.
 # The root has the host's network (cargo and apt download through it) but its own /run: the
 # labs' namespaces (/run/netns) and state (/run/sluice-lab) inside it do not meet the host's,
-# so labs with the same prefix on the host are not disturbed. A full run builds everything
-# twice (release binary, then the tests): on 2 cores it takes the best part of an hour. CI does
-# not run it.
+# so labs with the same prefix on the host are not disturbed. The host's own CA certificates
+# (a TLS-intercepting proxy's) are added to the root's once setup.sh installs ca-certificates.
+# A full run builds everything twice (release binary, then the tests): on 2 cores it takes the
+# best part of an hour. CI does not run it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -113,9 +114,15 @@ mounts_under() {
   awk -v r="$root" '$2 == r || index($2, r "/") == 1 { print $2 }' /proc/self/mounts | sort -r
 }
 procs_in_root() {
-  local p
+  # By the root directory's device and inode, not its name: the lab's processes run in mount
+  # namespaces of their own (`ip netns exec`), where the root's path may read differently.
+  # A process whose root cannot be read (pid 1 here) is no match, nor ever pid 1 or this shell.
+  local p id r
+  id=$(stat -c %d:%i "$root" 2>/dev/null) || return 0
   for p in /proc/[0-9]*; do
-    [ "$(readlink "$p/root" 2>/dev/null)" = "$root" ] && echo "${p#/proc/}"
+    [ "${p#/proc/}" = 1 ] || [ "${p#/proc/}" = $$ ] && continue
+    r=$(stat -L -c %d:%i "$p/root" 2>/dev/null) || continue
+    [ "$r" = "$id" ] && echo "${p#/proc/}"
   done
   return 0
 }
@@ -123,6 +130,7 @@ cleanup() {
   local rc=$? pids m i
   set +e
   trap - EXIT INT TERM
+  case "$rc" in 130|143) echo; say "interrupted: cleaning up (logs so far in $logs)" ;; esac
   # Whatever the commands left running in the root (a lab's daemons after a Ctrl-C) holds its
   # mounts: these are only processes whose root is this root, so only ones started here.
   pids=$(procs_in_root)
@@ -177,6 +185,27 @@ else
   chmod 755 "$root/usr/sbin/policy-rc.d"
 fi
 cp -L /etc/resolv.conf "$root/etc/resolv.conf"
+# The host's own CA certificates (not Debian's: a TLS proxy's, a company's) go where
+# update-ca-certificates finds them, so that the root trusts what the host trusts once setup.sh
+# has installed ca-certificates, and not before (that install is part of what is checked).
+# Debian's own are symlinks in /etc/ssl/certs; regular files there were added locally.
+mkdir -p "$root/usr/local/share/ca-certificates"
+while IFS= read -r f; do
+  if type -P openssl >/dev/null \
+     && ! openssl x509 -in "$f" -noout -ext basicConstraints 2>/dev/null | grep -q 'CA:TRUE'; then
+    continue   # a server's certificate (ssl-cert's snakeoil), no CA
+  fi
+  b=${f##*/}
+  cp "$f" "$root/usr/local/share/ca-certificates/host-${b%.*}.crt"
+done < <({ find /usr/local/share/ca-certificates -type f -name '*.crt' 2>/dev/null
+           find /etc/ssl/certs -maxdepth 1 -type f -name '*.pem'; } | sort -u)
+# The same certificate may be in both places: count the files.
+n=$(find "$root/usr/local/share/ca-certificates" -maxdepth 1 -name 'host-*.crt' | wc -l)
+if [ "$n" -gt 0 ]; then
+  say "$n CA certificate(s) of this host's own, trusted in the root once ca-certificates is in"
+  # A reused root has ca-certificates already.
+  [ -x "$root/usr/sbin/update-ca-certificates" ] && chroot "$root" update-ca-certificates >/dev/null 2>&1
+fi
 [ -s "$root/etc/hosts" ] || printf '127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n' >"$root/etc/hosts"
 
 # --- 2. The checkout: the working tree as git sees it (tracked and untracked files, changes

@@ -13,11 +13,12 @@ need() { [[ " ${need_pkgs[*]} " == *" $1 "* ]] || need_pkgs+=("$1"); }
 # command -> Debian package. The build: cc and c++ (BoringSSL, built by boring-sys with cmake
 # and make, is C and C++; ring and the linker need cc), git (boring-sys applies its patches to
 # BoringSSL with `git apply`). The lab and the tests: the rest (sysctl and kill are procps').
-for pair in cc:gcc c++:g++ make:make cmake:cmake git:git \
-            ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils \
-            dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping \
-            pgrep:procps sysctl:procps kill:procps sha256sum:coreutils \
-            sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client; do
+tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
+       ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils
+       dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping
+       pgrep:procps sysctl:procps kill:procps sha256sum:coreutils
+       sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client)
+for pair in "${tools[@]}"; do
   have "${pair%%:*}" || need "${pair#*:}"
 done
 # bindgen (used by BoringSSL's -sys crate) needs libclang itself; libclang-cpp (which other
@@ -32,6 +33,13 @@ if [ ${#need_pkgs[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
+fi
+# apt-get can end with status 0 without having installed everything (interrupted by Ctrl-C).
+missing=()
+for pair in "${tools[@]}"; do have "${pair%%:*}" || missing+=("${pair%%:*}"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: still missing after apt-get install: ${missing[*]}" >&2
+  exit 1
 fi
 
 if ! have cargo; then
