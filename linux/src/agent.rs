@@ -118,13 +118,6 @@ pub fn run(args: AgentArgs) -> Result<()> {
         cfg.direct_paths = false;
     }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
-    let origin_of = |flag: bool, key: &str| {
-        if flag {
-            format!("--{key}")
-        } else {
-            format!("{origin}: `{key}`")
-        }
-    };
     // Everything that can be checked is checked before anything in the system changes, so a
     // start that fails leaves the system (and any agent already running) as it was.
     let creds = node::credentials(&cfg.identity(), Role::Agent, &origin)?;
@@ -143,8 +136,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
         .find_map(|n| pools.iter().find(|p| overlap(n, p)).map(|p| (*n, *p)))
     {
         return Err(config::ConfigError(format!(
-            "{}: the synthetic pool {pool_net} overlaps the policy's resource network {net} ({}); pick a pool no resource uses",
-            origin_of(false, if pool_net.addr().is_ipv4() { "dns.pool_v4" } else { "dns.pool_v6" }),
+            "{origin}: `{}`: the synthetic pool {pool_net} overlaps the policy's resource network {net} ({}); pick a pool no resource uses",
+            if pool_net.addr().is_ipv4() { "dns.pool_v4" } else { "dns.pool_v6" },
             cfg.policy.display()
         ))
         .into());

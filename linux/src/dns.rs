@@ -285,6 +285,19 @@ async fn accept(tcp: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpSt
     }
 }
 
+/// A non-blocking socket with SO_REUSEADDR, bound to `addr`.
+fn reusable(
+    addr: SocketAddr,
+    ty: socket2::Type,
+    proto: socket2::Protocol,
+) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(addr), ty, Some(proto))?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(s)
+}
+
 /// The agent's DNS sockets, bound before the agent changes anything in the system.
 pub struct Listeners {
     pub addr: SocketAddr,
@@ -297,30 +310,13 @@ pub struct Listeners {
 /// allows it (SO_REUSEADDR); TCP cannot share with a listening wildcard socket, so without it
 /// answers too large for UDP come back truncated with nowhere to retry, which is said.
 pub fn bind(addr: SocketAddr) -> Result<Listeners> {
-    let udp = {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        s.set_reuse_address(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())
-            .with_context(|| format!("cannot serve DNS on {addr}/udp"))?;
-        UdpSocket::from_std(s.into())?
-    };
-    let tcp = (|| -> std::io::Result<TcpListener> {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        s.set_reuse_address(true)?;
-        s.set_nonblocking(true)?;
-        s.bind(&addr.into())?;
+    let udp = reusable(addr, socket2::Type::DGRAM, socket2::Protocol::UDP)
+        .and_then(|s| UdpSocket::from_std(s.into()))
+        .with_context(|| format!("cannot serve DNS on {addr}/udp"))?;
+    let tcp = reusable(addr, socket2::Type::STREAM, socket2::Protocol::TCP).and_then(|s| {
         s.listen(128)?;
         TcpListener::from_std(s.into())
-    })();
+    });
     let tcp = match tcp {
         Ok(t) => Some(t),
         Err(e) => {
