@@ -4,12 +4,17 @@
 pub mod ack_hold;
 pub mod codel;
 pub mod control;
+pub mod control_link;
+pub mod datagram;
 pub mod dns;
+pub mod engine;
 pub mod identity;
 pub mod msgstream;
 pub mod nat;
 pub mod packet;
+pub mod queue_device;
 pub mod session;
+pub mod status;
 pub mod tls;
 pub mod tunnel;
 pub mod wire;

@@ -61,15 +61,27 @@ impl Credentials {
     }
 
     pub fn load(cert_path: &str, key_path: &str, ca_path: &str) -> Result<Self, IdentityError> {
-        let cert_pem = read(cert_path)?;
+        let (cert, key, ca) = (read(cert_path)?, read(key_path)?, read(ca_path)?);
+        Self::from_pem(&cert, &key, &ca, [cert_path, key_path, ca_path])
+    }
+
+    /// Credentials from PEM bytes (an Apple host keeps them in the Keychain, not in files);
+    /// `names` say what to call the certificate, key and CA in errors.
+    pub fn from_pem(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        ca_pem: &[u8],
+        names: [&str; 3],
+    ) -> Result<Self, IdentityError> {
+        let [cert_path, key_path, ca_path] = names;
         let cert_chain =
-            X509::stack_from_pem(&cert_pem).map_err(|_| bad(cert_path, "certificate"))?;
+            X509::stack_from_pem(cert_pem).map_err(|_| bad(cert_path, "certificate"))?;
         if cert_chain.is_empty() {
             return Err(bad(cert_path, "certificate"));
         }
-        let key = PKey::private_key_from_pem(&read(key_path)?)
-            .map_err(|_| bad(key_path, "private key"))?;
-        let ca = X509::from_pem(&read(ca_path)?).map_err(|_| bad(ca_path, "CA certificate"))?;
+        let key =
+            PKey::private_key_from_pem(key_pem).map_err(|_| bad(key_path, "private key"))?;
+        let ca = X509::from_pem(ca_pem).map_err(|_| bad(ca_path, "CA certificate"))?;
         // Caught here, with both files named, rather than as BoringSSL's KEY_VALUES_MISMATCH
         // or a peer's refusal at the first handshake.
         let leaf = &cert_chain[0];
@@ -83,7 +95,7 @@ impl Credentials {
             });
         }
 
-        let identity = identity_from_pem(&String::from_utf8_lossy(&cert_pem)).map_err(|e| {
+        let identity = identity_from_pem(&String::from_utf8_lossy(cert_pem)).map_err(|e| {
             IdentityError::File {
                 path: cert_path.into(),
                 reason: e.to_string(),

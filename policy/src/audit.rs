@@ -32,3 +32,15 @@ pub fn rfc3339_now() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+
+/// RFC 3339 (UTC) for a wall-clock time given in nanoseconds since the Unix epoch (the agent
+/// engine reads no clock: its host's time comes in).
+pub fn rfc3339_at(unix_nanos: i128) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(unix_nanos)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}

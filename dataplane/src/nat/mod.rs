@@ -6,4 +6,5 @@
 
 pub mod candidate;
 pub mod liveness;
+pub mod local;
 pub mod traversal;

@@ -1,0 +1,394 @@
+//! The agent's DNS resolution, whatever carried the query in: resource names are answered
+//! from the synthetic pool (A/AAAA) or by the resource's connector (other types), and every
+//! other query is passed to the upstream resolvers, its answer returned unchanged. Upstream
+//! queries leave as datagrams the host sends (or, for answers too large for UDP, as a TCP
+//! exchange the host carries out), and their answers come back as inputs. Everything in flight
+//! is bounded and expires by the clock the host gives.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use hickory_proto::op::ResponseCode;
+
+use crate::dns::records;
+
+/// How long an upstream resolver has to answer one query (then the next one is asked).
+pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connector has to answer (it may have to come up first, then ask its resolver).
+pub const CONNECTOR_TIMEOUT: Duration = Duration::from_secs(4);
+/// Queries in flight at once, upstream and to connectors together; past this a query is
+/// answered SERVFAIL at once rather than held.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+/// Who asked, and so where the answer goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DnsClient {
+    /// A query the host read from its own DNS socket: the answer goes back to the host with
+    /// its token.
+    Host { token: u64, tcp: bool },
+    /// A UDP query that came as a packet from the TUN device: the answer goes back as one.
+    Packet {
+        client: SocketAddr,
+        server: SocketAddr,
+    },
+    /// A query on a TCP connection of the engine's own DNS-over-TCP server.
+    Stream { conn: usize },
+}
+
+impl DnsClient {
+    /// Whether the answer travels over TCP (no UDP size limit).
+    pub fn tcp(&self) -> bool {
+        match self {
+            DnsClient::Host { tcp, .. } => *tcp,
+            DnsClient::Packet { .. } => false,
+            DnsClient::Stream { .. } => true,
+        }
+    }
+}
+
+/// A query passed upstream, until its answer comes.
+struct Forward {
+    client: DnsClient,
+    /// The client's query, with the client's id.
+    query: Vec<u8>,
+    /// Index of the upstream asked now.
+    upstream: usize,
+    /// Asked over TCP (the client did, or the UDP answer was truncated).
+    tcp: bool,
+    deadline: Instant,
+}
+
+/// A query a connector answers.
+struct ConnectorAsk {
+    client: DnsClient,
+    query: Vec<u8>,
+    deadline: Instant,
+}
+
+/// Forwarding state: queries in flight and the outputs waiting for the host.
+pub struct Resolver {
+    upstreams: Vec<SocketAddr>,
+    /// UDP forwards by the id we put in the query.
+    udp: HashMap<u16, Forward>,
+    /// TCP exchanges the host carries out, by their id.
+    tcp: HashMap<u64, Forward>,
+    next_tcp: u64,
+    connector: HashMap<u32, ConnectorAsk>,
+    next_connector: u32,
+    /// Answers ready for their clients.
+    pub answers: VecDeque<(DnsClient, Vec<u8>)>,
+    /// UDP queries to send to upstreams.
+    pub transmits: VecDeque<(SocketAddr, Vec<u8>)>,
+    /// TCP exchanges for the host: id, upstream, query.
+    pub tcp_exchanges: VecDeque<(u64, SocketAddr, Vec<u8>)>,
+}
+
+impl Resolver {
+    pub fn new(upstreams: Vec<SocketAddr>) -> Self {
+        Resolver {
+            upstreams,
+            udp: HashMap::new(),
+            tcp: HashMap::new(),
+            next_tcp: 0,
+            connector: HashMap::new(),
+            next_connector: 0,
+            answers: VecDeque::new(),
+            transmits: VecDeque::new(),
+            tcp_exchanges: VecDeque::new(),
+        }
+    }
+
+    pub fn upstreams(&self) -> &[SocketAddr] {
+        &self.upstreams
+    }
+
+    /// New upstream resolvers (the network changed); queries in flight finish where they are.
+    pub fn set_upstreams(&mut self, upstreams: Vec<SocketAddr>) {
+        self.upstreams = upstreams;
+    }
+
+    fn in_flight(&self) -> usize {
+        self.udp.len() + self.tcp.len() + self.connector.len()
+    }
+
+    /// Whether `from` is one of the upstream resolvers.
+    pub fn is_upstream(&self, from: &SocketAddr) -> bool {
+        self.upstreams.contains(from)
+    }
+
+    pub fn answer(&mut self, client: DnsClient, answer: Vec<u8>) {
+        self.answers.push_back((client, answer));
+    }
+
+    /// Answers `query` with `code` and no records.
+    pub fn fail(&mut self, client: DnsClient, query: &[u8], code: ResponseCode) {
+        if let Some(a) = records::answer(query, code, &[], &[]) {
+            self.answer(client, a);
+        }
+    }
+
+    /// Passes `query` to the first upstream.
+    pub fn forward(&mut self, client: DnsClient, query: &[u8], now: Instant) {
+        if self.upstreams.is_empty() || self.in_flight() >= MAX_IN_FLIGHT || query.len() < 12 {
+            return self.fail(client, query, ResponseCode::ServFail);
+        }
+        let f = Forward {
+            client,
+            query: query.to_vec(),
+            upstream: 0,
+            tcp: client.tcp(),
+            deadline: now + UPSTREAM_TIMEOUT,
+        };
+        self.ask(f);
+    }
+
+    /// Sends `f` to its upstream, over UDP with a fresh id of ours, or as a TCP exchange.
+    fn ask(&mut self, f: Forward) {
+        let Some(&upstream) = self.upstreams.get(f.upstream) else {
+            let (client, query) = (f.client, f.query);
+            return self.fail(client, &query, ResponseCode::ServFail);
+        };
+        if f.tcp {
+            self.next_tcp = self.next_tcp.wrapping_add(1);
+            let id = self.next_tcp;
+            self.tcp_exchanges.push_back((id, upstream, f.query.clone()));
+            self.tcp.insert(id, f);
+            return;
+        }
+        // A fresh random id per query (restored in the answer): answers cannot be matched to
+        // the wrong client, nor guessed by an off-path sender.
+        let mut id = rand::random::<u16>();
+        while self.udp.contains_key(&id) {
+            id = rand::random::<u16>();
+        }
+        let mut q = f.query.clone();
+        q[..2].copy_from_slice(&id.to_be_bytes());
+        self.transmits.push_back((upstream, q));
+        self.udp.insert(id, f);
+    }
+
+    /// A datagram from an upstream resolver: true if it answered a query of ours.
+    pub fn handle_upstream(&mut self, from: SocketAddr, msg: &[u8], now: Instant) -> bool {
+        let Some(id) = msg.get(..2).map(|b| u16::from_be_bytes([b[0], b[1]])) else {
+            return false;
+        };
+        match self.udp.get(&id) {
+            Some(f) if self.upstreams.get(f.upstream) == Some(&from) => {}
+            _ => return false,
+        }
+        let Some(mut f) = self.udp.remove(&id) else {
+            return false;
+        };
+        if truncated(msg) {
+            // Too large for UDP: the same upstream, over TCP.
+            f.tcp = true;
+            f.deadline = now + UPSTREAM_TIMEOUT;
+            self.ask(f);
+            return true;
+        }
+        let mut a = msg.to_vec();
+        a[..2].copy_from_slice(&f.query[..2]);
+        self.answer(f.client, a);
+        true
+    }
+
+    /// The host's TCP exchange `id` ended: with the upstream's answer, or None when it failed.
+    pub fn handle_tcp_answer(&mut self, id: u64, answer: Option<Vec<u8>>, now: Instant) {
+        let Some(mut f) = self.tcp.remove(&id) else {
+            return;
+        };
+        match answer {
+            Some(a) if a.len() >= 2 => {
+                let mut a = a;
+                a[..2].copy_from_slice(&f.query[..2]);
+                let a = if f.client.tcp() {
+                    a
+                } else {
+                    records::fit_udp(&f.query, a)
+                };
+                self.answer(f.client, a);
+            }
+            _ => {
+                f.upstream += 1;
+                f.deadline = now + UPSTREAM_TIMEOUT;
+                self.ask(f);
+            }
+        }
+    }
+
+    /// A query for a connector: its id in the tunnel's DNS message, or None when too many are
+    /// in flight (answered SERVFAIL already).
+    pub fn ask_connector(&mut self, client: DnsClient, query: &[u8], now: Instant) -> Option<u32> {
+        if self.in_flight() >= MAX_IN_FLIGHT {
+            self.fail(client, query, ResponseCode::ServFail);
+            return None;
+        }
+        self.next_connector = self.next_connector.wrapping_add(1);
+        let id = self.next_connector;
+        self.connector.insert(
+            id,
+            ConnectorAsk {
+                client,
+                query: query.to_vec(),
+                deadline: now + CONNECTOR_TIMEOUT,
+            },
+        );
+        Some(id)
+    }
+
+    /// The connector answered query `id`.
+    pub fn connector_answer(&mut self, id: u32, answer: Vec<u8>) {
+        if let Some(q) = self.connector.remove(&id) {
+            let a = if q.client.tcp() {
+                answer
+            } else {
+                records::fit_udp(&q.query, answer)
+            };
+            self.answer(q.client, a);
+        }
+    }
+
+    /// The connector cannot answer query `id` (it is not reachable).
+    pub fn connector_failed(&mut self, id: u32) {
+        if let Some(q) = self.connector.remove(&id) {
+            self.fail(q.client, &q.query, ResponseCode::ServFail);
+        }
+    }
+
+    /// Forgets the queries of a client that went away (a closed TCP connection).
+    pub fn forget(&mut self, client: DnsClient) {
+        self.udp.retain(|_, f| f.client != client);
+        self.tcp.retain(|_, f| f.client != client);
+        self.connector.retain(|_, q| q.client != client);
+        self.answers.retain(|(c, _)| *c != client);
+    }
+
+    pub fn deadline(&self) -> Option<Instant> {
+        let f = self.udp.values().chain(self.tcp.values()).map(|f| f.deadline);
+        f.chain(self.connector.values().map(|q| q.deadline)).min()
+    }
+
+    /// Queries past their deadline: the next upstream is asked, or the client hears SERVFAIL.
+    pub fn on_deadline(&mut self, now: Instant) {
+        let late: Vec<u16> = self
+            .udp
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            if let Some(mut f) = self.udp.remove(&id) {
+                f.upstream += 1;
+                f.deadline = now + UPSTREAM_TIMEOUT;
+                self.ask(f);
+            }
+        }
+        let late: Vec<u64> = self
+            .tcp
+            .iter()
+            .filter(|(_, f)| f.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.handle_tcp_answer(id, None, now);
+        }
+        let late: Vec<u32> = self
+            .connector
+            .iter()
+            .filter(|(_, q)| q.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            self.connector_failed(id);
+        }
+    }
+}
+
+/// The TC (truncated) bit of a DNS message header.
+pub fn truncated(msg: &[u8]) -> bool {
+    msg.get(2).is_some_and(|b| b & 0x02 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+
+    fn query(id: u16, name: &str) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = id;
+        m.add_query(Query::query(
+            Name::from_ascii(name).expect("name"),
+            RecordType::A,
+        ));
+        m.to_vec().expect("encodes")
+    }
+
+    fn up(n: u8) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, n], 53))
+    }
+
+    const CLIENT: DnsClient = DnsClient::Host {
+        token: 7,
+        tcp: false,
+    };
+
+    #[test]
+    fn an_upstream_answer_goes_back_with_the_clients_id() {
+        let t0 = Instant::now();
+        let mut r = Resolver::new(vec![up(1)]);
+        let q = query(0x1234, "www.example.test.");
+        r.forward(CLIENT, &q, t0);
+        let (to, sent) = r.transmits.pop_front().expect("sent upstream");
+        assert_eq!(to, up(1));
+        let mut answer = sent.clone();
+        answer[2] |= 0x80;
+        assert!(!r.handle_upstream(up(2), &answer, t0), "only the upstream asked");
+        assert!(r.handle_upstream(up(1), &answer, t0));
+        let (c, a) = r.answers.pop_front().expect("answered");
+        assert_eq!(c, CLIENT);
+        assert_eq!(&a[..2], &[0x12, 0x34]);
+        assert!(r.deadline().is_none(), "nothing left in flight");
+    }
+
+    #[test]
+    fn a_truncated_answer_is_asked_again_over_tcp_and_a_silent_upstream_passes_to_the_next() {
+        let t0 = Instant::now();
+        let mut r = Resolver::new(vec![up(1), up(2)]);
+        let q = query(1, "big.example.test.");
+        r.forward(CLIENT, &q, t0);
+        let (_, sent) = r.transmits.pop_front().expect("sent");
+        let mut tc = sent.clone();
+        tc[2] |= 0x82;
+        assert!(r.handle_upstream(up(1), &tc, t0));
+        let (id, to, tq) = r.tcp_exchanges.pop_front().expect("over tcp");
+        assert_eq!((to, tq.as_slice()), (up(1), q.as_slice()));
+        // The TCP exchange fails: the second upstream is asked, over TCP again.
+        r.handle_tcp_answer(id, None, t0);
+        let (_, to, _) = r.tcp_exchanges.pop_front().expect("next upstream");
+        assert_eq!(to, up(2));
+        // It never answers: SERVFAIL once the deadline passes.
+        r.on_deadline(t0 + UPSTREAM_TIMEOUT);
+        let (_, a) = r.answers.pop_front().expect("servfail");
+        let m = Message::from_vec(&a).expect("parses");
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+    }
+
+    #[test]
+    fn a_connector_that_never_answers_gives_servfail_and_no_upstream_gives_servfail_at_once() {
+        let t0 = Instant::now();
+        let mut r = Resolver::new(Vec::new());
+        let q = query(9, "db.corp.internal.");
+        r.forward(CLIENT, &q, t0);
+        assert!(r.answers.pop_front().is_some(), "no upstream: answered at once");
+        let id = r.ask_connector(CLIENT, &q, t0).expect("in flight");
+        r.on_deadline(t0 + CONNECTOR_TIMEOUT - Duration::from_millis(1));
+        assert!(r.answers.is_empty());
+        r.on_deadline(t0 + CONNECTOR_TIMEOUT);
+        assert!(r.answers.pop_front().is_some());
+        r.connector_answer(id, q.clone());
+        assert!(r.answers.is_empty(), "a late answer is dropped");
+    }
+}
