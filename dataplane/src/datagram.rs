@@ -33,8 +33,7 @@ pub fn next_transmit<'t>(
             let Some(n) = t.send_relayed(&mut out[RELAY_FORWARD_OVERHEAD..]) else {
                 break;
             };
-            if let Err(e) = client.send_forward(&t.peer(), &mut out[..RELAY_FORWARD_OVERHEAD + n])
-            {
+            if let Err(e) = client.send_forward(&t.peer(), &mut out[..RELAY_FORWARD_OVERHEAD + n]) {
                 tracing::debug!("relay forward to {} failed: {e}", t.peer().short());
             }
         }
@@ -76,4 +75,3 @@ pub fn classify(pkt: &mut [u8], from: SocketAddr, relay: SocketAddr) -> Incoming
         Err(_) => Incoming::Junk("not QUIC"),
     }
 }
-

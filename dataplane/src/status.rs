@@ -109,4 +109,3 @@ pub fn secs(d: Duration) -> f64 {
 pub fn millis(d: Duration) -> f64 {
     (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
-

@@ -79,8 +79,7 @@ impl Credentials {
         if cert_chain.is_empty() {
             return Err(bad(cert_path, "certificate"));
         }
-        let key =
-            PKey::private_key_from_pem(key_pem).map_err(|_| bad(key_path, "private key"))?;
+        let key = PKey::private_key_from_pem(key_pem).map_err(|_| bad(key_path, "private key"))?;
         let ca = X509::from_pem(ca_pem).map_err(|_| bad(ca_path, "CA certificate"))?;
         // Caught here, with both files named, rather than as BoringSSL's KEY_VALUES_MISMATCH
         // or a peer's refusal at the first handshake.

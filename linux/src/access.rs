@@ -7,10 +7,9 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use sluice_dataplane::packet::{PacketInfo, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 use sluice_policy::audit::{rfc3339_now, AuditRecord};
 use sluice_policy::watch::{PolicyWatcher, Reload};
-use sluice_policy::{Decision, Flow, Policy, Proto};
+use sluice_policy::{Decision, Flow, Policy};
 
 use crate::config::ConfigError;
 
@@ -81,22 +80,6 @@ pub fn reload(w: &mut PolicyWatcher) -> bool {
     }
 }
 
-/// The policy's view of a packet, or None for protocols no policy can allow.
-pub fn flow_of(info: &PacketInfo) -> Option<Flow<'static>> {
-    let (proto, port) = match info.proto {
-        PROTO_TCP => (Proto::Tcp, info.dst_port),
-        PROTO_UDP => (Proto::Udp, info.dst_port),
-        PROTO_ICMP | PROTO_ICMPV6 => (Proto::Icmp, 0),
-        _ => return None,
-    };
-    Some(Flow {
-        dst: info.dst,
-        hostname: None,
-        proto,
-        port,
-    })
-}
-
 /// Where audit lines go: a file (appended) or standard output.
 pub struct AuditSink {
     file: Option<File>,
@@ -121,7 +104,7 @@ impl AuditSink {
         Ok(AuditSink { file })
     }
 
-    fn write_line(&mut self, line: &str) {
+    pub fn write_line(&mut self, line: &str) {
         let r = match &mut self.file {
             Some(f) => writeln!(f, "{line}"),
             None => writeln!(std::io::stdout().lock(), "{line}"),

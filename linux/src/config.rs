@@ -8,67 +8,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-/// The relay: an IP address and port, or a hostname and port that is resolved again on every
-/// reconnect (each address it has is tried in turn).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RelayTarget {
-    pub host: String,
-    pub port: u16,
-    /// The address itself, when `host` is an IP literal.
-    pub literal: Option<SocketAddr>,
-}
-
-impl std::str::FromStr for RelayTarget {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        if let Ok(a) = s.parse::<SocketAddr>() {
-            return Ok(RelayTarget {
-                host: a.ip().to_string(),
-                port: a.port(),
-                literal: Some(a),
-            });
-        }
-        let usage = || {
-            format!("{s:?}: expected HOST:PORT (like relay.example.com:4433, 192.0.2.1:4433 or [2001:db8::1]:4433)")
-        };
-        let (host, port) = s.rsplit_once(':').ok_or_else(usage)?;
-        let port: u16 = port.parse().ok().filter(|p| *p > 0).ok_or_else(usage)?;
-        // A hostname: letters, digits, hyphens and dots (an IPv6 address needs its brackets).
-        let ok = !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            });
-        if !ok {
-            return Err(usage());
-        }
-        Ok(RelayTarget {
-            host: host.to_ascii_lowercase(),
-            port,
-            literal: None,
-        })
-    }
-}
-
-impl std::fmt::Display for RelayTarget {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.literal {
-            Some(a) => write!(f, "{a}"),
-            None => write!(f, "{}:{}", self.host, self.port),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for RelayTarget {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
+pub use sluice_dataplane::control_link::RelayTarget;
 
 /// A configuration problem; the binary exits with code 2 on it.
 #[derive(Debug, thiserror::Error)]
@@ -265,6 +205,12 @@ pub struct DnsConfig {
     /// names do not resolve and the system resolver is left alone; flows to addresses work.
     #[serde(default = "default_true")]
     pub listen: bool,
+    /// Where apps send DNS queries. Default: `tun.ipv4`'s address, served from sockets (the
+    /// kernel delivers the device's own address locally). Any other address is routed into
+    /// the TUN device and answered in the packet path, with no socket: nothing to share port
+    /// 53 with, whatever else listens on this machine.
+    #[serde(default)]
+    pub address: Option<std::net::IpAddr>,
 }
 
 fn default_true() -> bool {
@@ -294,6 +240,7 @@ impl Default for DnsConfig {
             upstream: None,
             configure_system: true,
             listen: true,
+            address: None,
         }
     }
 }
@@ -430,7 +377,25 @@ impl AgentConfig {
                 )));
             }
         }
+        if let Some(a) = d.address {
+            let in_pool = match a {
+                std::net::IpAddr::V4(v4) => d.pool_v4.contains(&v4),
+                std::net::IpAddr::V6(v6) => d.pool_v6.contains(&v6),
+            };
+            if in_pool || a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+                return Err(ConfigError(format!(
+                    "{origin}: `dns.address` {a} cannot be a DNS server's address here (in a synthetic pool, loopback, multicast or unspecified); leave it out to use `tun.ipv4`"
+                )));
+            }
+        }
         Ok(())
+    }
+
+    /// Where apps send DNS queries (`dns.address`, or the tunnel's IPv4 address).
+    pub fn dns_address(&self) -> std::net::IpAddr {
+        self.dns
+            .address
+            .unwrap_or(std::net::IpAddr::V4(self.tun.ipv4.addr()))
     }
 }
 

@@ -10,7 +10,6 @@ use sluice_dataplane::control::ControlEvent;
 use sluice_dataplane::identity::{PeerId, Role};
 use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls::{self, QuicParams};
-use sluice_dataplane::tunnel::Path;
 use sluice_dataplane::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
 use sluice_dataplane::wire::{ControlMessage, Punch, TUNNEL_IP_OVERHEAD};
 use sluice_netstack::splice::{FlowMsg, Splicer};
@@ -74,7 +73,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             creds.identity.peer_id.short(),
             cfg.relay
         );
-        let link = ControlLink::new(control_cfg, local, cfg.relay.clone());
+        let link = node::control_link(control_cfg, local, cfg.relay.clone());
         // Resolves the hostnames agents address (split DNS) with this network's resolvers.
         let resolver = match hickory_resolver::TokioResolver::builder_tokio().and_then(|b| b.build()) {
             Ok(r) => Some(std::sync::Arc::new(r)),
@@ -101,7 +100,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             next_reload_check: Instant::now() + RELOAD_EVERY,
             resolver,
             dns_done,
-            direct: node::DirectSetup::new(creds.identity.peer_id, local, None),
+            direct: node::DirectSetup::new(creds.identity.peer_id, local, node::interface_ips(None)),
             by_cid: HashMap::new(),
             udp_tx: crate::udp_batch::UdpSender::default(),
         };
@@ -208,6 +207,7 @@ impl Connector {
     ) -> Result<()> {
         let mut udp_rx = udp_batch::UdpReceiver::new(socket);
         let wake = self.splicer.wake.clone();
+        let (resolved_tx, mut resolved_rx) = mpsc::channel(4);
         // One timer, re-armed each round, rather than a new one per packet.
         // The control link's first Initial is queued already: send it now, not at the first
         // timer (a second later).
@@ -256,7 +256,11 @@ impl Connector {
                     }
                 }
                 _ = wake.notified() => {}
+                Some(r) = resolved_rx.recv() => self.link.handle_resolved(r, Instant::now()),
                 _ = timer.fired() => self.on_timeout(Instant::now()),
+            }
+            if let Some((host, port)) = self.link.poll_resolve() {
+                node::resolve_relay(host, port, resolved_tx.clone());
             }
             self.step_stacks();
             self.flush(socket).await;
@@ -289,7 +293,7 @@ impl Connector {
             self.check_reload();
             // Checked with the policy file, once a second: a new interface address is a
             // network change.
-            fresh = self.direct.refresh();
+            fresh = self.direct.set_interfaces(node::interface_ips(None));
         }
         while let Some(ev) = self.link.poll_event() {
             if let ControlEvent::ObservedAddr(a) = ev {
@@ -516,7 +520,7 @@ impl Connector {
                     TunnelEvent::PathChanged(path) => tracing::info!(
                         "tunnel from agent peer {}: now {}",
                         peer.short(),
-                        describe_path(path)
+                        sluice_dataplane::engine::describe_path(path)
                     ),
                     TunnelEvent::DirectFailed(_) | TunnelEvent::DirectNotFound => {}
                 }
@@ -607,13 +611,5 @@ impl Connector {
             &mut self.udp_tx,
         )
         .await;
-    }
-}
-
-/// A tunnel's path in words, for the log.
-pub fn describe_path(path: Path) -> String {
-    match path {
-        Path::Relay => "relayed".into(),
-        Path::Direct(a) => format!("direct to {a}"),
     }
 }

@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
@@ -27,110 +26,7 @@ const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Larger replies are not a status snapshot (thousands of tunnels stay far below this).
 const MAX_REPLY: u64 = 16 << 20;
 
-/// A running agent and its tunnels, as `sluice status --json` prints it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AgentStatus {
-    /// The agent certificate's name.
-    pub name: String,
-    /// The agent's peer id (SHA-256 of its public key, hex).
-    pub peer_id: String,
-    pub relay: RelayStatus,
-    /// One per connector the agent has used since it started.
-    pub tunnels: Vec<TunnelStatus>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RelayStatus {
-    /// The relay's UDP address.
-    pub addr: String,
-    /// Whether the control connection is up.
-    pub connected: bool,
-    /// Our address as the relay sees it (QUIC Address Discovery).
-    pub observed_addr: Option<String>,
-    /// While not connected: why the last attempt failed (`the peer refused us: certificate
-    /// expired`, `relay silent`, ...).
-    #[serde(default)]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TunnelState {
-    /// Looking the connector up, or handshaking.
-    Connecting,
-    Up,
-    /// No tunnel now (it closed, or nothing has needed it since).
-    Closed,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PathKind {
-    Direct,
-    Relay,
-}
-
-/// The ICE candidate pair a direct path uses.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CandidatePair {
-    pub local: String,
-    pub remote: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TunnelStatus {
-    /// The connector's name (as the policy's resources name it).
-    pub connector: String,
-    /// The connector's peer id, once the relay has told us (None while looking it up).
-    pub peer_id: Option<String>,
-    pub state: TunnelState,
-    pub path: PathKind,
-    /// The connector's address on the direct path, when that is the path in use.
-    pub direct_addr: Option<String>,
-    pub candidate_pair: Option<CandidatePair>,
-    /// Smoothed round-trip time of the path in use, milliseconds.
-    pub rtt_ms: Option<f64>,
-    /// QUIC bytes (UDP payloads, retransmissions included) each way.
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
-    pub packets_sent: u64,
-    pub packets_received: u64,
-    /// Seconds since the path last changed; None if it never did.
-    pub since_switch_secs: Option<f64>,
-    /// Seconds since the tunnel came up (0 while it is not up).
-    pub up_secs: f64,
-}
-
-impl TunnelStatus {
-    /// A connector whose tunnel is not up (being looked up or opened, or gone): no numbers yet.
-    pub fn without_tunnel(connector: String, state: TunnelState) -> Self {
-        TunnelStatus {
-            connector,
-            peer_id: None,
-            state,
-            path: PathKind::Relay,
-            direct_addr: None,
-            candidate_pair: None,
-            rtt_ms: None,
-            bytes_sent: 0,
-            bytes_received: 0,
-            packets_sent: 0,
-            packets_received: 0,
-            since_switch_secs: None,
-            up_secs: 0.0,
-        }
-    }
-}
-
-/// A duration as seconds with millisecond precision (tidier JSON than 17 digits).
-pub fn secs(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1000.0).round() / 1000.0
-}
-
-/// A duration as milliseconds with microsecond precision.
-pub fn millis(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
-}
+pub use sluice_dataplane::status::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {

@@ -162,49 +162,6 @@ impl TunWriter {
     }
 }
 
-/// `nets` without the addresses in `keep_out`: a network holding one is split into the
-/// smallest set of prefixes that covers the rest of it. The agent keeps its relay (and so its
-/// own control traffic) out of the tunnel this way, whatever the policy says. Also returns
-/// which network held which excluded address, for the log.
-pub fn without(
-    nets: &[IpNet],
-    keep_out: &[std::net::IpAddr],
-) -> (Vec<IpNet>, Vec<(IpNet, std::net::IpAddr)>) {
-    let mut out: Vec<IpNet> = nets.to_vec();
-    let mut hits = Vec::new();
-    for ip in keep_out {
-        let mut next = Vec::with_capacity(out.len());
-        for net in out {
-            if !net.contains(ip) {
-                next.push(net);
-                continue;
-            }
-            if let Some(original) = nets.iter().find(|n| n.contains(ip)) {
-                hits.push((*original, *ip));
-            }
-            // Halve the network, keep the half without the address, go on in the other half.
-            let mut cur = net;
-            while cur.prefix_len() < cur.max_prefix_len() {
-                let Ok(mut halves) = cur.subnets(cur.prefix_len() + 1) else {
-                    break;
-                };
-                let (Some(a), Some(b)) = (halves.next(), halves.next()) else {
-                    break;
-                };
-                let (with, other) = if a.contains(ip) { (a, b) } else { (b, a) };
-                next.push(other);
-                cur = with;
-            }
-        }
-        out = next;
-    }
-    out.sort();
-    out.dedup();
-    hits.sort();
-    hits.dedup();
-    (out, hits)
-}
-
 /// Routes each network through the device. The routes vanish with the device when the agent
 /// exits, so nothing is left behind even after a crash.
 pub fn add_routes(dev: &str, nets: &[IpNet]) -> Result<()> {
@@ -238,46 +195,4 @@ fn routes(op: &str, dev: &str, nets: &[IpNet]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::net::IpAddr;
-
-    fn nets(v: &[&str]) -> Vec<IpNet> {
-        v.iter().map(|n| n.parse().unwrap()).collect()
-    }
-
-    #[test]
-    fn an_excluded_address_is_cut_out_of_its_network_and_nothing_else_changes() {
-        let relay: IpAddr = "192.0.2.1".parse().unwrap();
-        let (out, hits) = without(&nets(&["198.51.100.0/24", "192.0.2.1/32"]), &[relay]);
-        assert_eq!(out, nets(&["198.51.100.0/24"]));
-        assert_eq!(hits, vec![("192.0.2.1/32".parse().unwrap(), relay)]);
-
-        let (out, _) = without(&nets(&["192.0.2.0/30"]), &[relay]);
-        assert_eq!(out, nets(&["192.0.2.0/32", "192.0.2.2/31"]));
-
-        // All of IPv4 but one address: 32 prefixes, none of them holding it, covering the rest.
-        let (out, hits) = without(&nets(&["0.0.0.0/0", "::/0"]), &[relay]);
-        assert_eq!(out.len(), 33);
-        assert_eq!(hits.len(), 1);
-        assert!(out.iter().all(|n| !n.contains(&relay)));
-        let covered: u128 = out
-            .iter()
-            .filter(|n| matches!(n, IpNet::V4(_)))
-            .map(|n| 1u128 << (32 - n.prefix_len()))
-            .sum();
-        assert_eq!(covered, (1u128 << 32) - 1);
-        for probe in ["192.0.2.0", "192.0.2.2", "10.0.0.1", "255.255.255.255"] {
-            let ip: IpAddr = probe.parse().unwrap();
-            assert!(out.iter().any(|n| n.contains(&ip)), "{probe}");
-        }
-
-        // Not in any network: unchanged.
-        let (out, hits) = without(&nets(&["10.0.0.0/8"]), &["2001:db8::1".parse().unwrap()]);
-        assert_eq!(out, nets(&["10.0.0.0/8"]));
-        assert!(hits.is_empty());
-    }
 }

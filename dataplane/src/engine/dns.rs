@@ -152,7 +152,8 @@ impl Resolver {
         if f.tcp {
             self.next_tcp = self.next_tcp.wrapping_add(1);
             let id = self.next_tcp;
-            self.tcp_exchanges.push_back((id, upstream, f.query.clone()));
+            self.tcp_exchanges
+                .push_back((id, upstream, f.query.clone()));
             self.tcp.insert(id, f);
             return;
         }
@@ -265,7 +266,11 @@ impl Resolver {
     }
 
     pub fn deadline(&self) -> Option<Instant> {
-        let f = self.udp.values().chain(self.tcp.values()).map(|f| f.deadline);
+        let f = self
+            .udp
+            .values()
+            .chain(self.tcp.values())
+            .map(|f| f.deadline);
         f.chain(self.connector.values().map(|q| q.deadline)).min()
     }
 
@@ -345,7 +350,10 @@ mod tests {
         assert_eq!(to, up(1));
         let mut answer = sent.clone();
         answer[2] |= 0x80;
-        assert!(!r.handle_upstream(up(2), &answer, t0), "only the upstream asked");
+        assert!(
+            !r.handle_upstream(up(2), &answer, t0),
+            "only the upstream asked"
+        );
         assert!(r.handle_upstream(up(1), &answer, t0));
         let (c, a) = r.answers.pop_front().expect("answered");
         assert_eq!(c, CLIENT);
@@ -382,7 +390,10 @@ mod tests {
         let mut r = Resolver::new(Vec::new());
         let q = query(9, "db.corp.internal.");
         r.forward(CLIENT, &q, t0);
-        assert!(r.answers.pop_front().is_some(), "no upstream: answered at once");
+        assert!(
+            r.answers.pop_front().is_some(),
+            "no upstream: answered at once"
+        );
         let id = r.ask_connector(CLIENT, &q, t0).expect("in flight");
         r.on_deadline(t0 + CONNECTOR_TIMEOUT - Duration::from_millis(1));
         assert!(r.answers.is_empty());

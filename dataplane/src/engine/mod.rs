@@ -40,7 +40,9 @@ use crate::identity::{PeerId, Role};
 use crate::nat::candidate::{Candidate, Kind};
 use crate::nat::local::DirectSetup;
 use crate::nat::traversal::RETRY_AFTER;
-use crate::packet::{self, PacketInfo, Unreachable, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
+use crate::packet::{
+    self, PacketInfo, Unreachable, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
+};
 use crate::session::QuicSession;
 use crate::status::{
     millis, secs, AgentStatus, CandidatePair, PathKind, TunnelState, TunnelStatus,
@@ -336,9 +338,12 @@ fn is_unicast_global(ip: IpAddr) -> bool {
 
 /// The first of the synthetic pools that overlaps a resource network of `policy`.
 pub fn pool_overlap(policy: &Policy, pools: &[IpNet]) -> Option<(IpNet, IpNet)> {
-    routes::networks(policy)
-        .iter()
-        .find_map(|n| pools.iter().find(|p| routes::overlap(n, p)).map(|p| (*p, *n)))
+    routes::networks(policy).iter().find_map(|n| {
+        pools
+            .iter()
+            .find(|p| routes::overlap(n, p))
+            .map(|p| (*p, *n))
+    })
 }
 
 pub struct Engine {
@@ -411,7 +416,13 @@ impl Engine {
         if let Some((pool, net)) = pool_overlap(&policy, &pools) {
             return Err(EngineError::PoolOverlap { pool, net });
         }
-        let link = ControlLink::new(control_cfg, config.local, config.relay, config.instance, now);
+        let link = ControlLink::new(
+            control_cfg,
+            config.local,
+            config.relay,
+            config.instance,
+            now,
+        );
         let identity = &creds.identity;
         let subject = policy.subject(&identity.name, &identity.groups);
         tracing::info!(
@@ -495,7 +506,7 @@ impl Engine {
 
     /// Upstream resolvers for names that are not resources; the engine's own DNS address is
     /// left out (asking ourselves would loop).
-    fn set_upstreams(&mut self, upstreams: Vec<SocketAddr>) {
+    pub fn set_upstreams(&mut self, upstreams: Vec<SocketAddr>) {
         let own = self.dns_address;
         let mut v: Vec<SocketAddr> = upstreams.into_iter().filter(|u| u.ip() != own).collect();
         v.dedup();
@@ -505,7 +516,10 @@ impl Engine {
                 if v.is_empty() {
                     "nobody (no upstream resolver known)".to_string()
                 } else {
-                    v.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", ")
+                    v.iter()
+                        .map(|u| u.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 }
             );
         }
@@ -531,7 +545,10 @@ impl Engine {
             Ok(i) => i,
             Err(e) => {
                 self.stats.tun_bad += 1;
-                tracing::debug!("TUN: dropping a malformed packet ({} bytes): {e}", pkt.len());
+                tracing::debug!(
+                    "TUN: dropping a malformed packet ({} bytes): {e}",
+                    pkt.len()
+                );
                 return;
             }
         };
@@ -1196,7 +1213,9 @@ impl Engine {
         wanted.push(IpNet::V4(self.pool_nets.0));
         wanted.push(IpNet::V6(self.pool_nets.1));
         let own = IpAddr::V4(self.ipv4.addr()) == self.dns_address
-            || self.ipv6.is_some_and(|v6| IpAddr::V6(v6.addr()) == self.dns_address);
+            || self
+                .ipv6
+                .is_some_and(|v6| IpAddr::V6(v6.addr()) == self.dns_address);
         if self.dns_enabled && !own {
             // A DNS address of its own is routed in, so queries reach the packet path.
             wanted.push(IpNet::from(self.dns_address));
@@ -1463,7 +1482,7 @@ impl Engine {
 /// How a log line names a tunnel path.
 pub fn describe_path(p: Path) -> String {
     match p {
-        Path::Relay => "via the relay".into(),
+        Path::Relay => "relayed".into(),
         Path::Direct(a) => format!("direct to {a}"),
     }
 }

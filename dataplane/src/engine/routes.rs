@@ -81,10 +81,7 @@ impl Routes {
 /// smallest set of prefixes that covers the rest of it. The agent keeps its relay (and so its
 /// own control traffic) out of the tunnel this way, whatever the policy says. Also returns
 /// which network held which excluded address, for the log.
-pub fn without(
-    nets: &[IpNet],
-    keep_out: &[IpAddr],
-) -> (Vec<IpNet>, Vec<(IpNet, IpAddr)>) {
+pub fn without(nets: &[IpNet], keep_out: &[IpAddr]) -> (Vec<IpNet>, Vec<(IpNet, IpAddr)>) {
     let mut out: Vec<IpNet> = nets.to_vec();
     let mut hits = Vec::new();
     for ip in keep_out {
@@ -168,7 +165,10 @@ mod tests {
         assert!(r.routed().iter().all(|n| !n.contains(&relay)));
         assert!(!r.relay_moved(&[relay]));
         assert!(r.relay_moved(&["192.0.2.9".parse().unwrap()]));
-        assert!(r.set(nets(&["192.0.2.0/24"]), &[]).is_none(), "wanted is unchanged");
+        assert!(
+            r.set(nets(&["192.0.2.0/24"]), &[]).is_none(),
+            "wanted is unchanged"
+        );
         assert_eq!(r.routed(), nets(&["192.0.2.0/24"]).as_slice());
     }
 }
