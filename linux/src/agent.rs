@@ -215,9 +215,10 @@ pub fn run(args: AgentArgs) -> Result<()> {
             next_second: Instant::now() + EVERY_SECOND,
             interfaces: Vec::new(),
             host_tx,
+            pending: Vec::new(),
         };
         // The first settings: routes before anything is sent through the device.
-        host.apply_first_events();
+        host.apply_first_events()?;
         tracing::info!(
             "{} network(s) routed into {}; flow decisions go to {}",
             host.routed.len(),
@@ -303,6 +304,8 @@ struct Host {
     interfaces: Vec<IpAddr>,
     /// Where helper tasks (resolutions, TCP exchanges) send their results.
     host_tx: mpsc::Sender<HostMsg>,
+    /// Events taken before the loop ran, carried out at its first round.
+    pending: Vec<Event>,
 }
 
 /// A datagram from `sock`, or never when there is no socket.
@@ -499,25 +502,36 @@ impl Host {
     }
 
     /// Events before the packet path starts: the first settings (and a relay name to
-    /// resolve, whose answer the loop takes).
-    fn apply_first_events(&mut self) {
-        self.on_events();
+    /// resolve, whose answer the loop takes). Routes that cannot be set stop the start.
+    fn apply_first_events(&mut self) -> Result<()> {
+        let mut first = None;
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                Event::Settings(s) if first.is_none() => first = Some(s),
+                other => self.pending.push(other),
+            }
+        }
+        if let Some(s) = first {
+            self.apply_settings(s)?;
+        }
+        Ok(())
     }
 
     fn on_events(&mut self) {
         let host_tx = self.host_tx.clone();
-        while let Some(ev) = self.engine.poll_event() {
+        let mut pending = std::mem::take(&mut self.pending).into_iter();
+        while let Some(ev) = pending.next().or_else(|| self.engine.poll_event()) {
             match ev {
-                Event::Settings(s) => self.apply_settings(s),
+                Event::Settings(s) => {
+                    if let Err(e) = self.apply_settings(s) {
+                        tracing::warn!("routes: {e:#}");
+                    }
+                }
                 Event::Audit(line) => self.audit.write_line(&line),
                 Event::ResolveRelay { host, port } => {
                     let tx = host_tx.clone();
-                    let (rtx, mut rrx) = mpsc::channel(1);
-                    node::resolve_relay(host, port, rtx);
-                    tokio::spawn(async move {
-                        if let Some(r) = rrx.recv().await {
-                            let _ = tx.send(HostMsg::Resolved(r)).await;
-                        }
+                    node::resolve_relay(host, port, move |r| {
+                        let _ = tx.blocking_send(HostMsg::Resolved(r));
                     });
                 }
                 Event::DnsOverTcp { id, server, query } => {
@@ -540,7 +554,7 @@ impl Host {
 
     /// Routes into the TUN device as the engine asks, changing only what differs (added
     /// first: a network split anew keeps a route at every moment).
-    fn apply_settings(&mut self, s: Settings) {
+    fn apply_settings(&mut self, s: Settings) -> Result<()> {
         let added: Vec<IpNet> = s
             .routes
             .iter()
@@ -555,11 +569,9 @@ impl Host {
             .collect();
         let add = tun::add_routes(&self.tun_name, &added);
         let del = tun::remove_routes(&self.tun_name, &removed);
-        if let Err(e) = add.and(del) {
-            tracing::warn!("routes: {e:#}");
-        }
         self.routed = s.routes.clone();
         self.settings = Some(s);
+        add.and(del)
     }
 
     async fn flush(&mut self, socket: &UdpSocket) {

@@ -260,7 +260,10 @@ impl Connector {
                 _ = timer.fired() => self.on_timeout(Instant::now()),
             }
             if let Some((host, port)) = self.link.poll_resolve() {
-                node::resolve_relay(host, port, resolved_tx.clone());
+                let tx = resolved_tx.clone();
+                node::resolve_relay(host, port, move |r| {
+                    let _ = tx.blocking_send(r);
+                });
             }
             self.step_stacks();
             self.flush(socket).await;

@@ -272,20 +272,21 @@ pub fn interface_ips(skip_iface: Option<&str>) -> Vec<IpAddr> {
     ips
 }
 
-/// Resolves a relay name off the event loop (the system resolver blocks); the answer comes
-/// back on `tx` for [`ControlLink::handle_resolved`].
+/// Resolves a relay name off the event loop (the system resolver blocks); `done` gets the
+/// answer, for [`ControlLink::handle_resolved`].
 pub fn resolve_relay(
     host: String,
     port: u16,
-    tx: tokio::sync::mpsc::Sender<Result<Vec<SocketAddr>, String>>,
+    done: impl FnOnce(Result<Vec<SocketAddr>, String>) + Send + 'static,
 ) {
     tokio::task::spawn_blocking(move || {
         use std::net::ToSocketAddrs;
-        let r = (host.as_str(), port)
-            .to_socket_addrs()
-            .map(Iterator::collect)
-            .map_err(|e| e.to_string());
-        let _ = tx.blocking_send(r);
+        done(
+            (host.as_str(), port)
+                .to_socket_addrs()
+                .map(Iterator::collect)
+                .map_err(|e| e.to_string()),
+        );
     });
 }
 

@@ -209,7 +209,7 @@ impl DnsTcp {
                         }
                     }
                 }
-                if !sock.may_recv() && c.tx.is_empty() {
+                if sock.state() == tcp::State::CloseWait && c.tx.is_empty() {
                     // The client finished sending and has every answer: done.
                     sock.close();
                 }

@@ -19,6 +19,8 @@
 pub mod dns;
 pub mod dns_tcp;
 pub mod routes;
+#[cfg(test)]
+mod tests;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
