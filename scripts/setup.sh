@@ -12,12 +12,14 @@ have() { type -P "$1" >/dev/null; }
 need() { [[ " ${need_pkgs[*]} " == *" $1 "* ]] || need_pkgs+=("$1"); }
 # command -> Debian package. The build: cc and c++ (BoringSSL, built by boring-sys with cmake
 # and make, is C and C++; ring and the linker need cc), git (boring-sys applies its patches to
-# BoringSSL with `git apply`). The lab and the tests: the rest (sysctl and kill are procps').
+# BoringSSL with `git apply`). The lab and the tests: the rest (sysctl and kill are procps';
+# valgrind runs the Apple library's C test host).
 tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
        ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils
        dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping
        pgrep:procps sysctl:procps kill:procps sha256sum:coreutils
-       sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client)
+       sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
+       valgrind:valgrind)
 for pair in "${tools[@]}"; do
   have "${pair%%:*}" || need "${pair#*:}"
 done
