@@ -657,7 +657,12 @@ impl Runner {
                     self.engine.set_wall_clock(now, unix_nanos());
                     self.engine.wake(now);
                 }
-                Command::SetPolicy(p) => self.engine.set_policy(p, now),
+                Command::SetPolicy(p) => {
+                    // Checked by set_policy's caller already; a refusal keeps the old one.
+                    if let Err(e) = self.engine.set_policy(p, now) {
+                        tracing::error!("policy change rejected: {e}");
+                    }
+                }
                 Command::RelayResolved(r) => self.engine.handle_relay_resolved(r, now),
                 Command::DnsTcpAnswer { id, answer } => {
                     self.engine.handle_dns_tcp_answer(id, answer, now)

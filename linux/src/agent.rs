@@ -473,7 +473,9 @@ impl Host {
     /// The policy file, the interface addresses, forgotten DNS clients and the status.
     fn every_second(&mut self, now: Instant) {
         if access::reload(&mut self.watcher) {
-            self.engine.set_policy(self.watcher.policy().clone(), now);
+            if let Err(e) = self.engine.set_policy(self.watcher.policy().clone(), now) {
+                tracing::error!("policy change rejected, the previous policy stays in force: {e}");
+            }
         }
         let ips = node::interface_ips(Some(&self.tun_name));
         if ips != self.interfaces {

@@ -407,12 +407,9 @@ fn the_descriptor_mode_self_test_is_clean_under_valgrind() {
     assert!(log.contains("ERROR SUMMARY: 0 errors"), "{log}");
 }
 
-/// `dig +tcp` for a resource name, answered over TCP by the engine's in-packet DNS stack.
-/// Ignored: the handshake and the query reach the engine (it ACKs the query and counts it),
-/// but no answer is ever sent back (dataplane/src/engine/dns_tcp.rs; see the report of the
-/// apple-abi branch). Forwarded names over TCP fail the same way.
+/// `dig +tcp` for a resource name and for another name, answered over TCP by the engine's
+/// DNS stack in the packet path (the second forwarded upstream).
 #[test]
-#[ignore = "engine bug: DNS over TCP to the engine's DNS address gets no answer"]
 fn dns_over_tcp_to_the_engine_address() {
     require_root();
     let exe = build_c_host();

@@ -184,7 +184,12 @@ fn a_ping_opens_a_tunnel_through_the_relay_and_its_reply_comes_back() {
         }
         engine.drain_device(|p| replies.push(p.to_vec()));
         while let Some(e) = engine.poll_event() {
-            if let Event::Tunnel { connector, state, path } = e {
+            if let Event::Tunnel {
+                connector,
+                state,
+                path,
+            } = e
+            {
                 tunnel_events.push((connector, state, path));
             }
         }
@@ -193,7 +198,11 @@ fn a_ping_opens_a_tunnel_through_the_relay_and_its_reply_comes_back() {
         }
     }
     assert!(pinged, "the connector never registered with the relay");
-    assert_eq!(replies.len(), 1, "the echo reply came back out of the engine");
+    assert_eq!(
+        replies.len(),
+        1,
+        "the echo reply came back out of the engine"
+    );
     let info = packet::inspect(&replies[0]).expect("ip");
     assert_eq!(info.src, IpAddr::V4(Ipv4Addr::new(10, 1, 0, 5)));
     assert_eq!(info.dst, IpAddr::V4(Ipv4Addr::new(100, 96, 0, 1)));

@@ -56,7 +56,10 @@ use crate::wire::{named_ip_overhead, ControlMessage, TUNNEL_IP_OVERHEAD};
 pub use dns::DnsClient;
 
 /// Free bytes a host leaves in front of every packet it hands to
-/// [`Engine::handle_device_packet`]: the tunnel header is written there, with no copy.
+/// [`Engine::handle_device_packet`]: the tunnel header is written there, with no copy. (One
+/// byte: a host that reads a 4-byte utun header in front of each packet reads at
+/// `max(DEVICE_HEADROOM, 4)` and passes the slice that starts `DEVICE_HEADROOM` before the
+/// packet.)
 pub const DEVICE_HEADROOM: usize = TUNNEL_IP_OVERHEAD;
 /// End-to-end keepalive (DESIGN: 15 s).
 pub const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -573,7 +576,7 @@ impl Engine {
         if pkt.len() > max {
             self.stats.too_big += 1;
             if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
-                self.to_device(&icmp);
+                self.push_device(&icmp);
             }
             return;
         }
@@ -585,7 +588,7 @@ impl Engine {
                     self.stats.too_big += 1;
                     let pkt = &buf[DEVICE_HEADROOM..];
                     if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
-                        self.to_device(&icmp);
+                        self.push_device(&icmp);
                     }
                 }
                 Err(e) => {
@@ -601,13 +604,13 @@ impl Engine {
             // its retransmissions give up.
             self.stats.reset += 1;
             if let Some(rst) = packet::tcp_rst(&info) {
-                self.to_device(&rst);
+                self.push_device(&rst);
             }
             return;
         }
         if slot.unavailable_until.is_some_and(|u| now < u) {
             if let Some(icmp) = packet::icmp_unreachable(pkt, &info, Unreachable::Host) {
-                self.to_device(&icmp);
+                self.push_device(&icmp);
             }
             return;
         }
@@ -765,14 +768,12 @@ impl Engine {
     }
 
     /// A new policy is in force: new subject, new routes, and every cached decision is stale
-    /// (flows are re-decided on their next packet).
-    pub fn set_policy(&mut self, policy: Arc<Policy>, now: Instant) {
+    /// (flows are re-decided on their next packet). A policy whose resources overlap the
+    /// synthetic pools is refused, and the previous one stays in force.
+    pub fn set_policy(&mut self, policy: Arc<Policy>, now: Instant) -> Result<(), EngineError> {
         let pools = [IpNet::V4(self.pool_nets.0), IpNet::V6(self.pool_nets.1)];
         if let Some((pool, net)) = pool_overlap(&policy, &pools) {
-            tracing::error!(
-                "policy change rejected, the previous policy stays in force: the synthetic pool {pool} overlaps its resource network {net}"
-            );
-            return;
+            return Err(EngineError::PoolOverlap { pool, net });
         }
         self.generation += 1;
         self.subject = policy.subject(&self.subject.user, &self.cert_groups);
@@ -780,6 +781,7 @@ impl Engine {
         self.resource_slots.clear();
         self.update_settings();
         self.pump(now);
+        Ok(())
     }
 
     pub fn policy(&self) -> &Arc<Policy> {
@@ -931,7 +933,7 @@ impl Engine {
                 DnsClient::Host { token, .. } => self.host_answers.push_back((token, answer)),
                 DnsClient::Packet { client, server } => {
                     if let Some(p) = packet::udp_packet(server, client, &answer) {
-                        self.to_device(&p);
+                        self.push_device(&p);
                     }
                 }
                 DnsClient::Stream { conn } => self.dns_tcp.answer(conn, &answer),
@@ -939,7 +941,7 @@ impl Engine {
         }
         self.dns_tcp.poll(now);
         while let Some(p) = self.dns_tcp.poll_packet() {
-            self.to_device(&p);
+            self.push_device(&p);
         }
         while let Some((id, server, query)) = self.resolver.tcp_exchanges.pop_front() {
             self.push_event(Event::DnsOverTcp { id, server, query });
@@ -968,7 +970,7 @@ impl Engine {
         self.events.push_back(e);
     }
 
-    fn to_device(&mut self, pkt: &[u8]) {
+    fn push_device(&mut self, pkt: &[u8]) {
         if !self.device.push(pkt) {
             self.stats.dropped += 1;
         }
@@ -988,7 +990,7 @@ impl Engine {
             PROTO_TCP => self.dns_tcp.handle_packet(pkt, now),
             _ => {
                 if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Prohibited) {
-                    self.to_device(&icmp);
+                    self.push_device(&icmp);
                 }
             }
         }
@@ -1082,7 +1084,7 @@ impl Engine {
             // The kernel routes only resource networks here; other protocols are not allowed.
             self.stats.no_route += 1;
             if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Prohibited) {
-                self.to_device(&icmp);
+                self.push_device(&icmp);
             }
             return None;
         };
@@ -1111,7 +1113,7 @@ impl Engine {
                 None => {
                     // An address no name holds (the pool recycled it, or it was never given).
                     if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Host) {
-                        self.to_device(&icmp);
+                        self.push_device(&icmp);
                     }
                     return None;
                 }
@@ -1142,7 +1144,7 @@ impl Engine {
                     packet::icmp_unreachable(pkt, info, Unreachable::Prohibited)
                 };
                 if let Some(r) = reply {
-                    self.to_device(&r);
+                    self.push_device(&r);
                 }
                 None
             }
@@ -1322,7 +1324,7 @@ impl Engine {
             let ip = &p[DEVICE_HEADROOM..];
             if let Ok(info) = packet::inspect(ip) {
                 if let Some(icmp) = packet::icmp_unreachable(ip, &info, Unreachable::Host) {
-                    self.to_device(&icmp);
+                    self.push_device(&icmp);
                 }
             }
         }

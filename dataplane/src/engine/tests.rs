@@ -41,8 +41,8 @@ resources:
 
 fn engine(p: Arc<Policy>, t0: Instant) -> Engine {
     let ca = identity::create_ca("test", Duration::from_secs(3600)).expect("ca");
-    let node = identity::issue(&ca, Role::Agent, "alice", &[], Duration::from_secs(3600))
-        .expect("issued");
+    let node =
+        identity::issue(&ca, Role::Agent, "alice", &[], Duration::from_secs(3600)).expect("issued");
     let creds = Credentials::from_pem(
         node.cert_pem.as_bytes(),
         node.key_pem.as_bytes(),
@@ -112,10 +112,15 @@ fn the_first_settings_route_resources_pools_and_the_dns_address() {
     let Some(Event::Settings(s)) = ev.iter().find(|e| matches!(e, Event::Settings(_))) else {
         panic!("no settings event in {ev:?}");
     };
-    let want: Vec<IpNet> = ["10.1.0.0/24", "100.96.0.53/32", "198.18.0.0/15", "fd5c:1ce0:d5::/96"]
-        .iter()
-        .map(|n| n.parse().expect("net"))
-        .collect();
+    let want: Vec<IpNet> = [
+        "10.1.0.0/24",
+        "100.96.0.53/32",
+        "198.18.0.0/15",
+        "fd5c:1ce0:d5::/96",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("net"))
+    .collect();
     assert_eq!(s.routes, want);
     assert_eq!(s.dns_servers, vec![IpAddr::V4(DNS)]);
     assert_eq!(s.match_domains, vec!["wiki.corp.internal".to_string()]);
@@ -135,16 +140,18 @@ fn a_policy_that_adds_a_resource_sends_new_settings_and_an_unchanged_one_sends_n
         })
         .expect("settings");
     let more = "  - name: db\n    connector: office\n    addresses: [10.2.0.0/16]\n    ports: [tcp/5432]\n";
-    e.set_policy(policy(more), t0);
+    e.set_policy(policy(more), t0).expect("accepted");
     let ev = events(&mut e);
     let Some(Event::Settings(s)) = ev.iter().find(|e| matches!(e, Event::Settings(_))) else {
         panic!("no settings after the policy grew: {ev:?}");
     };
     assert_eq!(s.generation, gen + 1);
     assert!(s.routes.contains(&"10.2.0.0/16".parse().expect("net")));
-    e.set_policy(policy(more), t0);
+    e.set_policy(policy(more), t0).expect("accepted");
     assert!(
-        !events(&mut e).iter().any(|e| matches!(e, Event::Settings(_))),
+        !events(&mut e)
+            .iter()
+            .any(|e| matches!(e, Event::Settings(_))),
         "the same routes again: no event"
     );
 }
@@ -178,7 +185,11 @@ fn a_denied_port_is_refused_at_once_with_a_reset_and_an_audit_line() {
         .collect();
     assert_eq!(audit.len(), 1);
     assert!(audit[0].contains(r#""decision":"deny""#), "{}", audit[0]);
-    assert!(audit[0].contains("2023-11-14T22:13:20"), "the host's clock: {}", audit[0]);
+    assert!(
+        audit[0].contains("2023-11-14T22:13:20"),
+        "the host's clock: {}",
+        audit[0]
+    );
 }
 
 #[test]
@@ -197,7 +208,10 @@ fn dns_over_udp_in_the_packet_path_gives_synthetic_and_upstream_answers() {
     assert_eq!((info.src_socket(), info.dst_socket()), (server, client));
     let a = first_a(info.payload(&out[0])).expect("an A record");
     assert!(
-        "198.18.0.0/15".parse::<ipnet::Ipv4Net>().expect("net").contains(&a),
+        "198.18.0.0/15"
+            .parse::<ipnet::Ipv4Net>()
+            .expect("net")
+            .contains(&a),
         "{a} is synthetic"
     );
 
@@ -224,7 +238,10 @@ fn dns_over_udp_in_the_packet_path_gives_synthetic_and_upstream_answers() {
     let info = packet::inspect(&out[0]).expect("ip");
     let m = Message::from_vec(info.payload(&out[0])).expect("dns");
     assert_eq!(m.metadata.id, 8, "the client's id restored");
-    assert_eq!(first_a(info.payload(&out[0])), Some(Ipv4Addr::new(192, 0, 2, 80)));
+    assert_eq!(
+        first_a(info.payload(&out[0])),
+        Some(Ipv4Addr::new(192, 0, 2, 80))
+    );
 }
 
 #[test]
@@ -284,7 +301,10 @@ fn dns_over_tcp_in_the_packet_path_answers_a_real_tcp_client() {
     }
     assert!(got.len() > 2, "an answer over TCP");
     let a = first_a(&got[2..]).expect("an A record");
-    assert!("198.18.0.0/15".parse::<ipnet::Ipv4Net>().expect("net").contains(&a));
+    assert!("198.18.0.0/15"
+        .parse::<ipnet::Ipv4Net>()
+        .expect("net")
+        .contains(&a));
 }
 
 #[test]
@@ -304,7 +324,10 @@ fn a_packet_to_a_resource_waits_for_the_relay_and_asks_for_nothing_else() {
     assert!(device_packets(&mut e).is_empty());
     let mut out = vec![0u8; 65_536];
     let t = e.poll_transmit(&mut out, t0).expect("the relay Initial");
-    assert_eq!((t.socket, t.to), (SocketKind::Peer, "192.0.2.1:4433".parse().expect("addr")));
+    assert_eq!(
+        (t.socket, t.to),
+        (SocketKind::Peer, "192.0.2.1:4433".parse().expect("addr"))
+    );
     assert!(e.poll_timeout(t0) > t0);
     let status = e.status(t0);
     assert_eq!(status.tunnels.len(), 1);
