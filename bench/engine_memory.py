@@ -25,9 +25,11 @@ engine is most of it.
 import argparse
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -77,22 +79,35 @@ def build_host(out_dir):
     return exe
 
 
-def read_line(p, timeout, want):
-    """Lines of the host's stdout until one starts with `want` (None after `timeout` s)."""
-    import selectors
-    sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
+def line_reader(p):
+    """A queue of the child's stdout lines, read by a thread (select on a buffered pipe would
+    miss lines already in Python's buffer)."""
+    q = queue.Queue()
+
+    def pump():
+        for line in p.stdout:
+            q.put(line.strip())
+        q.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return q
+
+
+def read_line(lines, timeout, want):
+    """Lines until one starts with `want` (None after `timeout` s or at the end)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not sel.select(max(0.0, deadline - time.monotonic())):
-            break
-        line = p.stdout.readline()
-        if not line:
-            break
-        line = line.strip()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            line = lines.get(timeout=left)
+        except queue.Empty:
+            return None
+        if line is None:
+            return None
         if line.startswith(want):
             return line
-    return None
 
 
 def measure(flows):
@@ -118,7 +133,8 @@ def measure(flows):
         host = subprocess.Popen(ns("agent", str(exe), "tun", *files), stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=open(out_dir / "host.log", "w"),
                                 text=True)
-        if not read_line(host, 15, "ready"):
+        log("C host started; waiting for its settings")
+        if not read_line(line_reader(host), 15, "ready"):
             raise SystemExit(f"engine_memory: the C host did not start (log {out_dir}/host.log)")
         # One request brings the tunnel up.
         page = None
@@ -132,6 +148,7 @@ def measure(flows):
             raise SystemExit("engine_memory: no page through the C host")
         time.sleep(1.0)
         base = status_kib(host.pid, "VmRSS")
+        log(f"tunnel up, RSS {base / 1024:.1f} MiB; opening {flows} flows")
         server = subprocess.Popen(ns("svc", sys.executable, str(PROBE), "idle-server", SVC,
                                      str(IDLE_PORT)), stdout=subprocess.PIPE, text=True)
         if (server.stdout.readline() or "").strip() != "listening":
@@ -143,6 +160,7 @@ def measure(flows):
         if not line:
             raise SystemExit("engine_memory: idle-client did not report")
         opened = json.loads(line)
+        log(f"{opened.get('opened')} flows open")
         time.sleep(1.0)
         idle = status_kib(host.pid, "VmRSS")
         hwm = status_kib(host.pid, "VmHWM")

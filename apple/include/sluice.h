@@ -50,7 +50,9 @@ typedef enum SluiceLogLevel {
   SLUICE_LOG_TRACE = 5,
 } SluiceLogLevel;
 
-// An engine (opaque).
+// An engine (opaque). Every function may be called on it from any thread, at the same time
+// as others (each hands a command to the engine's thread, or reads a locked queue), except
+// sluice_engine_free, which must be the last call.
 typedef struct SluiceEngine SluiceEngine;
 
 // The host's callbacks. Each may be NULL.

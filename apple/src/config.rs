@@ -237,14 +237,7 @@ impl AgentConfig {
     }
 }
 
-/// The nameservers of a resolv.conf, on port 53.
-pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().split('%').next()?.parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, 53))
-        .collect()
-}
+pub use sluice_dataplane::engine::dns::upstreams_from_resolv_conf;
 
 #[cfg(test)]
 mod tests {
@@ -327,14 +320,5 @@ mod tests {
         assert!(e.contains("`dns.address`"), "{e}");
         let e = AgentConfig::parse("- a list\n").unwrap_err().0;
         assert!(e.starts_with("agent config"), "{e}");
-    }
-
-    #[test]
-    fn resolv_conf_nameservers() {
-        let u = upstreams_from_resolv_conf(
-            "# c\nnameserver 192.0.2.53\nnameserver fe80::1%eth0\nsearch x\n",
-        );
-        assert_eq!(u.len(), 2);
-        assert_eq!(u[0].to_string(), "192.0.2.53:53");
     }
 }

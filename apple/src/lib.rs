@@ -95,7 +95,9 @@ pub struct SluiceCallbacks {
     pub clock_ns: Option<unsafe extern "C" fn(context: *mut c_void) -> u64>,
 }
 
-/// An engine (opaque).
+/// An engine (opaque). Every function may be called on it from any thread, at the same time
+/// as others (each hands a command to the engine's thread, or reads a locked queue), except
+/// sluice_engine_free, which must be the last call.
 pub struct SluiceEngine {
     agent: host::Agent,
 }

@@ -10,35 +10,81 @@ use crate::control_link::ControlLink;
 use crate::tunnel::Tunnel;
 use crate::wire::{Punch, RELAY_FORWARD_OVERHEAD};
 
-/// The next datagram a node sends, written into `out`: each tunnel's direct packets and
-/// punches straight from the socket (they need no relay), its relayed packets in relay forward
+/// A node's tunnels, by index, for [`TransmitRound`] (the agent keeps them in slots, the
+/// connector in a list).
+pub trait Tunnels {
+    fn count(&self) -> usize;
+    fn tunnel(&mut self, i: usize) -> Option<&mut Tunnel>;
+}
+
+impl Tunnels for [&mut Tunnel] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn tunnel(&mut self, i: usize) -> Option<&mut Tunnel> {
+        self.get_mut(i).map(|t| &mut **t)
+    }
+}
+
+/// Which datagram a node sends next, in rounds: each tunnel's direct packets and punches
+/// straight from the socket (they need no relay), its relayed packets in relay forward
 /// DATAGRAMs (only while the control connection has room, so the rest waits inside quiche
-/// instead of being dropped), then the control link's UDP packets. None once nothing is left.
-pub fn next_transmit<'t>(
-    link: &mut ControlLink,
-    tunnels: impl Iterator<Item = &'t mut Tunnel>,
-    out: &mut [u8],
-    now: Instant,
-) -> Option<(usize, SocketAddr)> {
-    for t in tunnels {
-        if let Some(sent) = t.send_direct(out) {
-            return Some(sent);
-        }
-        if let Some((to, punch)) = t.poll_punch() {
-            let n = punch.len().min(out.len());
-            out[..n].copy_from_slice(&punch[..n]);
-            return Some((n, to));
-        }
-        while let Some(client) = link.connected().filter(|c| c.can_forward()) {
-            let Some(n) = t.send_relayed(&mut out[RELAY_FORWARD_OVERHEAD..]) else {
-                break;
-            };
-            if let Err(e) = client.send_forward(&t.peer(), &mut out[..RELAY_FORWARD_OVERHEAD + n]) {
-                tracing::debug!("relay forward to {} failed: {e}", t.peer().short());
+/// instead of being dropped), then the control link's UDP packets; a round whose control link
+/// sent something is followed by another (its room for forwards grew). A tunnel with nothing
+/// left is not asked again within the round: an empty quiche send costs as much as a small one.
+#[derive(Debug, Default)]
+pub struct TransmitRound {
+    /// The tunnel being drained in this round.
+    cursor: usize,
+    /// Whether the control link sent a packet in this round.
+    link_sent: bool,
+}
+
+impl TransmitRound {
+    /// The next datagram, written into `out`; None once nothing is left (the round starts
+    /// over at the next call).
+    pub fn next(
+        &mut self,
+        link: &mut ControlLink,
+        tunnels: &mut (impl Tunnels + ?Sized),
+        out: &mut [u8],
+        now: Instant,
+    ) -> Option<(usize, SocketAddr)> {
+        loop {
+            while self.cursor < tunnels.count() {
+                if let Some(t) = tunnels.tunnel(self.cursor) {
+                    if let Some(sent) = t.send_direct(out) {
+                        return Some(sent);
+                    }
+                    if let Some((to, punch)) = t.poll_punch() {
+                        let n = punch.len().min(out.len());
+                        out[..n].copy_from_slice(&punch[..n]);
+                        return Some((n, to));
+                    }
+                    while let Some(client) = link.connected().filter(|c| c.can_forward()) {
+                        let Some(n) = t.send_relayed(&mut out[RELAY_FORWARD_OVERHEAD..]) else {
+                            break;
+                        };
+                        if let Err(e) =
+                            client.send_forward(&t.peer(), &mut out[..RELAY_FORWARD_OVERHEAD + n])
+                        {
+                            tracing::debug!("relay forward to {} failed: {e}", t.peer().short());
+                        }
+                    }
+                }
+                self.cursor += 1;
+            }
+            if let Some(sent) = link.send(out, now) {
+                self.link_sent = true;
+                return Some(sent);
+            }
+            let again = self.link_sent;
+            *self = TransmitRound::default();
+            if !again {
+                return None;
             }
         }
     }
-    link.send(out, now)
 }
 
 /// What a UDP packet on a node's socket is.

@@ -5,7 +5,7 @@
 //! address is routed into the TUN device and never needs a socket. Upstream queries over TCP
 //! (after a truncated UDP answer) are exchanged here too.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -20,15 +20,7 @@ const MAX_TCP_MESSAGE: usize = 65_535;
 /// A TCP client that sends nothing for this long is dropped.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
-/// Reads the upstream resolvers from a resolv.conf-style file (the system's, before the agent
-/// took over resolution).
-pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
-    text.lines()
-        .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|a| a.trim().split('%').next()?.parse::<IpAddr>().ok())
-        .map(|ip| SocketAddr::new(ip, 53))
-        .collect()
-}
+pub use sluice_dataplane::engine::dns::upstreams_from_resolv_conf;
 
 /// A query from a TCP client, for the agent's loop (which owns the engine).
 pub struct TcpQuery {
@@ -135,23 +127,4 @@ pub async fn forward_tcp(query: &[u8], upstream: SocketAddr) -> Result<Vec<u8>> 
     tokio::time::timeout(UPSTREAM_TIMEOUT, exchange)
         .await
         .context("upstream timed out")?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn upstreams_parse() {
-        let text = "# comment\nnameserver 192.0.2.53\nsearch corp\nnameserver fe80::1%eth0\nnameserver 2001:db8::53\noptions edns0\n";
-        let u = upstreams_from_resolv_conf(text);
-        assert_eq!(
-            u,
-            vec![
-                "192.0.2.53:53".parse().unwrap(),
-                "[fe80::1]:53".parse().unwrap(),
-                "[2001:db8::53]:53".parse().unwrap()
-            ]
-        );
-    }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 pub use sluice_dataplane::control_link::ControlLink;
-use sluice_dataplane::datagram::next_transmit;
+use sluice_dataplane::datagram::TransmitRound;
 pub use sluice_dataplane::datagram::{classify, Incoming};
 pub use sluice_dataplane::engine::TUNNEL_KEEPALIVE;
 use sluice_dataplane::identity::{IdentityError, Role};
@@ -227,7 +227,7 @@ pub async fn shutdown_signal() {
 }
 
 /// Sends what the tunnels and the control link have queued, in GSO batches (the order is
-/// [`next_transmit`]'s).
+/// [`TransmitRound`]'s).
 pub async fn flush(
     link: &mut ControlLink,
     tunnels: &mut [&mut Tunnel],
@@ -236,7 +236,8 @@ pub async fn flush(
     tx: &mut UdpSender,
 ) {
     let now = Instant::now();
-    while let Some((n, to)) = next_transmit(link, tunnels.iter_mut().map(|t| &mut **t), out, now) {
+    let mut round = TransmitRound::default();
+    while let Some((n, to)) = round.next(link, tunnels, out, now) {
         tx.send(socket, &out[..n], to).await;
     }
     tx.flush(socket).await;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_dataplane::control_link::ControlLink;
-use sluice_dataplane::datagram::next_transmit;
+use sluice_dataplane::datagram::TransmitRound;
 use sluice_dataplane::engine::{
     DnsConfig, Engine, EngineConfig, Event, SocketKind, DEVICE_HEADROOM,
 };
@@ -166,9 +166,12 @@ fn a_ping_opens_a_tunnel_through_the_relay_and_its_reply_comes_back() {
             relay.recv(&mut out[..t.len], addr(AGENT));
         }
         // Connector → relay.
+        let mut round = TransmitRound::default();
         loop {
-            let tunnels = connector.tunnels.iter_mut();
-            let Some((n, to)) = next_transmit(&mut connector.link, tunnels, &mut out, now) else {
+            let mut tunnels: Vec<&mut Tunnel> = connector.tunnels.iter_mut().collect();
+            let Some((n, to)) =
+                round.next(&mut connector.link, tunnels.as_mut_slice(), &mut out, now)
+            else {
                 break;
             };
             assert_eq!(to, addr(RELAY));

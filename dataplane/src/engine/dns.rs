@@ -6,7 +6,7 @@
 //! is bounded and expires by the clock the host gives.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::ResponseCode;
@@ -310,6 +310,16 @@ impl Resolver {
     }
 }
 
+/// Reads the upstream resolvers from a resolv.conf-style file (the system's, before the agent
+/// took over resolution; Darwin keeps one too).
+pub fn upstreams_from_resolv_conf(text: &str) -> Vec<SocketAddr> {
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|a| a.trim().split('%').next()?.parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
+        .collect()
+}
+
 /// The TC (truncated) bit of a DNS message header.
 pub fn truncated(msg: &[u8]) -> bool {
     msg.get(2).is_some_and(|b| b & 0x02 != 0)
@@ -339,6 +349,20 @@ mod tests {
         token: 7,
         tcp: false,
     };
+
+    #[test]
+    fn upstreams_parse() {
+        let text = "# comment\nnameserver 192.0.2.53\nsearch corp\nnameserver fe80::1%eth0\nnameserver 2001:db8::53\noptions edns0\n";
+        let u = upstreams_from_resolv_conf(text);
+        assert_eq!(
+            u,
+            vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap(),
+                "[2001:db8::53]:53".parse().unwrap()
+            ]
+        );
+    }
 
     #[test]
     fn an_upstream_answer_goes_back_with_the_clients_id() {

@@ -78,6 +78,22 @@ fn listener(address: IpAddr) -> Option<tcp::Socket<'static>> {
     Some(s)
 }
 
+impl Stack {
+    /// One more socket listening on port 53, for connection `id`.
+    fn listen(&mut self, address: IpAddr, id: usize, now: Instant) -> Option<()> {
+        let handle = self.sockets.add(listener(address)?);
+        self.conns.push(Conn {
+            handle,
+            id,
+            rx: Vec::new(),
+            tx: VecDeque::new(),
+            last_active: now,
+            active: false,
+        });
+        Some(())
+    }
+}
+
 impl DnsTcp {
     pub fn new(address: IpAddr, now: Instant) -> Self {
         DnsTcp {
@@ -112,23 +128,15 @@ impl DnsTcp {
                     let _ = iface.routes_mut().add_default_ipv6_route(a);
                 }
             }
-            let mut sockets = SocketSet::new(Vec::new());
-            let sock = listener(self.address)?;
-            let handle = sockets.add(sock);
-            self.next_id += 1;
-            self.stack = Some(Stack {
+            let mut stack = Stack {
                 iface,
                 device,
-                sockets,
-                conns: vec![Conn {
-                    handle,
-                    id: self.next_id,
-                    rx: Vec::new(),
-                    tx: VecDeque::new(),
-                    last_active: now,
-                    active: false,
-                }],
-            });
+                sockets: SocketSet::new(Vec::new()),
+                conns: Vec::new(),
+            };
+            self.next_id += 1;
+            stack.listen(self.address, self.next_id, now)?;
+            self.stack = Some(stack);
         }
         self.stack.as_mut()
     }
@@ -237,18 +245,8 @@ impl DnsTcp {
         }
         // One socket listens per connection to come: add one while all are busy.
         if listening == 0 && s.conns.len() < MAX_CONNS {
-            if let Some(sock) = listener(address) {
-                let handle = s.sockets.add(sock);
-                self.next_id += 1;
-                s.conns.push(Conn {
-                    handle,
-                    id: self.next_id,
-                    rx: Vec::new(),
-                    tx: VecDeque::new(),
-                    last_active: now,
-                    active: false,
-                });
-            }
+            self.next_id += 1;
+            let _ = s.listen(address, self.next_id, now);
         }
         if progressed {
             s.iface.poll(ts, &mut s.device, &mut s.sockets);
@@ -257,6 +255,14 @@ impl DnsTcp {
             .iface
             .poll_at(ts, &s.sockets)
             .map(|t| epoch + Duration::from_micros(t.total_micros().max(0) as u64));
+    }
+
+    /// Whether [`DnsTcp::poll`] has anything to do now: packets in, answers out, or a timer.
+    pub fn due(&self, now: Instant) -> bool {
+        let Some(s) = &self.stack else { return false };
+        !s.device.rx.is_empty()
+            || s.conns.iter().any(|c| !c.tx.is_empty())
+            || self.next_poll.is_some_and(|t| t <= now)
     }
 
     pub fn poll_query(&mut self) -> Option<(usize, Vec<u8>)> {

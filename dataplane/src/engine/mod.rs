@@ -34,7 +34,7 @@ use sluice_policy::{Flow, Policy, Proto, Subject};
 
 use crate::control::ControlEvent;
 use crate::control_link::{ControlLink, RelayTarget};
-use crate::datagram::{classify, next_transmit, Incoming};
+use crate::datagram::{classify, Incoming, TransmitRound, Tunnels};
 use crate::dns::live_flows::LiveFlows;
 use crate::dns::pool::SyntheticPool;
 use crate::dns::responder::{respond, Reply};
@@ -396,6 +396,22 @@ pub struct Engine {
     /// Unix time (nanoseconds) at `clock_base`: wall time without reading a clock.
     clock_base: (Instant, i128),
     asleep: bool,
+    /// Where [`Engine::poll_transmit`] is in its round over the tunnels.
+    tx_round: TransmitRound,
+    /// A slot's state may have changed since the host was last told.
+    slots_changed: bool,
+}
+
+/// The slots' tunnels, by slot index, for [`TransmitRound`].
+struct SlotTunnels<'a>(&'a mut [Slot]);
+
+impl Tunnels for SlotTunnels<'_> {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn tunnel(&mut self, i: usize) -> Option<&mut Tunnel> {
+        self.0.get_mut(i)?.tunnel.as_mut()
+    }
 }
 
 impl Engine {
@@ -474,6 +490,8 @@ impl Engine {
             next_housekeeping: now + HOUSEKEEPING,
             clock_base: (now, unix_nanos),
             asleep: false,
+            tx_round: TransmitRound::default(),
+            slots_changed: true,
             policy,
             generation: 1,
         };
@@ -619,6 +637,7 @@ impl Engine {
             return;
         }
         slot.queue.push_back((name, buf.to_vec()));
+        self.slots_changed = true;
         if slot.tunnel.is_none()
             && slot
                 .lookup_sent
@@ -706,6 +725,7 @@ impl Engine {
 
     /// The deadline from [`Engine::poll_timeout`] passed (or any time: early calls are fine).
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.slots_changed = true;
         self.link.on_timeout(now);
         // Before anything is sent to a relay address that resolved anew.
         self.check_relay_routes();
@@ -865,8 +885,9 @@ impl Engine {
                 socket: SocketKind::Dns,
             });
         }
-        let tunnels = self.slots.iter_mut().filter_map(|s| s.tunnel.as_mut());
-        let (len, to) = next_transmit(&mut self.link, tunnels, out, now)?;
+        let (len, to) =
+            self.tx_round
+                .next(&mut self.link, &mut SlotTunnels(&mut self.slots), out, now)?;
         Some(Transmit {
             len,
             to,
@@ -921,7 +942,10 @@ impl Engine {
     /// host, and tunnel state changes.
     fn pump(&mut self, now: Instant) {
         self.on_control_events(now);
-        self.dns_tcp.poll(now);
+        if self.dns_tcp.due(now) {
+            self.dns_tcp.poll(now);
+        }
+        let mut streamed = false;
         while let Some((conn, query)) = self.dns_tcp.poll_query() {
             self.dns_query(DnsClient::Stream { conn }, &query, now);
         }
@@ -936,10 +960,15 @@ impl Engine {
                         self.push_device(&p);
                     }
                 }
-                DnsClient::Stream { conn } => self.dns_tcp.answer(conn, &answer),
+                DnsClient::Stream { conn } => {
+                    self.dns_tcp.answer(conn, &answer);
+                    streamed = true;
+                }
             }
         }
-        self.dns_tcp.poll(now);
+        if streamed {
+            self.dns_tcp.poll(now);
+        }
         while let Some(p) = self.dns_tcp.poll_packet() {
             self.push_device(&p);
         }
@@ -948,6 +977,9 @@ impl Engine {
         }
         if let Some((host, port)) = self.link.poll_resolve() {
             self.push_event(Event::ResolveRelay { host, port });
+        }
+        if !std::mem::take(&mut self.slots_changed) {
+            return;
         }
         for i in 0..self.slots.len() {
             let now_state = self.slots[i].state();
@@ -1197,6 +1229,7 @@ impl Engine {
         if let Some(i) = self.slots.iter().position(|s| s.name == connector) {
             return i;
         }
+        self.slots_changed = true;
         self.slots.push(Slot {
             name: connector.to_string(),
             tunnel: None,
@@ -1264,6 +1297,7 @@ impl Engine {
     }
 
     fn start_lookup(&mut self, i: usize, now: Instant) {
+        self.slots_changed = true;
         let name = self.slots[i].name.clone();
         if let Some(c) = self.link.connected() {
             if c.lookup(&name).is_ok() {
@@ -1307,6 +1341,7 @@ impl Engine {
 
     /// The relay says connector `i` is not connected: what waits for it is refused.
     fn unavailable(&mut self, i: usize, now: Instant) {
+        self.slots_changed = true;
         tracing::warn!(
             "connector {:?} is not connected to the relay",
             self.slots[i].name
@@ -1331,6 +1366,7 @@ impl Engine {
     }
 
     fn open_tunnel(&mut self, i: usize, peer: PeerId, now: Instant) {
+        self.slots_changed = true;
         let path = self.paths.addr_of(peer);
         let slot = &mut self.slots[i];
         match Tunnel::connect(&mut self.tunnel_cfg, peer, &slot.name, path) {
@@ -1351,6 +1387,7 @@ impl Engine {
         let slot = &mut self.slots[i];
         let Some(t) = &mut slot.tunnel else { return };
         while let Some(ev) = t.poll_event() {
+            self.slots_changed = true;
             match ev {
                 TunnelEvent::Up(id) => {
                     tracing::info!(
@@ -1412,6 +1449,7 @@ impl Engine {
         }
         if t.is_closed() {
             slot.tunnel = None;
+            self.slots_changed = true;
         }
     }
 
