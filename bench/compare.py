@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Sluice beside WireGuard: throughput, latency, request rate, CPU and memory, in one run.
 
-    bench/compare.py [--quick] [--reps N] [--secs S] [--sluice PATH] [--only ROWS]
-                     [--direct-lab-args ARGS] [--relay-lab-args ARGS] [--idle-conns N]
-                     [--no-install] [--out DIR]
+    bench/compare.py [--quick] [--reps N] [--secs S] [--sluice PATH] [--sluice-b PATH]
+                     [--only ROWS] [--direct-lab-args ARGS] [--relay-lab-args ARGS]
+                     [--idle-conns N] [--no-install] [--out DIR]
     bench/compare.py --report RESULTS.json     # reprint a run, redraw its .md and .svg
 
 Rows (each path is "sender namespace -> tunnel -> receiver namespace"):
@@ -16,6 +16,9 @@ Rows (each path is "sender namespace -> tunnel -> receiver namespace"):
                     -> service
   sluice-direct     the Sluice lab (`sluice lab up`): the tunnel goes direct, agent ->
                     connector -> service
+  sluice-relay-b    with --sluice-b PATH: sluice-relay and sluice-direct again, on labs of
+  sluice-direct-b   their own run by the second binary, each measured right after its A row;
+                    the run then prints the ratio A/B of each figure (same-run A/B of two builds)
 
 Measures per row and repetition: iperf3 TCP with 1 and 4 streams in each direction, iperf3 UDP
 at a fixed offered rate (loss %), ping RTT (median), a 1-byte TCP request/response rate, CPU
@@ -62,6 +65,10 @@ RELAY_LAB_ARGS = "--relay-only"
 
 RELAY_LAB = "bw-"    # sluice lab prefix of the sluice-relay row
 DIRECT_LAB = "bwd-"  # sluice lab prefix of the sluice-direct row
+# With --sluice-b: the same two rows run by the second binary, on labs of their own (a lab's
+# addresses live in its own namespaces, so labs of different prefixes run side by side).
+# B row -> (its A row, its lab prefix); each is measured right after its A row.
+B_ROWS = {"sluice-relay-b": ("sluice-relay", "bwb-"), "sluice-direct-b": ("sluice-direct", "bwdb-")}
 # Namespace pairs of the veth and WireGuard rows: BASE-s (sender) and BASE-r (receiver).
 PAIRS = {"veth": "bwc-veth", "kernel-wireguard": "bwc-kwg", "boringtun": "bwc-bt",
          "wireguard-go": "bwc-go"}
@@ -78,6 +85,11 @@ IPERF_PORT, RR_PORT, IDLE_PORT = 5201, 9001, 9002
 UDP_RATE, UDP_LEN, UDP_SOCKBUF = "200M", 1200, "1M"
 ROW_ORDER = ["veth", "kernel-wireguard", "boringtun", "wireguard-go", "sluice-relay",
              "sluice-direct"]
+# The A/B section: (label, field, unit) of each figure compared between an A row and its B row.
+AB_METRICS = [("tcp1 up", "tcp1_gbps", "Gbit/s"), ("tcp1 down", "tcp1_rev_gbps", "Gbit/s"),
+              ("tcp4 up", "tcp4_gbps", "Gbit/s"), ("tcp4 down", "tcp4_rev_gbps", "Gbit/s"),
+              ("rtt", "rtt_ms", "ms"), ("+rtt", "rtt_added_ms", "ms"), ("rr tx/s", "rr_tps", "/s"),
+              ("cpu s/GB", "cpu_s_per_gb", "s/GB"), ("rss MiB", "peak_rss_mib", "MiB")]
 BUILD_PROCS = {"rustc", "cargo", "cc1", "cc1plus", "cc", "c++", "ld", "ld.lld", "ld.bfd",
                "clang", "cmake", "ninja", "build-script-b"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -117,6 +129,8 @@ class State:
     tmp = None        # temporary directory (keys, logs, the copy of the sluice binary)
     sluice = None     # the sluice binary the labs run (a copy, so rebuilds don't disturb a run)
     lab_sluice = None  # binary used for `lab down` when there is no copy yet
+    sluice_b = None   # the copy of --sluice-b, which the B rows' labs run
+    lab_sluice_b = None  # --sluice-b itself, for `lab down` of the B labs before it is copied
 
 
 def run(args, check=True, timeout=120, input=None):
@@ -214,6 +228,13 @@ def cleanup(quiet=False):
     for prefix in (RELAY_LAB, DIRECT_LAB):
         if binary and Path(binary).exists():
             run([binary, "lab", "down", "--prefix", prefix], check=False, timeout=60)
+    # The B rows' labs, also without --sluice-b (what a killed A/B run left), each taken down
+    # by the binary that made it when there is one.
+    binary_b = next((b for b in (State.sluice_b, State.lab_sluice_b, binary)
+                     if b and Path(b).exists()), None)
+    for prefix in (lab for _, lab in B_ROWS.values()):
+        if binary_b:
+            run([binary_b, "lab", "down", "--prefix", prefix], check=False, timeout=60)
     for name in WG_IFACE.values():
         for side in ("s", "r"):
             Path(f"/var/run/wireguard/{name}-{side}.sock").unlink(missing_ok=True)
@@ -221,6 +242,7 @@ def cleanup(quiet=False):
         shutil.rmtree(State.tmp, ignore_errors=True)
         State.tmp = None
         State.sluice = None
+        State.sluice_b = None
     # Leftovers of an interrupted earlier run (we hold the lock: no other run is going on).
     for d in Path(tempfile.gettempdir()).glob("sluice-bench.*"):
         shutil.rmtree(d, ignore_errors=True)
@@ -272,7 +294,20 @@ def first_line(args):
         return None
 
 
-def machine_info(tools, sluice_src):
+def sha256_16(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def mtime_iso(path):
+    st = Path(path).stat()
+    return datetime.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds")
+
+
+def machine_info(tools, sluice_src, sluice_b_src=None):
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                 if l.startswith("model name")), "unknown")
     mem = next((int(l.split()[1]) for l in open("/proc/meminfo")
@@ -287,12 +322,7 @@ def machine_info(tools, sluice_src):
     git = run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=False).stdout.strip()
     dirty = run(["git", "--no-optional-locks", "-C", str(REPO), "status", "--porcelain", "-uno"],
                 check=False).stdout.strip() != ""
-    h = hashlib.sha256()
-    with open(State.sluice, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    st = Path(sluice_src).stat()
-    return {
+    info = {
         "nproc": os.cpu_count(),
         "kernel": os.uname().release,
         "cpu_model": cpu,
@@ -303,14 +333,21 @@ def machine_info(tools, sluice_src):
         "git_head": git,
         "git_dirty": dirty,
         "sluice_binary": str(sluice_src),
-        "sluice_binary_mtime": datetime.datetime.fromtimestamp(st.st_mtime).isoformat(timespec="seconds"),
-        "sluice_sha256": h.hexdigest()[:16],
+        "sluice_binary_mtime": mtime_iso(sluice_src),
+        "sluice_sha256": sha256_16(State.sluice),
         "iperf3": first_line([tools["iperf3"], "--version"]),
         "wg": first_line([tools["wg"], "--version"]) if tools["wg"] else None,
         "wireguard_go": first_line([tools["wireguard-go"], "--version"]) if tools["wireguard-go"] else None,
         "boringtun": first_line([tools["boringtun-cli"], "--version"]) if tools["boringtun-cli"] else None,
         "python": sys.version.split()[0],
     }
+    if sluice_b_src:
+        info.update({
+            "sluice_b_binary": str(sluice_b_src),
+            "sluice_b_binary_mtime": mtime_iso(sluice_b_src),
+            "sluice_b_sha256": sha256_16(State.sluice_b),
+        })
+    return info
 
 
 class BuildWatch(threading.Thread):
@@ -382,10 +419,16 @@ class Row:
         self.udp_ns = []      # namespaces whose UDP receive-buffer drops are counted
         self.lab = None       # sluice lab prefix
         self.lab_args = []
+        self.binary = None    # the sluice binary (copy) this row's lab runs
         self.agent_proc = None
         self.reps = []        # one dict of measurements per repetition
         self.final = {}       # measured once after the repetitions (RSS, idle connections)
         self.info = {}
+
+    @property
+    def base(self):
+        """The row this one is built like: the A row of a B row, else itself."""
+        return B_ROWS[self.name][0] if self.name in B_ROWS else self.name
 
     @property
     def kind(self):
@@ -506,7 +549,7 @@ def lab_dir(row):
 
 
 def setup_sluice(row):
-    p = run([State.sluice, "lab", "up", "--prefix", row.lab, *row.lab_args], check=False,
+    p = run([row.binary, "lab", "up", "--prefix", row.lab, *row.lab_args], check=False,
             timeout=120)
     if p.returncode != 0:
         raise RuntimeError(f"sluice lab up --prefix {row.lab} failed:\n"
@@ -520,7 +563,7 @@ def setup_sluice(row):
     start_servers(row)
     # The row measures the path it is named after: a page brings the tunnel up, then the
     # agent's own status must say which path it took.
-    want = "direct" if row.name == "sluice-direct" else "relay"
+    want = "direct" if row.base == "sluice-direct" else "relay"
     run(["ip", "netns", "exec", row.sender, "curl", "-s", "-o", "/dev/null", "--max-time", "5",
          f"http://{SVC_ADDR}/"], check=False, timeout=10)
     wait_for(f"{row.name}: the tunnel on the {want} path",
@@ -529,7 +572,7 @@ def setup_sluice(row):
 
 def sluice_path(row):
     """The path of the lab agent's tunnel ("direct" or "relay"), from `sluice status --json`."""
-    p = run([State.sluice, "status", "--json", "--socket", str(lab_dir(row) / "agent.sock")],
+    p = run([row.binary, "status", "--json", "--socket", str(lab_dir(row) / "agent.sock")],
             check=False, timeout=10)
     try:
         tunnels = json.loads(p.stdout).get("tunnels") or []
@@ -565,7 +608,7 @@ def restart_agent(row):
         ["ip", "-n", ns, "link", "show", "sluice0"], check=False).returncode != 0, 5)
     logf = open(d / "agent.log", "ab")
     t0 = time.monotonic()
-    p = subprocess.Popen(nsx(ns, State.sluice, "agent", "--config", d / "agent.yaml"),
+    p = subprocess.Popen(nsx(ns, row.binary, "agent", "--config", d / "agent.yaml"),
                          stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, process_group=0)
     logf.close()
     (d / "agent.pid").write_text(str(p.pid))
@@ -760,11 +803,11 @@ def summarize(row, run_info):
             d[k] = statistics.median(vals)
             d[f"{k}_range"] = [min(vals), max(vals)]
     d.update(row.final)
-    if row.name == "sluice-direct" and d.get("cpu_s_per_gb_relay", 0) > 0.2 * d.get("cpu_s_per_gb_agent", 1):
+    if row.base == "sluice-direct" and d.get("cpu_s_per_gb_relay", 0) > 0.2 * d.get("cpu_s_per_gb_agent", 1):
         # On a direct path the relay only sees keepalives: its CPU per GB should be near 0.
         d["warning"] = (f"the relay used {d['cpu_s_per_gb_relay']:.2f} CPU s/GB: the traffic "
                         "probably went through the relay, not a direct path")
-        log(f"sluice-direct: {d['warning']}")
+        log(f"{row.name}: {d['warning']}")
     d["reps"] = len(row.reps)
     d["info"] = dict(row.info, sender_ns=row.sender, receiver_ns=row.receiver, target=row.target,
                      processes=sorted(row.procs))
@@ -787,6 +830,81 @@ def add_cross_ratios(rows):
             if vals:
                 d[key] = statistics.median(vals)
                 d[f"{key}_range"] = [min(vals), max(vals)]
+
+
+def ab_ratio(a, b):
+    """a / b, or None where either is missing or not positive (e.g. an added RTT of 0)."""
+    if a is None or b is None or a <= 0 or b <= 0:
+        return None
+    return a / b
+
+
+def add_ab_ratios(rows):
+    """Each B row (--sluice-b) against its A row, repetition by repetition: the two ran back to
+    back in each repetition. Written into the B row as a_over_b_<field> (median), its _range and
+    a_over_b_per_rep; peak RSS is read once after the repetitions, so it has one ratio."""
+    by = {d["name"]: d for d in rows}
+    for b_name, (a_name, _) in B_ROWS.items():
+        a, b = by.get(a_name), by.get(b_name)
+        if not a or not b or not a.get("per_rep") or not b.get("per_rep"):
+            continue
+        # Repetitions are appended in order and a row stops at its first failure, so the i-th
+        # entries of both lists are the same repetition.
+        pairs = list(zip(a["per_rep"], b["per_rep"]))
+        per_rep = [{} for _ in pairs]
+        for _, field, _ in AB_METRICS:
+            if field == "peak_rss_mib":
+                r = ab_ratio(a.get(field), b.get(field))
+                if r is not None:
+                    b[f"a_over_b_{field}"] = r
+                continue
+            vals = []
+            for i, (ra, rb) in enumerate(pairs):
+                r = ab_ratio(ra.get(field), rb.get(field))
+                if r is not None:
+                    per_rep[i][field] = r
+                    vals.append(r)
+            if vals:
+                b[f"a_over_b_{field}"] = statistics.median(vals)
+                b[f"a_over_b_{field}_range"] = [min(vals), max(vals)]
+        b["a_over_b_reps"] = len(pairs)
+        b["a_over_b_per_rep"] = per_rep
+
+
+def ab_lines(rows):
+    """The A/B section: each figure of each A row over its B row (empty without B rows)."""
+    by = {d["name"]: d for d in rows}
+    if not any(n in by for n in B_ROWS):
+        return []
+    m = (rows[0].get("run") or {}).get("machine") or {}
+    out = [f"A/B: A = --sluice {m.get('sluice_binary', '?')} (sha256 {m.get('sluice_sha256', '?')}), "
+           f"B = --sluice-b {m.get('sluice_b_binary', '?')} (sha256 {m.get('sluice_b_sha256', '?')})",
+           "  ratio A/B within each repetition, median (min-max over repetitions); > 1: A's "
+           "figure is higher (better for tcp and rr tx/s, worse for rtt, cpu s/GB and rss MiB)"]
+    for b_name, (a_name, _) in B_ROWS.items():
+        a, b = by.get(a_name), by.get(b_name)
+        missing = [(n, d) for n, d in ((a_name, a), (b_name, b)) if not d or not d.get("per_rep")]
+        if missing:
+            why = "; ".join(f"{n}: " + ("not in --only" if not d else d.get("skipped")
+                                        or d.get("error") or "no data") for n, d in missing)
+            out.append(f"  {a_name}: A/B not measured ({why})")
+            continue
+        lines = []
+        for label, field, unit in AB_METRICS:
+            r = b.get(f"a_over_b_{field}")
+            rng = b.get(f"a_over_b_{field}_range")
+            s = f"  {a_name} {label}: A/B {fmt(r, 2)}"
+            if field == "peak_rss_mib":
+                s += " (read once)"
+            elif rng and b.get("a_over_b_reps", 0) > 1:
+                s += f" ({fmt(rng[0], 2)}-{fmt(rng[1], 2)})"
+            lines.append((s, f"A {fmt(a.get(field))}  B {fmt(b.get(field))} {unit}"))
+        w = max(len(s) for s, _ in lines)
+        out += [f"{s.ljust(w)}   {ab}" for s, ab in lines]
+        n = b.get("a_over_b_reps", 0)
+        if n != max(len(a["per_rep"]), len(b["per_rep"])):
+            out.append(f"  {a_name}: only {n} repetition(s) measured both rows")
+    return out
 
 
 def targets_lines(rows):
@@ -926,7 +1044,7 @@ def write_csv(rows, path):
     fields = ["name", "status"]
     for d in rows:
         for k, v in d.items():
-            if k in ("name", "per_rep", "run", "info", "skipped", "error"):
+            if k in ("name", "per_rep", "run", "info", "skipped", "error", "a_over_b_per_rep"):
                 continue
             if k.endswith("_range"):
                 for suffix in ("_min", "_max"):
@@ -964,7 +1082,7 @@ def write_svg(rows, path, subtitle):
             for v in [d.get(f)] + list(d.get(f"{f}_range") or []) if v]
     lo = 10 ** math.floor(math.log10(min(vals))) if vals else 0.01
     hi = 10 ** math.ceil(math.log10(max(vals))) if vals else 100
-    W, H = 960, 470
+    W, H = max(960, 90 + 145 * len(rows)), 470  # wider beyond 6 rows (the B rows)
     left, right, top, bottom = 70, 20, 70, 90
     pw, ph = W - left - right, H - top - bottom
     def y(v):
@@ -1057,7 +1175,12 @@ def parse_args(argv):
     ap.add_argument("--secs", type=float, help="seconds per iperf3 TCP test (default 10; --quick: 2)")
     ap.add_argument("--sluice", default=str(REPO / "target" / "release" / "sluice"),
                     help="sluice binary (default: target/release/sluice); it is copied first")
-    ap.add_argument("--only", help="comma-separated rows to run (veth is always measured)")
+    ap.add_argument("--sluice-b", metavar="PATH",
+                    help="a second sluice binary (e.g. the previous build), also copied first: "
+                         "adds the rows sluice-relay-b and sluice-direct-b, each measured right "
+                         "after its A row, and prints the ratio A/B of each figure")
+    ap.add_argument("--only", help="comma-separated rows to run (veth is always measured; "
+                                   "with --sluice-b also sluice-relay-b, sluice-direct-b)")
     ap.add_argument("--direct-lab-args", default=DIRECT_LAB_ARGS,
                     help="`sluice lab up` options that make the agent use a direct path; "
                          "enables the sluice-direct row")
@@ -1085,15 +1208,33 @@ def parse_args(argv):
     return a
 
 
-def build_rows(cfg, tools):
+def row_order(cfg):
+    """ROW_ORDER, with each B row (--sluice-b) right after its A row."""
+    order = []
+    for name in ROW_ORDER:
+        order.append(name)
+        if cfg.sluice_b:
+            order += [b for b, (a, _) in B_ROWS.items() if a == name]
+    return order
+
+
+def check_only(cfg):
     only = set(cfg.only.split(",")) if cfg.only else None
     if only:
-        unknown = only - set(ROW_ORDER)
+        unknown = only - set(ROW_ORDER) - set(B_ROWS)
         if unknown:
             raise SystemExit(f"compare.py: unknown row(s) {', '.join(sorted(unknown))}; "
-                             f"rows: {', '.join(ROW_ORDER)}")
+                             f"rows: {', '.join(row_order(cfg))}")
+        need_b = sorted(only & set(B_ROWS))
+        if need_b and not cfg.sluice_b:
+            raise SystemExit(f"compare.py: row(s) {', '.join(need_b)} need --sluice-b PATH")
+    return only
+
+
+def build_rows(cfg, tools):
+    only = check_only(cfg)
     rows = []
-    for name in ROW_ORDER:
+    for name in row_order(cfg):
         if only and name != "veth" and name not in only:
             continue
         row = Row(name)
@@ -1110,14 +1251,21 @@ def build_rows(cfg, tools):
                     setup_wireguard(row, tools)
             elif name in ("boringtun", "wireguard-go"):
                 setup_wireguard(row, tools)
-            elif name == "sluice-relay":
-                row.lab, row.lab_args = RELAY_LAB, shlex.split(cfg.relay_lab_args or "")
-                setup_sluice(row)
-            elif name == "sluice-direct":
-                if cfg.direct_lab_args is None:
+            elif row.kind == "sluice":
+                # A B row is its A row with the other binary and a lab of its own.
+                b = name in B_ROWS
+                row.binary = State.sluice_b if b else State.sluice
+                if cfg.sluice_b:
+                    row.info["sluice_binary"] = cfg.sluice_b if b else cfg.sluice
+                if row.base == "sluice-relay":
+                    row.lab = B_ROWS[name][1] if b else RELAY_LAB
+                    row.lab_args = shlex.split(cfg.relay_lab_args or "")
+                    setup_sluice(row)
+                elif cfg.direct_lab_args is None:
                     row.skipped = DIRECT_SKIP
                 else:
-                    row.lab, row.lab_args = DIRECT_LAB, shlex.split(cfg.direct_lab_args)
+                    row.lab = B_ROWS[name][1] if b else DIRECT_LAB
+                    row.lab_args = shlex.split(cfg.direct_lab_args)
                     setup_sluice(row)
         except RuntimeError as e:
             if name == "veth":
@@ -1138,19 +1286,30 @@ def benchmark(cfg):
     if not src.is_file() or not os.access(src, os.X_OK):
         raise SystemExit(f"compare.py: no sluice binary at {src}: build it with scripts/setup.sh "
                          "(cargo build --release --locked --bin sluice) or pass --sluice PATH")
+    src_b = Path(cfg.sluice_b) if cfg.sluice_b else None
+    if src_b and (not src_b.is_file() or not os.access(src_b, os.X_OK)):
+        raise SystemExit(f"compare.py: no sluice binary at {src_b} (--sluice-b)")
+    check_only(cfg)
     State.lab_sluice = str(src)
+    State.lab_sluice_b = str(src_b) if src_b else None
     cleanup(quiet=True)  # leftovers of an interrupted run
     tools = ensure_tools(not cfg.no_install)
     State.tmp = tempfile.mkdtemp(prefix="sluice-bench.")
     State.sluice = str(Path(State.tmp) / "sluice")
     shutil.copy2(src, State.sluice)
+    if src_b:
+        State.sluice_b = str(Path(State.tmp) / "sluice-b")
+        shutil.copy2(src_b, State.sluice_b)
     watch = BuildWatch()
     watch.start()
     started = datetime.datetime.now().astimezone()
-    machine = machine_info(tools, src)
+    machine = machine_info(tools, src, src_b)
     log(f"sluice {src} (sha256 {machine['sluice_sha256']}), commit {machine['git_head']}"
         f"{' + uncommitted changes' if machine['git_dirty'] else ''}; "
         f"{cfg.reps} rep(s) x {cfg.secs}s")
+    if src_b:
+        log(f"sluice B {src_b} (sha256 {machine['sluice_b_sha256']}): rows "
+            f"{', '.join(B_ROWS)}, each right after its A row")
     rows = build_rows(cfg, tools)
     live = [r for r in rows if not r.skipped and not r.error]
     for rep in range(cfg.reps):
@@ -1198,6 +1357,7 @@ def benchmark(cfg):
     }
     summaries = [summarize(r, run_info) for r in rows]
     add_cross_ratios(summaries)
+    add_ab_ratios(summaries)
     return summaries, run_info, started
 
 
@@ -1216,8 +1376,9 @@ def write_report(cfg, rows, run_info, stem):
     m = run_info["machine"]
     subtitle = (f"{run_info['date'][:16].replace('T', ' ')} · commit {m['git_head']}"
                 f" · {m['nproc']} vCPUs, {m['kernel']} · median of {cfg.reps} × {cfg.secs} s")
+    ab = ab_lines(rows)
     md = (["```"] + legend(cfg, run_info) + ["```", ""] + table_lines(rows, markdown=True)
-          + ["", "```"] + targets_lines(rows) + ["```"])
+          + ["", "```"] + (ab + [""] if ab else []) + targets_lines(rows) + ["```"])
     write_svg(rows, f"{stem}.svg", subtitle)
     Path(f"{stem}.md").write_text("\n".join(md) + "\n")
 
@@ -1225,6 +1386,7 @@ def write_report(cfg, rows, run_info, stem):
 def report(path):
     rows = json.loads(Path(path).read_text())
     add_cross_ratios(rows)
+    add_ab_ratios(rows)
     run_info = rows[0]["run"]
     cfg = argparse.Namespace(reps=run_info["reps"], secs=run_info["secs"],
                              udp_secs=run_info["udp_secs"], rr_secs=run_info["rr_secs"],
@@ -1234,6 +1396,9 @@ def report(path):
     print("\n".join(legend(cfg, run_info)) + "\n")
     print("\n".join(table_lines(rows)))
     print()
+    if ab_lines(rows):
+        print("\n".join(ab_lines(rows)))
+        print()
     print("\n".join(targets_lines(rows)))
     print(f"\nredrawn: {stem}.md, {stem}.svg")
     return 0
@@ -1274,6 +1439,9 @@ def main(argv):
     print()
     print("\n".join(table_lines(rows)))
     print()
+    if ab_lines(rows):
+        print("\n".join(ab_lines(rows)))
+        print()
     print("\n".join(targets_lines(rows)))
     for d in rows:
         if d.get("warning"):
