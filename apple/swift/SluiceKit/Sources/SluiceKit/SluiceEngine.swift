@@ -1,10 +1,10 @@
 // SluiceEngine: one libsluice_apple engine (sluice.h), owned by a Swift object.
 //
 // Every method is one C call (two where a buffer was too small), named in its comment; the
-// table in apple/README.md lists them all. Nothing here is thread-safe: sluice.h does not say
-// that one engine may be called from two threads at once, so make every call on one serial
-// queue (the Network Extension uses the queue it passes as `workQueue`). sluice_last_error is
-// per thread, and each method reads it right after the failed call, on the same thread.
+// table in apple/README.md lists them all. sluice.h allows calls from any thread at once (all
+// but sluice_engine_free), but this class keeps every call on one serial queue anyway (the
+// Network Extension uses the queue it passes as `workQueue`): simpler to reason about, and
+// sluice_last_error is per thread, read right after the failed call on the same thread.
 
 import CSluice
 import Dispatch
