@@ -5,17 +5,19 @@ use std::cell::RefCell;
 use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-/// Status codes (the values of `SluiceStatus` in the header).
-pub(crate) const OK: i32 = 0;
-pub(crate) const EMPTY: i32 = 1;
-pub(crate) const TOO_SMALL: i32 = 2;
-pub(crate) const ERR_ARGUMENT: i32 = -1;
-pub(crate) const ERR_CONFIG: i32 = -2;
-pub(crate) const ERR_CREDENTIALS: i32 = -3;
-pub(crate) const ERR_POLICY: i32 = -4;
-pub(crate) const ERR_STATE: i32 = -5;
-pub(crate) const ERR_IO: i32 = -6;
-pub(crate) const ERR_PANIC: i32 = -99;
+use crate::SluiceStatus;
+
+/// Status codes as the exports return them: the header's `SluiceStatus`, written once.
+pub(crate) const OK: i32 = SluiceStatus::SLUICE_OK as i32;
+pub(crate) const EMPTY: i32 = SluiceStatus::SLUICE_EMPTY as i32;
+pub(crate) const TOO_SMALL: i32 = SluiceStatus::SLUICE_TOO_SMALL as i32;
+pub(crate) const ERR_ARGUMENT: i32 = SluiceStatus::SLUICE_ERR_ARGUMENT as i32;
+pub(crate) const ERR_CONFIG: i32 = SluiceStatus::SLUICE_ERR_CONFIG as i32;
+pub(crate) const ERR_CREDENTIALS: i32 = SluiceStatus::SLUICE_ERR_CREDENTIALS as i32;
+pub(crate) const ERR_POLICY: i32 = SluiceStatus::SLUICE_ERR_POLICY as i32;
+pub(crate) const ERR_STATE: i32 = SluiceStatus::SLUICE_ERR_STATE as i32;
+pub(crate) const ERR_IO: i32 = SluiceStatus::SLUICE_ERR_IO as i32;
+pub(crate) const ERR_PANIC: i32 = SluiceStatus::SLUICE_ERR_PANIC as i32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

@@ -198,10 +198,13 @@ pub unsafe extern "C" fn sluice_engine_new(
 #[no_mangle]
 pub unsafe extern "C" fn sluice_engine_start(engine: *mut SluiceEngine, mode: i32, fd: i32) -> i32 {
     with_engine(engine, |a| {
+        const HOST: i32 = SluicePacketMode::SLUICE_PACKETS_HOST as i32;
+        const UTUN: i32 = SluicePacketMode::SLUICE_PACKETS_UTUN as i32;
+        const RAW: i32 = SluicePacketMode::SLUICE_PACKETS_RAW as i32;
         let mode = match mode {
-            0 => host::Mode::Host,
-            1 => host::Mode::Device(utun::Framing::Utun),
-            2 => host::Mode::Device(utun::Framing::Raw),
+            HOST => host::Mode::Host,
+            UTUN => host::Mode::Device(utun::Framing::Utun),
+            RAW => host::Mode::Device(utun::Framing::Raw),
             m => return Err(Error::Argument(format!("unknown packet mode {m}"))),
         };
         a.start(mode, fd).map(|_| ffi::OK)

@@ -19,14 +19,16 @@ fn max_level() -> Level {
         .unwrap_or(Level::INFO)
 }
 
+/// The header's `SluiceLogLevel` of a tracing level.
 pub fn level_code(l: &Level) -> i32 {
-    match *l {
-        Level::ERROR => 1,
-        Level::WARN => 2,
-        Level::INFO => 3,
-        Level::DEBUG => 4,
-        Level::TRACE => 5,
-    }
+    use crate::SluiceLogLevel as L;
+    (match *l {
+        Level::ERROR => L::SLUICE_LOG_ERROR,
+        Level::WARN => L::SLUICE_LOG_WARN,
+        Level::INFO => L::SLUICE_LOG_INFO,
+        Level::DEBUG => L::SLUICE_LOG_DEBUG,
+        Level::TRACE => L::SLUICE_LOG_TRACE,
+    }) as i32
 }
 
 struct HostLog {

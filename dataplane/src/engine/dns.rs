@@ -112,11 +112,6 @@ impl Resolver {
         self.udp.len() + self.tcp.len() + self.connector.len()
     }
 
-    /// Whether `from` is one of the upstream resolvers.
-    pub fn is_upstream(&self, from: &SocketAddr) -> bool {
-        self.upstreams.contains(from)
-    }
-
     pub fn answer(&mut self, client: DnsClient, answer: Vec<u8>) {
         self.answers.push_back((client, answer));
     }

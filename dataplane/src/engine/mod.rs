@@ -505,11 +505,6 @@ impl Engine {
         self.stats
     }
 
-    /// This agent's user and groups as the policy sees them.
-    pub fn subject(&self) -> &Subject {
-        &self.subject
-    }
-
     /// The wall clock is `unix_nanos` at `now` (the host's clock was set, or it woke up).
     pub fn set_wall_clock(&mut self, now: Instant, unix_nanos: i128) {
         self.clock_base = (now, unix_nanos);
@@ -804,10 +799,6 @@ impl Engine {
         Ok(())
     }
 
-    pub fn policy(&self) -> &Arc<Policy> {
-        &self.policy
-    }
-
     /// The host's interface addresses now (its tunnel device's own left out). A change is a
     /// network change for direct paths: tunnels look for a direct path again.
     pub fn set_interfaces(&mut self, interface_ips: Vec<IpAddr>, now: Instant) {
@@ -929,11 +920,6 @@ impl Engine {
             at = at.min(d);
         }
         at
-    }
-
-    /// The settings in force (the last [`Event::Settings`]).
-    pub fn settings(&self) -> Option<&Settings> {
-        self.settings.as_ref()
     }
 
     // ---- internals -------------------------------------------------------------------------
