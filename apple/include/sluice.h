@@ -136,6 +136,19 @@ void sluice_engine_free(struct SluiceEngine *engine);
 // `engine` is a live handle; `buf` has `cap` writable bytes; `len` is writable.
 int32_t sluice_engine_next_event(struct SluiceEngine *engine, char *buf, size_t cap, size_t *len);
 
+// The settings the engine starts with, as the JSON of a settings event (the format
+// next_event gives). Readable at any time after new, before start too: UTUN mode needs them
+// applied before it has a descriptor (the utun interface exists only once
+// NEPacketTunnelNetworkSettings are applied). After start, the first settings event carries
+// the same, generation 1; a host that applied these may skip it. Written as next_event writes.
+//
+// # Safety
+// `engine` is a live handle; `buf` has `cap` writable bytes; `len` is writable.
+int32_t sluice_engine_initial_settings(struct SluiceEngine *engine,
+                                       char *buf,
+                                       size_t cap,
+                                       size_t *len);
+
 // HOST mode: packets read from packetFlow (bare IP packets). Copied; returns once queued
 // (packets past the engine's bounded queue are dropped and counted, as a full NIC would).
 //

@@ -17,7 +17,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use sluice_dataplane::engine::{
-    self, DnsConfig, Engine, EngineConfig, EngineError, Event, SocketKind, DEVICE_HEADROOM,
+    self, DnsConfig, Engine, EngineConfig, EngineError, Event, Settings, SocketKind,
+    DEVICE_HEADROOM,
 };
 use sluice_dataplane::tls::Credentials;
 use sluice_policy::Policy;
@@ -472,6 +473,15 @@ impl Agent {
         self.command(Command::SetPolicy(policy))
     }
 
+    /// The settings the engine will start with, as the JSON of their event: readable before
+    /// `start`, for a host that needs a packet descriptor that exists only once settings are
+    /// applied (utun in a Network Extension).
+    pub fn initial_settings(&self) -> String {
+        let unspecified = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+        let config = engine_config(&self.config, unspecified, Vec::new(), Vec::new());
+        HostEvent::settings(&Settings::initial(&config, &lock(&self.policy))).json()
+    }
+
     pub fn status(&self) -> Result<String, Error> {
         let (tx, rx) = mpsc::sync_channel(1);
         self.command(Command::Status(tx))?;
@@ -539,6 +549,33 @@ struct Runner {
     news: bool,
 }
 
+/// The engine's configuration from the agent's: `local` is the peer socket's address.
+fn engine_config(
+    c: &AgentConfig,
+    local: SocketAddr,
+    interface_ips: Vec<IpAddr>,
+    upstreams: Vec<SocketAddr>,
+) -> EngineConfig {
+    EngineConfig {
+        relay: c.relay.clone(),
+        local,
+        ipv4: c.tun.ipv4,
+        ipv6: c.tun.ipv6,
+        mtu: c.tun.mtu,
+        dns: DnsConfig {
+            enabled: c.dns.listen,
+            address: c.dns.address,
+            pool_v4: c.dns.pool_v4,
+            pool_v6: c.dns.pool_v6,
+            max_names: c.dns.max_names,
+            upstreams,
+        },
+        direct_paths: c.direct_paths,
+        interface_ips,
+        instance: rand::random(),
+    }
+}
+
 impl Runner {
     fn new(s: Setup) -> Result<Runner, Error> {
         let clock = Clock::new(s.shared.callbacks.clone());
@@ -550,24 +587,8 @@ impl Runner {
                 &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
             )
         });
-        let config = EngineConfig {
-            relay: c.relay.clone(),
-            local: s.local,
-            ipv4: c.tun.ipv4,
-            ipv6: c.tun.ipv6,
-            mtu: c.tun.mtu,
-            dns: DnsConfig {
-                enabled: c.dns.listen,
-                address: c.dns.address,
-                pool_v4: c.dns.pool_v4,
-                pool_v6: c.dns.pool_v6,
-                max_names: c.dns.max_names,
-                upstreams,
-            },
-            direct_paths: c.direct_paths,
-            interface_ips: network::usable(network::interface_addresses(), s.local, &own),
-            instance: rand::random(),
-        };
+        let ips = network::usable(network::interface_addresses(), s.local, &own);
+        let config = engine_config(c, s.local, ips, upstreams);
         let engine = Engine::new(config, &s.creds, s.policy, clock.now(), unix_nanos()).map_err(
             |e| match e {
                 EngineError::Tls(e) => Error::Credentials(e.to_string()),

@@ -273,6 +273,28 @@ pub unsafe extern "C" fn sluice_engine_next_event(
     })
 }
 
+/// The settings the engine starts with, as the JSON of a settings event (the format
+/// next_event gives). Readable at any time after new, before start too: UTUN mode needs them
+/// applied before it has a descriptor (the utun interface exists only once
+/// NEPacketTunnelNetworkSettings are applied). After start, the first settings event carries
+/// the same, generation 1; a host that applied these may skip it. Written as next_event writes.
+///
+/// # Safety
+/// `engine` is a live handle; `buf` has `cap` writable bytes; `len` is writable.
+#[no_mangle]
+pub unsafe extern "C" fn sluice_engine_initial_settings(
+    engine: *mut SluiceEngine,
+    buf: *mut c_char,
+    cap: usize,
+    len: *mut usize,
+) -> i32 {
+    with_engine(engine, |a| {
+        let text = a.initial_settings();
+        // SAFETY: the caller's promise above.
+        unsafe { ffi::write_text(&text, buf, cap, len) }
+    })
+}
+
 /// HOST mode: packets read from packetFlow (bare IP packets). Copied; returns once queued
 /// (packets past the engine's bounded queue are dropped and counted, as a full NIC would).
 ///

@@ -3,6 +3,7 @@
 
 pub mod ack_hold;
 pub mod codel;
+pub mod connector;
 pub mod control;
 pub mod control_link;
 pub mod datagram;

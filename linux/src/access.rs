@@ -1,15 +1,12 @@
 //! Policy enforcement plumbing shared by agent and connector: loading and reloading the policy
-//! file, turning packets into policy flows, and the audit log.
+//! file, and the audit log.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::net::IpAddr;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use sluice_policy::audit::{rfc3339_now, AuditRecord};
 use sluice_policy::watch::{PolicyWatcher, Reload};
-use sluice_policy::{Decision, Flow, Policy};
 
 use crate::config::ConfigError;
 
@@ -112,35 +109,5 @@ impl AuditSink {
         if let Err(e) = r {
             tracing::warn!("audit log write failed: {e}");
         }
-    }
-}
-
-/// One flow decision, as the audit log records it.
-pub struct FlowRecord<'a> {
-    pub enforcer: &'a str,
-    pub user: &'a str,
-    pub device: &'a str,
-    pub src: IpAddr,
-    pub src_port: u16,
-    pub flow: &'a Flow<'a>,
-}
-
-impl AuditSink {
-    pub fn record(&mut self, policy: &Policy, r: &FlowRecord<'_>, d: &Decision) {
-        let rec = AuditRecord {
-            time: rfc3339_now(),
-            enforcer: r.enforcer,
-            user: r.user,
-            device: r.device,
-            source: std::net::SocketAddr::new(r.src, r.src_port).to_string(),
-            destination: std::net::SocketAddr::new(r.flow.dst, r.flow.port).to_string(),
-            hostname: r.flow.hostname,
-            protocol: r.flow.proto.as_str(),
-            port: r.flow.port,
-            decision: if d.allowed() { "allow" } else { "deny" },
-            rule: policy.rule_name(d),
-            resource: d.resource.map(|id| policy.resource(id).name.as_str()),
-        };
-        self.write_line(&rec.to_line());
     }
 }

@@ -39,13 +39,6 @@ const DNS_CLIENT_TTL: Duration = Duration::from_secs(10);
 /// DNS clients remembered at once (UDP queries in flight to the engine).
 const DNS_CLIENTS_MAX: usize = 4096;
 
-/// Wall-clock time now, for the engine (which reads no clock).
-fn unix_nanos() -> i128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i128)
-}
-
 pub fn run(args: AgentArgs) -> Result<()> {
     let origin = args.config.display().to_string();
     let mut cfg: AgentConfig = config::load(&args.config)?;
@@ -133,7 +126,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             &creds,
             watcher.policy().clone(),
             Instant::now(),
-            unix_nanos(),
+            node::unix_nanos(),
         )
         .map_err(|e| match e {
             EngineError::Pool(e) => ConfigError(format!("{origin}: `dns`: {e}")).into(),
@@ -482,7 +475,7 @@ impl Host {
             self.interfaces = ips.clone();
             self.engine.set_interfaces(ips, now);
         }
-        self.engine.set_wall_clock(now, unix_nanos());
+        self.engine.set_wall_clock(now, node::unix_nanos());
         self.dns_clients
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < DNS_CLIENT_TTL);
         self.tcp_clients.retain(|_, tx| !tx.is_closed());

@@ -1,24 +1,16 @@
-//! What the agent, connector and relay processes share: credentials, QUIC settings, the UDP
-//! socket, signals, and the control link to the relay with its reconnect and liveness logic.
+//! What the agent, connector and relay processes share: credentials, the UDP socket, the event
+//! loop's timer, signals, the wall clock, interface addresses and relay name resolution.
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
-pub use sluice_dataplane::control_link::ControlLink;
-use sluice_dataplane::datagram::TransmitRound;
-pub use sluice_dataplane::datagram::{classify, Incoming};
-pub use sluice_dataplane::engine::TUNNEL_KEEPALIVE;
 use sluice_dataplane::identity::{IdentityError, Role};
-pub use sluice_dataplane::nat::local::DirectSetup;
 use sluice_dataplane::tls::Credentials;
-use sluice_dataplane::tunnel::Tunnel;
-use tokio::net::UdpSocket;
 
-use crate::config::{ConfigError, IdentityFiles, RelayTarget};
-use crate::udp_batch::UdpSender;
+use crate::config::{ConfigError, IdentityFiles};
 use crate::IdentityArgs;
 
 /// Packets (or messages) taken from one source in one round of an event loop before the rest is
@@ -120,6 +112,13 @@ pub fn human_duration(d: Duration) -> String {
         7200..=172_799 => format!("{}h", s / 3600),
         _ => format!("{} days", s / 86_400),
     }
+}
+
+/// Wall-clock time now, for the sans-IO cores (which read no clock).
+pub fn unix_nanos() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -226,23 +225,6 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Sends what the tunnels and the control link have queued, in GSO batches (the order is
-/// [`TransmitRound`]'s).
-pub async fn flush(
-    link: &mut ControlLink,
-    tunnels: &mut [&mut Tunnel],
-    socket: &UdpSocket,
-    out: &mut [u8],
-    tx: &mut UdpSender,
-) {
-    let now = Instant::now();
-    let mut round = TransmitRound::default();
-    while let Some((n, to)) = round.next(link, tunnels, out, now) {
-        tx.send(socket, &out[..n], to).await;
-    }
-    tx.flush(socket).await;
-}
-
 /// The host's interface addresses (of interfaces that are up), but `skip_iface`'s (the
 /// agent's own TUN device): the direct-path candidates come from these.
 pub fn interface_ips(skip_iface: Option<&str>) -> Vec<IpAddr> {
@@ -289,17 +271,6 @@ pub fn resolve_relay(
                 .map_err(|e| e.to_string()),
         );
     });
-}
-
-/// A new control link for this process: dials at once (or asks for the relay name first).
-pub fn control_link(config: quiche::Config, local: SocketAddr, target: RelayTarget) -> ControlLink {
-    ControlLink::new(
-        config,
-        local,
-        target,
-        rand::random::<u64>() | 1,
-        Instant::now(),
-    )
 }
 
 #[cfg(test)]

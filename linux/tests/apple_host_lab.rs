@@ -1,8 +1,9 @@
 //! The Apple library (apple/, libsluice_apple.a) driven through its C ABI by a C host
 //! (apple/tests/c_host/host.c) in the lab, in place of the lab's own `sluice agent`: the host
 //! applies the settings event to a real TUN device and moves packets itself, as the Network
-//! Extension does with packetFlow. A second test runs the host's descriptor-mode self-test
-//! (utun framing over a socketpair) under valgrind.
+//! Extension does with packetFlow, built with AddressSanitizer and LeakSanitizer. A second
+//! test runs the host's descriptor-mode self-test (utun framing over a socketpair) under
+//! valgrind.
 //!
 //! The library must be built in the profile of this test, in the same target directory:
 //! `cargo build -p sluice-apple` (or `--release`, which a workspace release build does).
@@ -49,6 +50,20 @@ fn newest_mtime(dir: &Path) -> SystemTime {
 /// Compiles the C host against the checked-in header and the library next to the `sluice`
 /// binary this test runs (same profile, same target directory).
 fn build_c_host() -> PathBuf {
+    build_c_host_as("host", &[])
+}
+
+/// The C host with AddressSanitizer and LeakSanitizer: the whole program (the Rust library's
+/// allocations go through the same malloc) is checked for leaks at exit, and the C side for
+/// memory errors, at about twice the cost, where valgrind's would be too slow for a tunnel run.
+fn build_c_host_asan() -> PathBuf {
+    build_c_host_as(
+        "host-asan",
+        &["-fsanitize=address", "-fno-omit-frame-pointer"],
+    )
+}
+
+fn build_c_host_as(name: &str, flags: &[&str]) -> PathBuf {
     let profile_dir = Path::new(BIN).parent().unwrap();
     let lib = profile_dir.join("libsluice_apple.a");
     let release = profile_dir.ends_with("release");
@@ -67,9 +82,11 @@ fn build_c_host() -> PathBuf {
     );
     let out_dir = profile_dir.join("c_host");
     std::fs::create_dir_all(&out_dir).unwrap();
-    let exe = out_dir.join("host");
+    let exe = out_dir.join(name);
     let out = Command::new("cc")
-        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-g", "-I"])
+        .args(["-std=c99", "-Wall", "-Wextra", "-Werror", "-g"])
+        .args(flags)
+        .arg("-I")
         .arg(apple.join("include"))
         .arg(apple.join("tests/c_host/host.c"))
         .arg(&lib)
@@ -128,6 +145,8 @@ impl CHost {
             .arg(args[0])
             .args(files)
             .args(extra)
+            // For the ASan build: leaks fail the exit status (others ignore it).
+            .env("ASAN_OPTIONS", "detect_leaks=1:exitcode=23")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr).unwrap())
@@ -254,11 +273,12 @@ fn is_synthetic_v4(s: &str) -> bool {
         .is_ok_and(|a| a.octets()[0] == 198 && (a.octets()[1] & 0xfe) == 18)
 }
 
-/// The lab's agent replaced by the C host in host-driven mode over a real TUN device.
+/// The lab's agent replaced by the C host in host-driven mode over a real TUN device, the
+/// whole run under AddressSanitizer and LeakSanitizer.
 #[test]
 fn the_c_host_drives_the_engine_over_a_tun_device() {
     require_root();
-    let exe = build_c_host();
+    let exe = build_c_host_asan();
     let lab = Lab::up("tapl-");
     lab.stop("agent", "TERM");
     let files = write_host_files(&lab);
@@ -354,9 +374,12 @@ fn the_c_host_drives_the_engine_over_a_tun_device() {
     });
     host.wait_line(5, "a clean end", |l| l == "tun host ok");
     let status = host.child.wait().unwrap();
-    assert!(status.success(), "{status:?}\n{}", host.log());
-    assert_eq!(std::fs::read_to_string(&resolv).unwrap(), original);
     let log = host.log();
+    // Exit status 23: LeakSanitizer found a leak (its report is in the log).
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(!log.contains("ERROR: AddressSanitizer"), "{log}");
+    assert!(!log.contains("ERROR: LeakSanitizer"), "{log}");
+    assert_eq!(std::fs::read_to_string(&resolv).unwrap(), original);
     assert!(log.contains("agent: shutting down"), "{log}");
 }
 

@@ -23,7 +23,9 @@ use tokio::task::JoinHandle;
 use hickory_resolver::TokioResolver;
 
 use crate::ping::{Pinger, ECHO_TIMEOUT};
-use crate::stack::{DialError, FlowId, Stack, StackEvent};
+use crate::stack::{DialError, FlowId, Limits, Stack, StackEvent};
+use sluice_dataplane::connector::Services;
+use sluice_dataplane::identity::PeerId;
 
 /// Bytes a flow may read from its service before the agent side has taken them.
 const CREDIT: usize = 256 * 1024;
@@ -119,7 +121,8 @@ pub struct Splicer<K> {
     flows: HashMap<(K, FlowId), FlowHandle>,
     /// Signalled when a flow task drained a chunk toward its service.
     pub wake: Arc<Notify>,
-    dial_timeout: Duration,
+    /// Every agent's stack gets these.
+    limits: Limits,
     resolver: Option<Arc<TokioResolver>>,
     scratch: Vec<u8>,
     /// Chunks toward services are cut from this buffer; its memory is reused once the flow
@@ -131,8 +134,9 @@ pub struct Splicer<K> {
 
 impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
     /// `resolver` resolves hostnames agents address (split DNS); without one such flows fail.
+    /// `limits` bound each agent's stack and its dials.
     pub fn new(
-        dial_timeout: Duration,
+        limits: Limits,
         resolver: Option<Arc<TokioResolver>>,
     ) -> (Self, mpsc::Receiver<(K, FlowMsg)>) {
         let (tx, rx) = mpsc::channel(4096);
@@ -141,7 +145,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
             tx,
             flows: HashMap::new(),
             wake: Arc::new(Notify::new()),
-            dial_timeout,
+            limits,
             resolver,
             scratch: vec![0u8; CHUNK],
             to_service_buf: BytesMut::new(),
@@ -167,7 +171,7 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                         dst,
                         hostname,
                         self.resolver.clone(),
-                        self.dial_timeout,
+                        self.limits.dial_timeout,
                         self.tx.clone(),
                         rx,
                         credit.clone(),
@@ -353,6 +357,23 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
                 true
             }
         });
+    }
+}
+
+/// The Linux connector's services: real sockets, one stack per agent.
+impl Services for Splicer<PeerId> {
+    type Terminator = Stack;
+    fn terminator(&mut self) -> Stack {
+        Stack::new(self.limits.clone())
+    }
+    fn carry_out(&mut self, agent: PeerId, stack: &mut Stack) {
+        self.handle_events(agent, stack);
+    }
+    fn pump(&mut self, agent: PeerId, stack: &mut Stack) {
+        Splicer::pump(self, agent, stack);
+    }
+    fn agent_gone(&mut self, agent: PeerId) {
+        self.drop_agent(agent);
     }
 }
 

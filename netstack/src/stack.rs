@@ -25,6 +25,7 @@ use smoltcp::time::Instant;
 use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, Ipv4Address, Ipv6Address};
 
 use crate::device::QueueDevice;
+use sluice_dataplane::connector::Terminator;
 
 pub type FlowId = u64;
 
@@ -63,39 +64,8 @@ impl Default for Limits {
     }
 }
 
-/// The transport of a new flow, for [`FlowGate`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FlowKind {
-    Tcp,
-    Udp,
-    Icmp,
-}
-
-/// A flow the stack is about to open, for the access decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NewFlow<'a> {
-    pub kind: FlowKind,
-    pub src: SocketAddr,
-    /// Destination; the port is 0 for ICMP.
-    pub dst: SocketAddr,
-    /// The hostname the agent addressed (its destination is then a synthetic address).
-    pub hostname: Option<&'a str>,
-}
-
-/// Decides whether a new flow may open (the connector's policy enforcement). Denied TCP flows
-/// get a RST and other flows ICMP "administratively prohibited", at once.
-pub trait FlowGate {
-    fn admit(&mut self, flow: &NewFlow<'_>) -> bool;
-}
-
-/// Admits everything (tests, and deployments without a policy).
-pub struct AdmitAll;
-
-impl FlowGate for AdmitAll {
-    fn admit(&mut self, _: &NewFlow<'_>) -> bool {
-        true
-    }
-}
+// The gate and the flows it sees belong to the connector core; the stack is its terminator.
+pub use sluice_dataplane::connector::{AdmitAll, FlowGate, FlowKind, NewFlow};
 
 /// Why a dial failed, as the app should see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -819,5 +789,28 @@ impl Stack {
             .unwrap_or(Duration::from_secs(1));
         // Idle expiry is checked at least once a second.
         d.min(Duration::from_secs(1))
+    }
+}
+
+/// The connector core drives one stack per agent.
+impl Terminator for Stack {
+    fn input(&mut self, pkt: &[u8], hostname: Option<&str>, gate: &mut dyn FlowGate) {
+        self.input_named(pkt, hostname, gate);
+    }
+    fn advance(&mut self, now: std::time::Instant, epoch: std::time::Instant) {
+        self.set_time(now, epoch);
+        self.poll();
+    }
+    fn output(&mut self) -> Option<Vec<u8>> {
+        Stack::output(self)
+    }
+    fn recycle(&mut self, buf: Vec<u8>) {
+        Stack::recycle(self, buf);
+    }
+    fn poll_delay(&mut self) -> Duration {
+        Stack::poll_delay(self)
+    }
+    fn recheck(&mut self, gate: &mut dyn FlowGate) -> usize {
+        Stack::recheck(self, gate)
     }
 }

@@ -1,6 +1,10 @@
 //! The audit log: every new-flow decision as one JSON line.
 
+use std::net::SocketAddr;
+
 use serde::Serialize;
+
+use crate::matcher::{Decision, Flow, Policy};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct AuditRecord<'a> {
@@ -24,6 +28,40 @@ pub struct AuditRecord<'a> {
 impl AuditRecord<'_> {
     pub fn to_line(&self) -> String {
         serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+/// One new-flow decision, as its enforcer saw it: the agent engine and the connector core both
+/// write their audit lines from this.
+pub struct FlowDecision<'a> {
+    /// `agent` or `connector`.
+    pub enforcer: &'a str,
+    pub user: &'a str,
+    pub device: &'a str,
+    pub source: SocketAddr,
+    pub flow: &'a Flow<'a>,
+    pub decision: &'a Decision,
+}
+
+impl FlowDecision<'_> {
+    /// The JSON line, stamped with the wall clock `unix_nanos` (nanoseconds since the epoch).
+    pub fn line(&self, policy: &Policy, unix_nanos: i128) -> String {
+        let (f, d) = (self.flow, self.decision);
+        AuditRecord {
+            time: rfc3339_at(unix_nanos),
+            enforcer: self.enforcer,
+            user: self.user,
+            device: self.device,
+            source: self.source.to_string(),
+            destination: SocketAddr::new(f.dst, f.port).to_string(),
+            hostname: f.hostname,
+            protocol: f.proto.as_str(),
+            port: f.port,
+            decision: if d.allowed() { "allow" } else { "deny" },
+            rule: policy.rule_name(d),
+            resource: d.resource.map(|id| policy.resource(id).name.as_str()),
+        }
+        .to_line()
     }
 }
 

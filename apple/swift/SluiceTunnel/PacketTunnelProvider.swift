@@ -185,7 +185,7 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
             )
             var fd: Int32 = -1
             if configuration.utun {
-                fd = try findUtunDescriptor()
+                fd = try findUtunDescriptor(engine)
             }
             self.mode = configuration.utun ? .utun : .host
             self.engine = engine
@@ -195,6 +195,7 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
             logger.error("start: \(String(describing: error), privacy: .public)")
             self.engine = nil
             self.pendingStart = nil
+            self.appliedSettings = nil
             completionHandler(error)
             return
         }
@@ -209,17 +210,19 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
 
     /// UTUN mode: the descriptor, found the way WireGuardKit finds it (SluiceKit/Utun.swift).
     ///
-    /// WireGuardAdapter looks for it only after its setTunnelNetworkSettings, because that is
-    /// when NetworkExtension makes the utun interface; but sluice_engine_start wants the
-    /// descriptor before the engine has sent its first settings event. So placeholder settings
-    /// (no address, no route, no DNS) are applied first to get the interface made, and the
-    /// engine's settings replace them. Not tried on a device (nothing here was compiled); if
-    /// the placeholder does not make the interface, use HOST mode (the default).
-    private func findUtunDescriptor() throws -> Int32 {
-        let placeholder = NEPacketTunnelNetworkSettings(tunnelRemoteAddress: "127.0.0.1")
-        if let error = applyNetworkSettings(placeholder) {
+    /// NetworkExtension makes the utun interface when settings are first applied, and
+    /// sluice_engine_start wants the descriptor. So the engine's own starting settings
+    /// (sluice_engine_initial_settings, readable before start) are applied first, then the
+    /// descriptor is looked up; the first settings event after start carries the same
+    /// settings and only completes the start. Not tried on a device (nothing here was
+    /// compiled); HOST mode (the default) needs none of this.
+    private func findUtunDescriptor(_ engine: SluiceEngine) throws -> Int32 {
+        let settings = try engine.initialSettings()
+        if let error = applyNetworkSettings(try settings.makeNetworkSettings()) {
             throw ProviderError.settings(error)
         }
+        appliedSettings = settings
+        logger.info("settings generation \(settings.generation) applied before start")
         guard let fd = Utun.findFileDescriptor() else {
             throw ProviderError.noUtunDescriptor
         }
@@ -327,6 +330,8 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
     private func apply(_ settings: NetworkSettingsEvent) {
         if let applied = appliedSettings, applied.sameSettings(as: settings) {
             logger.debug("settings generation \(settings.generation): unchanged, not applied")
+            // UTUN mode applied these before start: they are in force now.
+            settingsInForce()
             return
         }
         let networkSettings: NEPacketTunnelNetworkSettings
@@ -342,7 +347,12 @@ final class PacketTunnelProvider: NEPacketTunnelProvider {
         }
         appliedSettings = settings
         logger.info("settings generation \(settings.generation) applied")
+        settingsInForce()
+    }
 
+    /// Settings are in force: the first time, startTunnel completes and packets and the path
+    /// monitor start.
+    private func settingsInForce() {
         if let completion = pendingStart {
             pendingStart = nil
             completion(nil)

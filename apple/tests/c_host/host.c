@@ -5,7 +5,8 @@
  *       Descriptor mode (SLUICE_PACKETS_UTUN) over a socketpair(AF_UNIX, SOCK_DGRAM), which
  *       keeps packet boundaries and EAGAIN as utun does: IPv4 and IPv6 packets go in with
  *       their AF headers and the replies' AF headers are checked; a packet whose header lies
- *       is dropped. Also checks error codes, TOO_SMALL sizes and the quiet after stop.
+ *       is dropped. The settings read before start (UTUN mode's order on Apple) are those of
+ *       the first event. Also checks error codes, TOO_SMALL sizes and the quiet after stop.
  *
  *   host tun CONFIG POLICY CERT KEY CA [RESOLV_CONF]
  *       Host-driven mode (SLUICE_PACKETS_HOST, packetFlow's way) over a real TUN device
@@ -371,6 +372,17 @@ static int selftest(char **argv) {
   last_error(err, sizeof err);
   printf("bad credentials refused: %s\n", err);
 
+  /* UTUN mode's order on Apple: the starting settings are read (and applied) before start,
+   * since the utun descriptor exists only then; the first event after start is the same. */
+  char tiny_settings[4];
+  size_t initial_len = 0;
+  if ((rc = sluice_engine_initial_settings(e, tiny_settings, sizeof tiny_settings, &initial_len)) != SLUICE_TOO_SMALL) die("initial settings small: %d", rc);
+  char *initial = malloc(initial_len);
+  if (!initial) die("out of memory");
+  if ((rc = sluice_engine_initial_settings(e, initial, initial_len, &initial_len)) != SLUICE_OK) die("initial settings: %d", rc);
+  if (!strstr(initial, "\"type\":\"settings\"") || !strstr(initial, "\"generation\":1")) die("initial settings: %s", initial);
+  printf("initial settings %s\n", initial);
+
   int sv[2];
   if (socketpair(AF_UNIX, SOCK_DGRAM, 0, sv) != 0) die("socketpair: %s", strerror(errno));
   if ((rc = sluice_engine_start(e, SLUICE_PACKETS_UTUN, sv[1])) != SLUICE_OK) {
@@ -384,6 +396,8 @@ static int selftest(char **argv) {
   char *ev = next_event(e, 5000);
   if (!ev || !strstr(ev, "\"type\":\"settings\"")) die("the first event is not settings: %s", ev ? ev : "(none)");
   printf("event %s\n", ev);
+  if (strcmp(ev, initial) != 0) die("the first settings event is not the initial settings:\n%s\n%s", ev, initial);
+  free(initial);
   char dns[64] = "", ipv4[64] = "", ipv6[64] = "";
   json_string(ev, "ipv4", ipv4, sizeof ipv4);
   json_string(ev, "ipv6", ipv6, sizeof ipv6);

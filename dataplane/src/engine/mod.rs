@@ -137,6 +137,52 @@ pub struct Settings {
     pub match_domains: Vec<String>,
 }
 
+impl Settings {
+    /// The settings an engine with `config` and `policy` starts with (its first
+    /// [`Event::Settings`]). A host that must apply settings before it can start reads them
+    /// here: Apple's utun descriptor exists only once settings are applied.
+    pub fn initial(config: &EngineConfig, policy: &Policy) -> Settings {
+        let d = &config.dns;
+        let dns = d.enabled.then_some(d.address);
+        let pools = (d.pool_v4.trunc(), d.pool_v6.trunc());
+        let wanted = wanted_routes(policy, pools, config.ipv4, config.ipv6, dns);
+        let relay: Vec<IpAddr> = config.relay.literal.map(|a| a.ip()).into_iter().collect();
+        let mut routes = routes::Routes::default();
+        routes.set(wanted, &relay);
+        Settings {
+            generation: 1,
+            ipv4: config.ipv4,
+            ipv6: config.ipv6,
+            mtu: config.mtu,
+            routes: routes.routed().to_vec(),
+            dns_servers: dns.into_iter().collect(),
+            match_domains: policy.dns_domains(),
+        }
+    }
+}
+
+/// What the device routes before the relay's addresses are kept out: the policy's resources,
+/// the synthetic pools, and the DNS address (`dns`, when the engine answers DNS) unless it is
+/// the device's own, so that queries reach the packet path.
+fn wanted_routes(
+    policy: &Policy,
+    pools: (Ipv4Net, Ipv6Net),
+    ipv4: Ipv4Net,
+    ipv6: Option<Ipv6Net>,
+    dns: Option<IpAddr>,
+) -> Vec<IpNet> {
+    let mut wanted = routes::networks(policy);
+    wanted.push(IpNet::V4(pools.0));
+    wanted.push(IpNet::V6(pools.1));
+    if let Some(a) = dns {
+        let own = IpAddr::V4(ipv4.addr()) == a || ipv6.is_some_and(|v6| IpAddr::V6(v6.addr()) == a);
+        if !own {
+            wanted.push(IpNet::from(a));
+        }
+    }
+    wanted
+}
+
 /// Something the host has to know or do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -1177,22 +1223,15 @@ impl Engine {
         d: &sluice_policy::Decision,
         now: Instant,
     ) -> String {
-        let p = &self.policy;
-        sluice_policy::audit::AuditRecord {
-            time: sluice_policy::audit::rfc3339_at(self.unix_nanos(now)),
+        sluice_policy::audit::FlowDecision {
             enforcer: "agent",
             user: &self.subject.user,
             device: &self.device_id,
-            source: SocketAddr::new(src, src_port).to_string(),
-            destination: SocketAddr::new(flow.dst, flow.port).to_string(),
-            hostname: flow.hostname,
-            protocol: flow.proto.as_str(),
-            port: flow.port,
-            decision: if d.allowed() { "allow" } else { "deny" },
-            rule: p.rule_name(d),
-            resource: d.resource.map(|id| p.resource(id).name.as_str()),
+            source: SocketAddr::new(src, src_port),
+            flow,
+            decision: d,
         }
-        .to_line()
+        .line(&self.policy, self.unix_nanos(now))
     }
 
     /// The connector slot serving resource `r`, remembered per resource until the next policy
@@ -1232,17 +1271,8 @@ impl Engine {
     /// Routes and DNS settings from the policy, the pools and the relay's addresses; a
     /// Settings event when they changed.
     fn update_settings(&mut self) {
-        let mut wanted = routes::networks(&self.policy);
-        wanted.push(IpNet::V4(self.pool_nets.0));
-        wanted.push(IpNet::V6(self.pool_nets.1));
-        let own = IpAddr::V4(self.ipv4.addr()) == self.dns_address
-            || self
-                .ipv6
-                .is_some_and(|v6| IpAddr::V6(v6.addr()) == self.dns_address);
-        if self.dns_enabled && !own {
-            // A DNS address of its own is routed in, so queries reach the packet path.
-            wanted.push(IpNet::from(self.dns_address));
-        }
+        let dns = self.dns_enabled.then_some(self.dns_address);
+        let wanted = wanted_routes(&self.policy, self.pool_nets, self.ipv4, self.ipv6, dns);
         let relay = self.link.relay_addrs();
         if let Some(changed) = self.routes.set(wanted, &relay) {
             for s in &mut self.slots {
@@ -1257,11 +1287,7 @@ impl Engine {
             ipv6: self.ipv6,
             mtu: self.mtu as u16,
             routes: self.routes.routed().to_vec(),
-            dns_servers: if self.dns_enabled {
-                vec![self.dns_address]
-            } else {
-                Vec::new()
-            },
+            dns_servers: dns.into_iter().collect(),
             match_domains: self.policy.dns_domains(),
         };
         let same = self.settings.as_ref().is_some_and(|s| {

@@ -50,7 +50,11 @@ fn engine(p: Arc<Policy>, t0: Instant) -> Engine {
         ["cert", "key", "ca"],
     )
     .expect("credentials");
-    let cfg = EngineConfig {
+    Engine::new(config(), &creds, p, t0, 1_700_000_000_000_000_000).expect("engine")
+}
+
+fn config() -> EngineConfig {
+    EngineConfig {
         relay: "192.0.2.1:4433".parse().expect("relay"),
         local: "0.0.0.0:40000".parse().expect("local"),
         ipv4: "100.96.0.1/32".parse().expect("v4"),
@@ -67,8 +71,7 @@ fn engine(p: Arc<Policy>, t0: Instant) -> Engine {
         direct_paths: false,
         interface_ips: vec![IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))],
         instance: 1,
-    };
-    Engine::new(cfg, &creds, p, t0, 1_700_000_000_000_000_000).expect("engine")
+    }
 }
 
 fn events(e: &mut Engine) -> Vec<Event> {
@@ -125,6 +128,8 @@ fn the_first_settings_route_resources_pools_and_the_dns_address() {
     assert_eq!(s.dns_servers, vec![IpAddr::V4(DNS)]);
     assert_eq!(s.match_domains, vec!["wiki.corp.internal".to_string()]);
     assert_eq!(s.mtu, 1280);
+    // A host can read the same before it starts an engine.
+    assert_eq!(&Settings::initial(&config(), &policy("")), s);
 }
 
 #[test]

@@ -173,6 +173,27 @@ public final class SluiceEngine {
         }
     }
 
+    /// sluice_engine_initial_settings: the settings the engine starts with (its first settings
+    /// event, generation 1), readable before start. UTUN mode applies them to get the utun
+    /// interface made before it has a descriptor to start with.
+    public func initialSettings() throws -> NetworkSettingsEvent {
+        let (code, bytes) = SluiceEngine.callWithBuffer(capacity: 4096) { buffer, capacity, len in
+            sluice_engine_initial_settings(self.handle, buffer, capacity, len)
+        }
+        guard code == SluiceCode.ok.rawValue else {
+            throw SluiceError(
+                code: code, function: "sluice_engine_initial_settings",
+                message: SluiceEngine.lastError())
+        }
+        let event = try JSONDecoder().decode(SluiceEvent.self, from: SluiceEngine.jsonData(bytes))
+        guard case .settings(let settings) = event else {
+            throw SluiceError(
+                code: SluiceCode.errState.rawValue, function: "sluice_engine_initial_settings",
+                message: "not a settings event")
+        }
+        return settings
+    }
+
     /// sluice_engine_status: the status document as JSON bytes (what handleAppMessage returns).
     public func statusJSON() throws -> Data {
         let (code, bytes) = SluiceEngine.callWithBuffer(capacity: 16384) { buffer, capacity, len in

@@ -1,0 +1,681 @@
+//! The connector core: everything a connector decides, as one sans-IO state machine that its
+//! host drives (the Linux binary over tokio and real sockets, tests in memory).
+//!
+//! Inputs are UDP datagrams on the node's socket ([`Connector::handle_datagram`]), the time
+//! ([`Connector::handle_timeout`]), the answers to the host's work (a resolved relay name, a
+//! DNS lookup), and commands (a new policy, new interface addresses, the wall clock). Outputs
+//! are polled: datagrams to send ([`Connector::poll_transmit`]), the next deadline
+//! ([`Connector::poll_timeout`]) and [`Event`]s. [`Connector::step`] runs what the inputs
+//! left to do: tunnel events, and each agent's [`Terminator`] with the host's [`Services`].
+//!
+//! What it decides: one end-to-end tunnel per agent (accepted from the relay, replaced when
+//! the agent restarts, closed when it goes quiet), the policy gate every new flow passes with
+//! the agent's authenticated identity (and again when the policy changes), which tunnel a
+//! direct packet belongs to (by connection id), direct paths, and which DNS lookups an agent
+//! may have done here. It never opens a socket or a file and never reads a clock.
+
+pub mod dns;
+pub mod terminator;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hickory_proto::rr::RecordType;
+use sluice_policy::audit::FlowDecision;
+use sluice_policy::{Flow, Policy, Proto, Subject};
+
+use crate::control::ControlEvent;
+use crate::control_link::{ControlLink, RelayTarget};
+use crate::datagram::{classify, Incoming, TransmitRound, Tunnels};
+use crate::identity::{PeerId, Role};
+use crate::nat::local::DirectSetup;
+use crate::session::QuicSession;
+use crate::tls::{self, Credentials, QuicParams};
+use crate::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
+use crate::wire::{ControlMessage, Punch, TUNNEL_IP_OVERHEAD};
+
+pub use terminator::{AdmitAll, FlowGate, FlowKind, NewFlow, Services, Terminator};
+
+/// End-to-end keepalive (DESIGN: 15 s), the same as the agent's.
+pub const TUNNEL_KEEPALIVE: Duration = crate::engine::TUNNEL_KEEPALIVE;
+/// Events held for a host that does not poll them; past this the oldest go.
+const EVENTS_MAX: usize = 4096;
+
+/// What the core needs to start.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    pub relay: RelayTarget,
+    /// The address of the host's UDP socket, as quiche names every path of this node.
+    pub local: SocketAddr,
+    /// The host's interface addresses: direct-path candidates.
+    pub interface_ips: Vec<IpAddr>,
+    /// Random per process: tells the relay this node's reconnections from another node with the
+    /// same certificate.
+    pub instance: u64,
+}
+
+/// Something the host has to do or know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Resolve the relay's name and call [`Connector::handle_relay_resolved`].
+    ResolveRelay { host: String, port: u16 },
+    /// Look `name` up for `rtype` records in this network and answer `query` with what was
+    /// found (SERVFAIL at worst) through [`Connector::handle_dns_answer`].
+    DnsLookup {
+        agent: PeerId,
+        id: u32,
+        name: String,
+        rtype: RecordType,
+        query: Vec<u8>,
+    },
+    /// One flow decision, as a JSON line for the audit log.
+    Audit(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// One agent's tunnel and what terminates its packets.
+struct Session<T> {
+    tunnel: Tunnel,
+    terminator: T,
+    next_keepalive: Instant,
+    /// The agent's user as the policy sees it, once its certificate is known.
+    subject: Option<Subject>,
+    /// The agent's peer id in short form: the audit log's device.
+    device: String,
+    /// DNS lookups running for this agent.
+    dns_in_flight: usize,
+}
+
+/// The connector's policy check of one agent's new (or re-checked) flow.
+struct Gate<'a> {
+    policy: &'a Policy,
+    subject: Option<&'a Subject>,
+    me: &'a str,
+    device: &'a str,
+    events: &'a mut VecDeque<Event>,
+    unix_nanos: i128,
+}
+
+impl FlowGate for Gate<'_> {
+    fn admit(&mut self, f: &NewFlow<'_>) -> bool {
+        let Some(subject) = self.subject else {
+            return false;
+        };
+        let flow = Flow {
+            dst: f.dst.ip(),
+            hostname: f.hostname,
+            proto: match f.kind {
+                FlowKind::Tcp => Proto::Tcp,
+                FlowKind::Udp => Proto::Udp,
+                FlowKind::Icmp => Proto::Icmp,
+            },
+            port: f.dst.port(),
+        };
+        let unix = (self.unix_nanos / 1_000_000_000) as i64;
+        // Only resources this connector serves count: it passes nothing else.
+        let d = self.policy.decide_for(subject, &flow, unix, Some(self.me));
+        let line = FlowDecision {
+            enforcer: "connector",
+            user: &subject.user,
+            device: self.device,
+            source: f.src,
+            flow: &flow,
+            decision: &d,
+        }
+        .line(self.policy, self.unix_nanos);
+        push_event(self.events, Event::Audit(line));
+        d.allowed()
+    }
+}
+
+fn push_event(events: &mut VecDeque<Event>, e: Event) {
+    if events.len() >= EVENTS_MAX {
+        events.pop_front();
+    }
+    events.push_back(e);
+}
+
+/// The sessions' tunnels, by index, for [`TransmitRound`].
+struct SessionTunnels<'a, T>(&'a mut [Session<T>]);
+
+impl<T> Tunnels for SessionTunnels<'_, T> {
+    fn count(&self) -> usize {
+        self.0.len()
+    }
+    fn tunnel(&mut self, i: usize) -> Option<&mut Tunnel> {
+        self.0.get_mut(i).map(|s| &mut s.tunnel)
+    }
+}
+
+pub struct Connector<T> {
+    link: ControlLink,
+    tunnel_cfg: quiche::Config,
+    /// One per agent with a tunnel here; `index` finds them by peer id.
+    sessions: Vec<Session<T>>,
+    index: HashMap<PeerId, usize>,
+    /// Which agent a direct packet's destination connection id belongs to (rebuilt on a miss).
+    by_cid: HashMap<Vec<u8>, PeerId>,
+    paths: VirtualPaths,
+    /// This connector's name: the policy's resources name their connector by it.
+    me: String,
+    policy: Arc<Policy>,
+    direct: DirectSetup,
+    events: VecDeque<Event>,
+    /// The terminators' time origin.
+    epoch: Instant,
+    /// Unix time (nanoseconds) at an instant: wall time without reading a clock.
+    clock_base: (Instant, i128),
+    tx_round: TransmitRound,
+    /// The control link closes once the tunnels' goodbyes are out.
+    link_goodbye_due: bool,
+    /// Scratch for relayed packets and for packets from a terminator into a tunnel (with the
+    /// tunnel header's headroom).
+    relayed: Vec<u8>,
+    ip_buf: Vec<u8>,
+}
+
+impl<T: Terminator> Connector<T> {
+    /// A connector for `creds`, enforcing `policy`; `unix_nanos` is the wall clock at `now`.
+    pub fn new(
+        config: ConnectorConfig,
+        creds: &Credentials,
+        policy: Arc<Policy>,
+        now: Instant,
+        unix_nanos: i128,
+    ) -> Result<Self, ConnectorError> {
+        let control_cfg = tls::quic_config(creds, &[Role::Relay], &QuicParams::control())?;
+        let tunnel_cfg = tls::quic_config(creds, &[Role::Agent], &QuicParams::tunnel())?;
+        let mut c = Connector {
+            link: ControlLink::new(
+                control_cfg,
+                config.local,
+                config.relay,
+                config.instance,
+                now,
+            ),
+            tunnel_cfg,
+            sessions: Vec::new(),
+            index: HashMap::new(),
+            by_cid: HashMap::new(),
+            paths: VirtualPaths::default(),
+            me: creds.identity.name.clone(),
+            policy,
+            direct: DirectSetup::new(creds.identity.peer_id, config.local, config.interface_ips),
+            events: VecDeque::new(),
+            epoch: now,
+            clock_base: (now, unix_nanos),
+            tx_round: TransmitRound::default(),
+            link_goodbye_due: false,
+            relayed: vec![0u8; 65_536],
+            ip_buf: vec![0u8; TUNNEL_IP_OVERHEAD + 65_536],
+        };
+        c.after_link();
+        Ok(c)
+    }
+
+    /// Agents with a tunnel here now.
+    pub fn agents(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Whether the control connection to the relay is up.
+    pub fn relay_connected(&self) -> bool {
+        self.link.status().connected
+    }
+
+    /// The wall clock is `unix_nanos` at `now`.
+    pub fn set_wall_clock(&mut self, now: Instant, unix_nanos: i128) {
+        self.clock_base = (now, unix_nanos);
+    }
+
+    fn unix_nanos(&self, now: Instant) -> i128 {
+        let (base, nanos) = self.clock_base;
+        match now.checked_duration_since(base) {
+            Some(d) => nanos + d.as_nanos() as i128,
+            None => nanos - base.saturating_duration_since(now).as_nanos() as i128,
+        }
+    }
+
+    // ---- inputs ----------------------------------------------------------------------------
+
+    /// A datagram from `from` on the node's socket. Its packets wait in their tunnels' and
+    /// terminators' queues until [`Connector::step`] (a host reading a batch steps once).
+    pub fn handle_datagram<S: Services<Terminator = T>>(
+        &mut self,
+        from: SocketAddr,
+        pkt: &mut [u8],
+        now: Instant,
+        services: &mut S,
+    ) {
+        match classify(pkt, from, self.link.relay_addr()) {
+            Incoming::Control => {}
+            Incoming::Punch(p) => return self.on_punch(from, &p, now),
+            Incoming::Direct { dcid } => return self.on_direct(pkt, from, &dcid, now),
+            Incoming::Junk(why) => return self.direct.refuse(from, &why),
+        }
+        self.link.recv(pkt, from, now);
+        self.after_link();
+        self.link_events(now);
+        let mut buf = std::mem::take(&mut self.relayed);
+        while let Some((peer, data)) = self.link.connected().and_then(|c| c.recv_forward(&mut buf))
+        {
+            self.on_relayed(peer, data, now, services);
+        }
+        self.relayed = buf;
+    }
+
+    /// The deadline from [`Connector::poll_timeout`] passed (early calls are harmless).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.link.on_timeout(now);
+        self.after_link();
+        self.link_events(now);
+        for s in &mut self.sessions {
+            let t = &mut s.tunnel;
+            if t.timeout() == Some(Duration::ZERO) {
+                t.on_timeout();
+            }
+            if t.deadline().is_some_and(|d| d <= now) {
+                t.on_deadline(now);
+            }
+            if now >= s.next_keepalive {
+                s.next_keepalive = now + TUNNEL_KEEPALIVE;
+                if t.is_up() {
+                    t.keepalive();
+                }
+            }
+        }
+    }
+
+    /// The answer to [`Event::ResolveRelay`]: the relay's addresses, or why there are none.
+    pub fn handle_relay_resolved(&mut self, result: Result<Vec<SocketAddr>, String>, now: Instant) {
+        self.link.handle_resolved(result, now);
+        self.after_link();
+    }
+
+    /// The answer to [`Event::DnsLookup`] `id` of `agent`, sent back on its tunnel.
+    pub fn handle_dns_answer(&mut self, agent: PeerId, id: u32, answer: Vec<u8>) {
+        let Some(s) = self.session_mut(&agent) else {
+            return;
+        };
+        s.dns_in_flight = s.dns_in_flight.saturating_sub(1);
+        let msg = ControlMessage::DnsAnswer {
+            id,
+            message: answer,
+        };
+        if let Err(e) = s.tunnel.send_message(&msg) {
+            tracing::debug!("to agent peer {}: cannot answer DNS: {e}", agent.short());
+        }
+    }
+
+    /// A new policy is in force: every agent's groups are resolved again and every open flow
+    /// is checked again; the flows it denies are cut at once. Returns how many were cut.
+    pub fn set_policy(&mut self, policy: Arc<Policy>, now: Instant) -> usize {
+        self.policy = policy;
+        let unix_nanos = self.unix_nanos(now);
+        let mut total = 0;
+        for s in &mut self.sessions {
+            s.subject = s
+                .tunnel
+                .remote()
+                .map(|id| self.policy.subject(&id.name, &id.groups));
+            let mut gate = Gate {
+                policy: &self.policy,
+                subject: s.subject.as_ref(),
+                me: &self.me,
+                device: &s.device,
+                events: &mut self.events,
+                unix_nanos,
+            };
+            let cut = s.terminator.recheck(&mut gate);
+            if cut > 0 {
+                tracing::info!(
+                    "policy reload cut {cut} flow(s) of agent peer {}",
+                    s.tunnel.peer().short()
+                );
+            }
+            total += cut;
+        }
+        total
+    }
+
+    /// The host's interface addresses now: a change is a network change for direct paths.
+    pub fn set_interfaces(&mut self, interface_ips: Vec<IpAddr>, now: Instant) {
+        if let Some(c) = self.direct.set_interfaces(interface_ips) {
+            for s in &mut self.sessions {
+                s.tunnel.set_candidates(c.clone(), now);
+            }
+        }
+    }
+
+    /// Says goodbye: every tunnel and then the relay hear the close at once, instead of after
+    /// their silence limits. The host sends what [`Connector::poll_transmit`] gives, then stops.
+    pub fn shut_down(&mut self) {
+        for s in &mut self.sessions {
+            s.tunnel.goodbye();
+        }
+        self.link_goodbye_due = true;
+    }
+
+    /// Runs what the inputs left to do: each tunnel's events (up, closed, DNS queries), each
+    /// agent's terminator with `services` (dials, bytes to and from services), and the
+    /// terminators' packets into their tunnels. Tunnels that closed are dropped with their
+    /// flows.
+    pub fn step<S: Services<Terminator = T>>(&mut self, now: Instant, services: &mut S) {
+        let mut i = 0;
+        while i < self.sessions.len() {
+            self.tunnel_events(i, now);
+            let s = &mut self.sessions[i];
+            if s.tunnel.is_closed() {
+                let peer = s.tunnel.peer();
+                self.end_session(peer, services);
+                continue;
+            }
+            let peer = s.tunnel.peer();
+            s.terminator.advance(now, self.epoch);
+            services.carry_out(peer, &mut s.terminator);
+            services.pump(peer, &mut s.terminator);
+            s.terminator.advance(now, self.epoch);
+            services.carry_out(peer, &mut s.terminator);
+            let pkt = &mut self.ip_buf;
+            while s.tunnel.can_send_ip() {
+                let Some(p) = s.terminator.output() else {
+                    break;
+                };
+                let n = TUNNEL_IP_OVERHEAD + p.len();
+                if n <= pkt.len() {
+                    pkt[TUNNEL_IP_OVERHEAD..n].copy_from_slice(&p);
+                    if let Err(e) = s.tunnel.send_ip(&mut pkt[..n]) {
+                        tracing::debug!("to agent peer {}: dropping a packet: {e}", peer.short());
+                    }
+                }
+                s.terminator.recycle(p);
+            }
+            i += 1;
+        }
+    }
+
+    // ---- outputs ---------------------------------------------------------------------------
+
+    /// `agent`'s terminator, for the host's services to deliver what a service sent.
+    pub fn terminator_mut(&mut self, agent: &PeerId) -> Option<&mut T> {
+        self.session_mut(agent).map(|s| &mut s.terminator)
+    }
+
+    /// The next datagram to send, written into `out` (64 KiB is always enough).
+    pub fn poll_transmit(&mut self, out: &mut [u8], now: Instant) -> Option<(usize, SocketAddr)> {
+        loop {
+            let sent = self.tx_round.next(
+                &mut self.link,
+                &mut SessionTunnels(&mut self.sessions),
+                out,
+                now,
+            );
+            if sent.is_some() || !self.link_goodbye_due {
+                return sent;
+            }
+            // Every tunnel's goodbye is out: now the relay's.
+            self.link_goodbye_due = false;
+            self.link.goodbye();
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Connector::handle_timeout`] (or [`Connector::step`], for a terminator) is due
+    /// next.
+    pub fn poll_timeout(&mut self, now: Instant) -> Instant {
+        let mut t = self.link.timeout(now);
+        for s in &mut self.sessions {
+            if let Some(d) = s.tunnel.timeout() {
+                t = t.min(d);
+            }
+            t = t.min(s.next_keepalive.saturating_duration_since(now));
+            t = t.min(s.terminator.poll_delay());
+            if let Some(d) = s.tunnel.deadline() {
+                t = t.min(d.saturating_duration_since(now));
+            }
+        }
+        now + t
+    }
+
+    // ---- the rest --------------------------------------------------------------------------
+
+    fn session_mut(&mut self, agent: &PeerId) -> Option<&mut Session<T>> {
+        let i = *self.index.get(agent)?;
+        self.sessions.get_mut(i)
+    }
+
+    /// A relay name to resolve becomes an event.
+    fn after_link(&mut self) {
+        if let Some((host, port)) = self.link.poll_resolve() {
+            push_event(&mut self.events, Event::ResolveRelay { host, port });
+        }
+    }
+
+    /// The relay sees us at a new address: new direct-path candidates for every tunnel.
+    fn link_events(&mut self, now: Instant) {
+        while let Some(ev) = self.link.poll_event() {
+            if let ControlEvent::ObservedAddr(a) = ev {
+                if let Some(c) = self.direct.set_observed(a) {
+                    for s in &mut self.sessions {
+                        s.tunnel.set_candidates(c.clone(), now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A connectivity check from an agent we have a tunnel with.
+    fn on_punch(&mut self, from: SocketAddr, p: &Punch, now: Instant) {
+        let Some(i) = self.index.get(&p.from).copied() else {
+            return self
+                .direct
+                .refuse(from, &"punch from a peer with no tunnel here");
+        };
+        if let Err(e) = self.sessions[i].tunnel.on_punch(from, p, now) {
+            self.direct.refuse(from, &e);
+        }
+    }
+
+    /// QUIC straight from an agent (a direct path), found by its destination connection id.
+    fn on_direct(&mut self, pkt: &mut [u8], from: SocketAddr, dcid: &[u8], now: Instant) {
+        if !self.by_cid.contains_key(dcid) {
+            self.by_cid.clear();
+            for s in &self.sessions {
+                for cid in s.tunnel.source_cids() {
+                    self.by_cid.insert(cid, s.tunnel.peer());
+                }
+            }
+        }
+        let Some(i) = self
+            .by_cid
+            .get(dcid)
+            .and_then(|peer| self.index.get(peer))
+            .copied()
+        else {
+            return self
+                .direct
+                .refuse(from, &"QUIC packet for no tunnel of ours");
+        };
+        self.sessions[i]
+            .tunnel
+            .recv_direct(pkt, from, self.direct.local);
+        self.deliver(i, now);
+    }
+
+    /// An end-to-end packet from agent `peer`, forwarded by the relay.
+    fn on_relayed<S: Services<Terminator = T>>(
+        &mut self,
+        peer: PeerId,
+        data: &mut [u8],
+        now: Instant,
+        services: &mut S,
+    ) {
+        let initial = quiche::Header::from_slice(data, quiche::MAX_CONN_ID_LEN)
+            .ok()
+            .filter(|h| h.ty == quiche::Type::Initial)
+            .map(|h| h.dcid.to_vec());
+        if let (Some(dcid), Some(i)) = (&initial, self.index.get(&peer).copied()) {
+            let t = &self.sessions[i].tunnel;
+            // A new Initial to an unknown connection id: the agent restarted.
+            if !t.owns_cid(dcid) && t.is_up() {
+                tracing::info!(
+                    "agent peer {} opened a new tunnel; dropping its old one",
+                    peer.short()
+                );
+                self.end_session(peer, services);
+            }
+        }
+        let i = match self.index.get(&peer) {
+            Some(i) => *i,
+            None => {
+                if initial.is_none() {
+                    return;
+                }
+                let path = self.paths.addr_of(peer);
+                let tunnel = match Tunnel::accept(&mut self.tunnel_cfg, peer, path) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!("cannot accept a tunnel from peer {}: {e}", peer.short());
+                        return;
+                    }
+                };
+                self.sessions.push(Session {
+                    tunnel,
+                    terminator: services.terminator(),
+                    next_keepalive: now + TUNNEL_KEEPALIVE,
+                    subject: None,
+                    device: peer.short(),
+                    dns_in_flight: 0,
+                });
+                let i = self.sessions.len() - 1;
+                self.index.insert(peer, i);
+                i
+            }
+        };
+        self.sessions[i].tunnel.recv_relayed(data);
+        self.deliver(i, now);
+    }
+
+    /// Takes the IP packets session `i`'s tunnel received into its terminator.
+    fn deliver(&mut self, i: usize, now: Instant) {
+        let unix_nanos = self.unix_nanos(now);
+        let s = &mut self.sessions[i];
+        if s.subject.is_none() {
+            s.subject = s
+                .tunnel
+                .remote()
+                .map(|id| self.policy.subject(&id.name, &id.groups));
+        }
+        let mut gate = Gate {
+            policy: &self.policy,
+            subject: s.subject.as_ref(),
+            me: &self.me,
+            device: &s.device,
+            events: &mut self.events,
+            unix_nanos,
+        };
+        let mut ip = [0u8; 2048];
+        while let Some(r) = s.tunnel.recv_ip(&mut ip) {
+            let name = r.name.and_then(|n| std::str::from_utf8(&ip[n]).ok());
+            s.terminator.input(&ip[r.packet.clone()], name, &mut gate);
+        }
+    }
+
+    /// Carries out session `i`'s tunnel events.
+    fn tunnel_events(&mut self, i: usize, now: Instant) {
+        let unix = (self.unix_nanos(now) / 1_000_000_000) as i64;
+        let s = &mut self.sessions[i];
+        let peer = s.tunnel.peer();
+        while let Some(ev) = s.tunnel.poll_event() {
+            match ev {
+                TunnelEvent::Up(id) => {
+                    tracing::info!(
+                        "tunnel from {id} is up via the relay (groups: {})",
+                        if id.groups.is_empty() {
+                            "none".into()
+                        } else {
+                            id.groups.join(",")
+                        }
+                    );
+                    s.tunnel.enable_direct(
+                        self.direct.me,
+                        self.direct.local,
+                        self.direct.candidates.clone(),
+                        Vec::new(),
+                        now,
+                    );
+                }
+                TunnelEvent::Closed(why) => {
+                    tracing::info!("tunnel from agent peer {} closed: {why}", peer.short())
+                }
+                TunnelEvent::Message(ControlMessage::DnsQuery { id, message }) => {
+                    let asker = dns::Asker {
+                        policy: &self.policy,
+                        subject: s.subject.as_ref(),
+                        me: &self.me,
+                        now: unix,
+                        in_flight: s.dns_in_flight,
+                    };
+                    match dns::admit(&asker, &message) {
+                        dns::Admission::Answer(a) => {
+                            let msg = ControlMessage::DnsAnswer { id, message: a };
+                            if let Err(e) = s.tunnel.send_message(&msg) {
+                                tracing::debug!(
+                                    "to agent peer {}: cannot answer DNS: {e}",
+                                    peer.short()
+                                );
+                            }
+                        }
+                        dns::Admission::Lookup { name, rtype } => {
+                            s.dns_in_flight += 1;
+                            push_event(
+                                &mut self.events,
+                                Event::DnsLookup {
+                                    agent: peer,
+                                    id,
+                                    name,
+                                    rtype,
+                                    query: message,
+                                },
+                            );
+                        }
+                        dns::Admission::Ignore => {}
+                    }
+                }
+                TunnelEvent::Message(other) => {
+                    tracing::debug!("agent peer {}: unexpected message {other:?}", peer.short())
+                }
+                TunnelEvent::PathChanged(path) => tracing::info!(
+                    "tunnel from agent peer {}: now {}",
+                    peer.short(),
+                    crate::engine::describe_path(path)
+                ),
+                TunnelEvent::DirectFailed(_) | TunnelEvent::DirectNotFound => {}
+            }
+        }
+    }
+
+    /// Drops `peer`'s tunnel, its terminator and (through `services`) its flows.
+    fn end_session<S: Services<Terminator = T>>(&mut self, peer: PeerId, services: &mut S) {
+        let Some(i) = self.index.remove(&peer) else {
+            return;
+        };
+        self.sessions.swap_remove(i);
+        if let Some(moved) = self.sessions.get(i) {
+            self.index.insert(moved.tunnel.peer(), i);
+        }
+        // The round's cursor may now point past a session that moved into `i`; it only
+        // costs that session a turn until the next round.
+        services.agent_gone(peer);
+    }
+}
