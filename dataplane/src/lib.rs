@@ -18,4 +18,5 @@ pub mod session;
 pub mod status;
 pub mod tls;
 pub mod tunnel;
+pub mod wall_clock;
 pub mod wire;

@@ -150,6 +150,8 @@ pub struct Tunnel {
     peer_expires: Option<Instant>,
 }
 
+/// End-to-end keepalive (DESIGN: 15 s), both ends.
+pub const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(15);
 /// A tunnel whose handshake has not finished by then is closed (the connector is gone, or
 /// the relay routes to a registration that is dead), so new flows are refused, not held.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -245,6 +247,24 @@ impl Tunnel {
 
     pub fn peer(&self) -> PeerId {
         self.peer
+    }
+
+    /// Runs what is due at `now`: QUIC's timer, the tunnel's own deadline (direct paths,
+    /// certificate expiry, handshake limit) and the end-to-end keepalive, which
+    /// `next_keepalive` schedules and is moved on when it fires.
+    pub fn run_timers(&mut self, now: Instant, next_keepalive: &mut Instant) {
+        if self.timeout() == Some(Duration::ZERO) {
+            self.on_timeout();
+        }
+        if self.deadline().is_some_and(|d| d <= now) {
+            self.on_deadline(now);
+        }
+        if now >= *next_keepalive {
+            *next_keepalive = now + TUNNEL_KEEPALIVE;
+            if self.is_up() {
+                self.keepalive();
+            }
+        }
     }
 
     /// The authenticated remote identity, once up.

@@ -20,7 +20,7 @@ pub mod terminator;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use hickory_proto::rr::RecordType;
 use sluice_policy::audit::FlowDecision;
@@ -33,13 +33,12 @@ use crate::identity::{PeerId, Role};
 use crate::nat::local::DirectSetup;
 use crate::session::QuicSession;
 use crate::tls::{self, Credentials, QuicParams};
-use crate::tunnel::{Tunnel, TunnelEvent, VirtualPaths};
+use crate::tunnel::{Tunnel, TunnelEvent, VirtualPaths, TUNNEL_KEEPALIVE};
+use crate::wall_clock::WallClock;
 use crate::wire::{ControlMessage, Punch, TUNNEL_IP_OVERHEAD};
 
 pub use terminator::{AdmitAll, FlowGate, FlowKind, NewFlow, Services, Terminator};
 
-/// End-to-end keepalive (DESIGN: 15 s), the same as the agent's.
-pub const TUNNEL_KEEPALIVE: Duration = crate::engine::TUNNEL_KEEPALIVE;
 /// Events held for a host that does not poll them; past this the oldest go.
 const EVENTS_MAX: usize = 4096;
 
@@ -170,8 +169,7 @@ pub struct Connector<T> {
     events: VecDeque<Event>,
     /// The terminators' time origin.
     epoch: Instant,
-    /// Unix time (nanoseconds) at an instant: wall time without reading a clock.
-    clock_base: (Instant, i128),
+    clock: WallClock,
     tx_round: TransmitRound,
     /// The control link closes once the tunnels' goodbyes are out.
     link_goodbye_due: bool,
@@ -210,7 +208,7 @@ impl<T: Terminator> Connector<T> {
             direct: DirectSetup::new(creds.identity.peer_id, config.local, config.interface_ips),
             events: VecDeque::new(),
             epoch: now,
-            clock_base: (now, unix_nanos),
+            clock: WallClock::new(now, unix_nanos),
             tx_round: TransmitRound::default(),
             link_goodbye_due: false,
             relayed: vec![0u8; 65_536],
@@ -232,15 +230,7 @@ impl<T: Terminator> Connector<T> {
 
     /// The wall clock is `unix_nanos` at `now`.
     pub fn set_wall_clock(&mut self, now: Instant, unix_nanos: i128) {
-        self.clock_base = (now, unix_nanos);
-    }
-
-    fn unix_nanos(&self, now: Instant) -> i128 {
-        let (base, nanos) = self.clock_base;
-        match now.checked_duration_since(base) {
-            Some(d) => nanos + d.as_nanos() as i128,
-            None => nanos - base.saturating_duration_since(now).as_nanos() as i128,
-        }
+        self.clock = WallClock::new(now, unix_nanos);
     }
 
     // ---- inputs ----------------------------------------------------------------------------
@@ -277,19 +267,7 @@ impl<T: Terminator> Connector<T> {
         self.after_link();
         self.link_events(now);
         for s in &mut self.sessions {
-            let t = &mut s.tunnel;
-            if t.timeout() == Some(Duration::ZERO) {
-                t.on_timeout();
-            }
-            if t.deadline().is_some_and(|d| d <= now) {
-                t.on_deadline(now);
-            }
-            if now >= s.next_keepalive {
-                s.next_keepalive = now + TUNNEL_KEEPALIVE;
-                if t.is_up() {
-                    t.keepalive();
-                }
-            }
+            s.tunnel.run_timers(now, &mut s.next_keepalive);
         }
     }
 
@@ -318,7 +296,7 @@ impl<T: Terminator> Connector<T> {
     /// is checked again; the flows it denies are cut at once. Returns how many were cut.
     pub fn set_policy(&mut self, policy: Arc<Policy>, now: Instant) -> usize {
         self.policy = policy;
-        let unix_nanos = self.unix_nanos(now);
+        let unix_nanos = self.clock.unix_nanos(now);
         let mut total = 0;
         for s in &mut self.sessions {
             s.subject = s
@@ -568,7 +546,7 @@ impl<T: Terminator> Connector<T> {
 
     /// Takes the IP packets session `i`'s tunnel received into its terminator.
     fn deliver(&mut self, i: usize, now: Instant) {
-        let unix_nanos = self.unix_nanos(now);
+        let unix_nanos = self.clock.unix_nanos(now);
         let s = &mut self.sessions[i];
         if s.subject.is_none() {
             s.subject = s
@@ -593,7 +571,7 @@ impl<T: Terminator> Connector<T> {
 
     /// Carries out session `i`'s tunnel events.
     fn tunnel_events(&mut self, i: usize, now: Instant) {
-        let unix = (self.unix_nanos(now) / 1_000_000_000) as i64;
+        let unix = self.clock.unix(now);
         let s = &mut self.sessions[i];
         let peer = s.tunnel.peer();
         while let Some(ev) = s.tunnel.poll_event() {

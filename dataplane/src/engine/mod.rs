@@ -51,6 +51,7 @@ use crate::status::{
 };
 use crate::tls::{self, Credentials, QuicParams};
 use crate::tunnel::{Path, Tunnel, TunnelError, TunnelEvent, VirtualPaths};
+use crate::wall_clock::WallClock;
 use crate::wire::{named_ip_overhead, ControlMessage, TUNNEL_IP_OVERHEAD};
 
 pub use dns::DnsClient;
@@ -61,8 +62,7 @@ pub use dns::DnsClient;
 /// `max(DEVICE_HEADROOM, 4)` and passes the slice that starts `DEVICE_HEADROOM` before the
 /// packet.)
 pub const DEVICE_HEADROOM: usize = TUNNEL_IP_OVERHEAD;
-/// End-to-end keepalive (DESIGN: 15 s).
-pub const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(15);
+pub use crate::tunnel::TUNNEL_KEEPALIVE;
 /// Packets held per connector while its tunnel comes up.
 const QUEUE_MAX: usize = 256;
 /// After a failed lookup, packets to that connector are refused for this long.
@@ -439,8 +439,7 @@ pub struct Engine {
     device: DeviceQueue,
     events: VecDeque<Event>,
     next_housekeeping: Instant,
-    /// Unix time (nanoseconds) at `clock_base`: wall time without reading a clock.
-    clock_base: (Instant, i128),
+    clock: WallClock,
     asleep: bool,
     /// Where [`Engine::poll_transmit`] is in its round over the tunnels.
     tx_round: TransmitRound,
@@ -534,7 +533,7 @@ impl Engine {
             device: DeviceQueue::default(),
             events: VecDeque::new(),
             next_housekeeping: now + HOUSEKEEPING,
-            clock_base: (now, unix_nanos),
+            clock: WallClock::new(now, unix_nanos),
             asleep: false,
             tx_round: TransmitRound::default(),
             slots_changed: true,
@@ -553,19 +552,7 @@ impl Engine {
 
     /// The wall clock is `unix_nanos` at `now` (the host's clock was set, or it woke up).
     pub fn set_wall_clock(&mut self, now: Instant, unix_nanos: i128) {
-        self.clock_base = (now, unix_nanos);
-    }
-
-    fn unix_nanos(&self, now: Instant) -> i128 {
-        let (base, nanos) = self.clock_base;
-        match now.checked_duration_since(base) {
-            Some(d) => nanos + d.as_nanos() as i128,
-            None => nanos - base.saturating_duration_since(now).as_nanos() as i128,
-        }
-    }
-
-    fn unix(&self, now: Instant) -> i64 {
-        (self.unix_nanos(now) / 1_000_000_000) as i64
+        self.clock = WallClock::new(now, unix_nanos);
     }
 
     /// Upstream resolvers for names that are not resources; the engine's own DNS address is
@@ -773,24 +760,13 @@ impl Engine {
         self.resolver.on_deadline(now);
         if now >= self.next_housekeeping {
             self.next_housekeeping = now + HOUSEKEEPING;
-            let unix = self.unix(now).max(0) as u64;
+            let unix = self.clock.unix(now).max(0) as u64;
             self.live.sweep(&mut self.pool, unix);
         }
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if let Some(t) = &mut slot.tunnel {
-                if t.timeout() == Some(Duration::ZERO) {
-                    t.on_timeout();
-                }
-                if t.deadline().is_some_and(|d| d <= now) {
-                    t.on_deadline(now);
-                }
-                if now >= slot.next_keepalive {
-                    slot.next_keepalive = now + TUNNEL_KEEPALIVE;
-                    if t.is_up() {
-                        t.keepalive();
-                    }
-                }
+                t.run_timers(now, &mut slot.next_keepalive);
             }
             if slot.tunnel.is_none()
                 && slot.waiting()
@@ -1064,7 +1040,7 @@ impl Engine {
     fn dns_query(&mut self, client: DnsClient, query: &[u8], now: Instant) {
         self.stats.dns_queries += 1;
         let policy = self.policy.clone();
-        let unix = self.unix(now).max(0) as u64;
+        let unix = self.clock.unix(now).max(0) as u64;
         match respond(query, &mut self.pool, |n| policy.has_hostname(n), unix) {
             Reply::Answer(a) => self.resolver.answer(client, a),
             Reply::Drop => {}
@@ -1076,7 +1052,7 @@ impl Engine {
     /// A query for a resource name's records other than A/AAAA: sent to the connector serving
     /// the name, if this user may see them.
     fn ask_connector(&mut self, client: DnsClient, name: &str, query: &[u8], now: Instant) {
-        let unix = self.unix(now);
+        let unix = self.clock.unix(now);
         let Some(r) = self.policy.name_allowed(&self.subject, name, unix, None) else {
             // The name exists, with no records this user may see.
             return self.resolver.fail(client, query, ResponseCode::NoError);
@@ -1154,7 +1130,7 @@ impl Engine {
         };
         let sport = info.echo.map_or(info.src_port, |e| e.id);
         let key: FlowKey = (info.src, info.dst, info.proto, sport, info.dst_port);
-        let unix = self.unix(now);
+        let unix = self.clock.unix(now);
         // A synthetic address stands for the hostname it was handed out for.
         let synthetic = match info.dst {
             IpAddr::V4(a) => self.pool_nets.0.contains(&a),
@@ -1231,7 +1207,7 @@ impl Engine {
             flow,
             decision: d,
         }
-        .line(&self.policy, self.unix_nanos(now))
+        .line(&self.policy, self.clock.unix_nanos(now))
     }
 
     /// The connector slot serving resource `r`, remembered per resource until the next policy
@@ -1262,7 +1238,7 @@ impl Engine {
             queue: VecDeque::new(),
             dns_queue: Vec::new(),
             unavailable_until: None,
-            next_keepalive: self.clock_base.0,
+            next_keepalive: self.clock.set_at(),
             told: None,
         });
         self.slots.len() - 1
