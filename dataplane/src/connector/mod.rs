@@ -173,9 +173,9 @@ pub struct Connector<T> {
     tx_round: TransmitRound,
     /// The control link closes once the tunnels' goodbyes are out.
     link_goodbye_due: bool,
-    /// Scratch for relayed packets and for packets from a terminator into a tunnel (with the
-    /// tunnel header's headroom).
+    /// Scratch for packets the relay forwarded.
     relayed: Vec<u8>,
+    /// Scratch for packets from a terminator into a tunnel (with the tunnel header's headroom).
     ip_buf: Vec<u8>,
 }
 

@@ -1238,6 +1238,7 @@ impl Engine {
             queue: VecDeque::new(),
             dns_queue: Vec::new(),
             unavailable_until: None,
+            // Any instant: it is set when the slot's tunnel opens.
             next_keepalive: self.clock.set_at(),
             told: None,
         });
