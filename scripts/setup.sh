@@ -13,13 +13,19 @@ need() { [[ " ${need_pkgs[*]} " == *" $1 "* ]] || need_pkgs+=("$1"); }
 # command -> Debian package. The build: cc and c++ (BoringSSL, built by boring-sys with cmake
 # and make, is C and C++; ring and the linker need cc), git (boring-sys applies its patches to
 # BoringSSL with `git apply`). The lab and the tests: the rest (sysctl and kill are procps';
-# valgrind runs the Apple library's C test host).
+# valgrind runs the Apple library's C test host; systemd-analyze verifies and rates the
+# systemd units, debootstrap makes the bare Debian the .deb is installed into, and
+# dpkg-shlibdeps computes the .deb's dependencies, in linux/tests/{systemd_units,deb_package}.rs;
+# promtool checks the metrics. promtool comes only with the Prometheus server's package: where
+# systemd runs, its postinst starts prometheus.service on port 9090, which
+# `systemctl disable --now prometheus` stops for good).
 tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
        ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils
        dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping
        pgrep:procps sysctl:procps kill:procps sha256sum:coreutils
        sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
-       valgrind:valgrind)
+       valgrind:valgrind systemd-analyze:systemd debootstrap:debootstrap
+       dpkg-shlibdeps:dpkg-dev promtool:prometheus)
 for pair in "${tools[@]}"; do
   have "${pair%%:*}" || need "${pair#*:}"
 done
@@ -47,6 +53,14 @@ fi
 if ! have cargo; then
   echo "setup: Rust is missing: install Rust 1.85 or newer (https://rustup.rs), then run this again" >&2
   exit 1
+fi
+
+# cargo-deb builds the Debian package (linux/Cargo.toml's [package.metadata.deb]); the package
+# test runs it, so it is installed with --no-build too. --locked: the versions its release was
+# tested with. It compiles in a minute or two, once.
+if ! cargo deb --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-deb (cargo install cargo-deb --locked)"
+  cargo install cargo-deb --locked
 fi
 
 # scripts/test.sh passes --no-build: `cargo test` builds the binary itself, with the features the

@@ -82,7 +82,8 @@ uint32_t sluice_abi_version(void);
 int32_t sluice_last_error(char *buf, size_t cap, size_t *len);
 
 // A new engine, not running yet. config_yaml: the agent YAML (relay, listen, tun, dns,
-// direct_paths; cert/key/ca/policy/status_socket/audit_log keys are accepted and ignored).
+// direct_paths; cert/key/ca/policy/status_socket/audit_log/metrics_listen keys are accepted
+// and ignored).
 // policy_yaml: the policy (no includes). cert/key/ca: PEM bytes.
 //
 // # Safety

@@ -1,7 +1,8 @@
 //! The agent YAML, as far as it applies to an Apple host: relay, listen, tun, dns and
 //! direct_paths. The Linux agent's file keys (cert, key, ca, policy, status_socket, audit_log,
-//! dns.configure_system, tun.name) are accepted and ignored, so one file serves both hosts;
-//! any other key is an error that names it.
+//! metrics_listen, dns.configure_system, tun.name) are accepted and ignored, so one file serves
+//! both hosts; any other key is an error that names it. (A Network Extension serves no HTTP:
+//! its app reads the numbers through the status call.)
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -42,6 +43,8 @@ pub struct AgentConfig {
     _status_socket: Ignored,
     #[serde(default, rename = "audit_log")]
     _audit_log: Ignored,
+    #[serde(default, rename = "metrics_listen")]
+    _metrics_listen: Ignored,
 }
 
 /// A key that is allowed and means nothing here.
@@ -243,7 +246,7 @@ pub use sluice_dataplane::engine::dns::upstreams_from_resolv_conf;
 mod tests {
     use super::*;
 
-    const LINUX_AGENT: &str = "# as `sluice lab up` writes it\nrelay: 192.0.2.1:4433\ncert: /x/a.pem\nkey: /x/a.key\nca: /x/ca.pem\ntun:\n  name: sluice0\n  mtu: 1280\npolicy: /x/policy.yaml\naudit_log: /x/audit.jsonl\nstatus_socket: /x/agent.sock\ndirect_paths: true\n";
+    const LINUX_AGENT: &str = "# as `sluice lab up` writes it\nrelay: 192.0.2.1:4433\ncert: /x/a.pem\nkey: /x/a.key\nca: /x/ca.pem\ntun:\n  name: sluice0\n  mtu: 1280\npolicy: /x/policy.yaml\naudit_log: /x/audit.jsonl\nstatus_socket: /x/agent.sock\ndirect_paths: true\nmetrics_listen: 127.0.0.1:9464\n";
 
     #[test]
     fn the_linux_agent_file_parses_with_its_keys_ignored() {

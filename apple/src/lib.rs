@@ -134,7 +134,8 @@ pub unsafe extern "C" fn sluice_last_error(buf: *mut c_char, cap: usize, len: *m
 }
 
 /// A new engine, not running yet. config_yaml: the agent YAML (relay, listen, tun, dns,
-/// direct_paths; cert/key/ca/policy/status_socket/audit_log keys are accepted and ignored).
+/// direct_paths; cert/key/ca/policy/status_socket/audit_log/metrics_listen keys are accepted
+/// and ignored).
 /// policy_yaml: the policy (no includes). cert/key/ca: PEM bytes.
 ///
 /// # Safety

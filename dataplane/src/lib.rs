@@ -10,6 +10,7 @@ pub mod datagram;
 pub mod dns;
 pub mod engine;
 pub mod identity;
+pub mod metrics;
 pub mod msgstream;
 pub mod nat;
 pub mod packet;

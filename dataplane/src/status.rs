@@ -1,5 +1,6 @@
-//! A running agent as `sluice status --json` (and an Apple host's status call) shows it: the
-//! relay link and each connector's tunnel. Plain serializable data, built by the engine.
+//! A running node as `sluice status --json` shows it: an agent (also an Apple host's status
+//! call) with its relay link and each connector's tunnel, a connector with its agents'
+//! tunnels, a relay with its peers. Plain serializable data, built by the cores.
 
 use std::time::Duration;
 
@@ -98,6 +99,75 @@ impl TunnelStatus {
             up_secs: 0.0,
         }
     }
+}
+
+/// What a status socket answers: one node's status, tagged with its role (`"role": "agent"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "role", rename_all = "lowercase")]
+pub enum NodeStatus {
+    Agent(AgentStatus),
+    Connector(ConnectorStatus),
+    Relay(RelayNodeStatus),
+}
+
+/// A running connector and the agents' tunnels to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConnectorStatus {
+    /// The connector certificate's name (the one the policy's resources use).
+    pub name: String,
+    pub peer_id: String,
+    pub relay: RelayStatus,
+    /// One per agent with a tunnel here now.
+    pub tunnels: Vec<AgentTunnelStatus>,
+}
+
+/// One agent's tunnel, as its connector sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentTunnelStatus {
+    /// The agent certificate's name (the user), once the handshake proved it.
+    pub user: Option<String>,
+    pub groups: Vec<String>,
+    pub peer_id: String,
+    pub state: TunnelState,
+    pub path: PathKind,
+    pub direct_addr: Option<String>,
+    pub rtt_ms: Option<f64>,
+    /// Flows open now (TCP connections, UDP flows, pings).
+    pub flows: u64,
+    /// QUIC bytes (UDP payloads, retransmissions included) each way.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub since_switch_secs: Option<f64>,
+    pub up_secs: f64,
+}
+
+/// A running relay: who is connected, and what it forwarded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayNodeStatus {
+    pub name: String,
+    pub peer_id: String,
+    /// The UDP address it serves.
+    pub listen: String,
+    pub peers: Vec<RelayPeerStatus>,
+    /// Tunnel packets forwarded since it started (bytes of the end-to-end packets).
+    pub forwarded_packets: u64,
+    pub forwarded_bytes: u64,
+}
+
+/// One node connected to a relay.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RelayPeerStatus {
+    /// The certificate's name; None while the handshake runs.
+    pub name: Option<String>,
+    /// `agent` or `connector`; None while the handshake runs.
+    pub role: Option<String>,
+    pub peer_id: Option<String>,
+    /// Its address as the relay sees it.
+    pub addr: String,
+    /// Whether it holds its peer id's registration (a connector: agents can reach it by name).
+    pub registered: bool,
+    /// Bytes of tunnel packets it sent through the relay.
+    pub forwarded_bytes: u64,
 }
 
 /// A duration as seconds with millisecond precision (tidier JSON than 17 digits).

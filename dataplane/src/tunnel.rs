@@ -346,6 +346,14 @@ impl Tunnel {
         self.path
     }
 
+    /// The path in use, as status and metrics name it.
+    pub fn path_kind(&self) -> crate::status::PathKind {
+        match self.path {
+            Path::Relay => crate::status::PathKind::Relay,
+            Path::Direct(_) => crate::status::PathKind::Direct,
+        }
+    }
+
     /// (Agent) asks QUIC to validate the direct path from our `local` address to `peer`; once
     /// validated the connection migrates to it ([`TunnelEvent::PathChanged`]).
     pub fn probe_direct(&mut self, local: SocketAddr, peer: SocketAddr) -> Result<(), TunnelError> {

@@ -56,10 +56,17 @@ pub fn open_policy(path: &Path, origin: &str) -> Result<PolicyWatcher> {
 pub fn reload(w: &mut PolicyWatcher) -> bool {
     match w.poll() {
         None => false,
-        Some(Reload::Updated {
+        Some(r) => log_reload(w, r),
+    }
+}
+
+/// Logs a reload's outcome; true if a new policy is in force.
+fn log_reload(w: &PolicyWatcher, r: Reload) -> bool {
+    match r {
+        Reload::Updated {
             generation,
             warnings,
-        }) => {
+        } => {
             for d in warnings {
                 tracing::warn!("policy: {d}");
             }
@@ -70,9 +77,61 @@ pub fn reload(w: &mut PolicyWatcher) -> bool {
             );
             true
         }
-        Some(Reload::Rejected(e)) => {
+        Reload::Rejected(e) => {
             tracing::error!("policy change rejected, the previous policy stays in force:\n{e}");
             false
+        }
+    }
+}
+
+/// What an operator's reload (SIGHUP) did to the policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reloaded {
+    /// A new policy is in force.
+    Applied,
+    /// The file holds the policy in force already.
+    Unchanged,
+    /// The new file (or config) is invalid: the previous policy stays in force.
+    Rejected,
+}
+
+/// Reloads the policy now from `path` (the configuration's `policy`, read again): the same
+/// file is read whatever its time stamp, another file replaces the watched one.
+pub fn reload_now(w: &mut PolicyWatcher, path: &Path, origin: &str) -> Reloaded {
+    if path != w.path() {
+        return match open_policy(path, origin) {
+            Ok(n) => {
+                tracing::info!(
+                    "policy now read from {} (was {}): {} resources, {} rules",
+                    path.display(),
+                    w.path().display(),
+                    n.policy().resources().len(),
+                    n.policy().rules().len()
+                );
+                *w = n;
+                Reloaded::Applied
+            }
+            Err(e) => {
+                tracing::error!(
+                    "policy change rejected, the previous policy stays in force: {e:#}"
+                );
+                Reloaded::Rejected
+            }
+        };
+    }
+    match w.reload_now() {
+        None => {
+            tracing::info!("policy unchanged ({})", path.display());
+            Reloaded::Unchanged
+        }
+        Some(r) => {
+            let rejected = matches!(r, Reload::Rejected(_));
+            log_reload(w, r);
+            if rejected {
+                Reloaded::Rejected
+            } else {
+                Reloaded::Applied
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,8 +28,10 @@ use crate::access::{self, AuditSink};
 use crate::config::{self, AgentConfig, ConfigError};
 use crate::dns::{self, TcpQuery};
 use crate::instance::{self, InstanceLock};
+use crate::metrics::{CertExpiry, NodeRole, Sample};
 use crate::node;
-use crate::status::AgentStatus;
+use crate::ops::Ops;
+use crate::status::NodeStatus;
 use crate::{resolvconf, tun, udp_batch, AgentArgs};
 
 /// How often the host looks at the policy file, the interface addresses and publishes status.
@@ -57,8 +60,8 @@ pub fn run(args: AgentArgs) -> Result<()> {
         config::check_mtu(m, "--mtu")?;
         cfg.tun.mtu = m;
     }
-    if let Some(p) = args.policy {
-        cfg.policy = p;
+    if let Some(p) = &args.policy {
+        cfg.policy = p.clone();
     }
     if let Some(p) = args.status_socket {
         cfg.status_socket = p;
@@ -187,7 +190,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             ),
         };
         engine.set_upstreams(upstreams);
-        let (status_tx, status_rx) = watch::channel(engine.status(Instant::now()));
+        let (status_tx, status_rx) = watch::channel(NodeStatus::Agent(engine.status(Instant::now())));
         let (host_tx, host_rx) = mpsc::channel::<HostMsg>(256);
         let mut host = Host {
             engine,
@@ -209,6 +212,9 @@ pub fn run(args: AgentArgs) -> Result<()> {
             interfaces: Vec::new(),
             host_tx,
             pending: Vec::new(),
+            ops: None,
+            certs: None,
+            reload: None,
         };
         // The first settings: routes before anything is sent through the device.
         host.apply_first_events()?;
@@ -241,26 +247,50 @@ pub fn run(args: AgentArgs) -> Result<()> {
         }
         // Held until the agent stops, which removes the socket file. Without it the tunnels
         // still work, so a bad path is a warning, not a reason to refuse to start.
-        let _status_server = match crate::status::serve(&cfg.status_socket, status_rx) {
-            Ok(s) => {
-                tracing::info!("status socket {}", cfg.status_socket.display());
-                Some(s)
-            }
-            Err(e) => {
-                tracing::warn!("no status socket, `sluice status` cannot reach this agent: {e}");
-                None
-            }
-        };
+        let _status_server = crate::status::serve_or_warn(&cfg.status_socket, status_rx, "agent");
+        let certs = node::cert_expiry(&creds, &cfg.ca);
+        host.ops = Some(Ops::start(cfg.metrics_listen, Sample::starting(NodeRole::Agent, certs)).await?);
+        host.certs = Some(certs);
+        host.reload = Some(Reload {
+            config: args.config.clone(),
+            policy_flag: args.policy.clone(),
+            origin: origin.clone(),
+            count: (0, 0),
+        });
+        // The TUN device is up and routed: systemd hears READY=1 now.
+        host.publish(Instant::now());
         let mut shutdown = std::pin::pin!(node::shutdown_signal());
         tokio::select! {
             r = host.run(&dev, &socket, listeners, host_rx) => r,
             _ = &mut shutdown => {
+                if let Some(ops) = &host.ops {
+                    ops.stopping();
+                }
                 host.engine.shut_down();
                 host.flush(&socket).await;
                 Ok(())
             }
         }
     })
+}
+
+/// `sluice cleanup`: restores the resolv.conf an agent that was killed left rewritten (its
+/// unit's `ExecStopPost`). A running agent holds the file's lock, and then nothing is touched.
+pub fn cleanup() -> Result<()> {
+    match resolvconf::claim(&instance::holder_text("sluice cleanup")) {
+        // Restored (and logged) by the claim; the lock goes with it.
+        Ok(_) => {
+            tracing::info!("cleanup: /etc/resolv.conf is the system's");
+            Ok(())
+        }
+        Err(e) if resolvconf::is_held(&e) => {
+            tracing::info!(
+                "cleanup: an agent is running and holds /etc/resolv.conf; nothing to do"
+            );
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// What the host's helper tasks send back to its loop.
@@ -280,7 +310,7 @@ struct Host {
     /// The routes in place in the TUN device.
     routed: Vec<IpNet>,
     settings: Option<Settings>,
-    status_tx: watch::Sender<AgentStatus>,
+    status_tx: watch::Sender<NodeStatus>,
     out: Vec<u8>,
     /// Outgoing UDP on the peer socket, sent in GSO batches.
     udp_tx: udp_batch::UdpSender,
@@ -299,6 +329,20 @@ struct Host {
     host_tx: mpsc::Sender<HostMsg>,
     /// Events taken before the loop ran, carried out at its first round.
     pending: Vec<Event>,
+    /// Metrics and systemd, once the TUN device is up.
+    ops: Option<Ops>,
+    certs: Option<CertExpiry>,
+    reload: Option<Reload>,
+}
+
+/// What a SIGHUP reads again.
+struct Reload {
+    config: PathBuf,
+    /// `--policy`, which outranks the file's `policy` on reload too.
+    policy_flag: Option<PathBuf>,
+    origin: String,
+    /// Reloads that took, and that failed.
+    count: (u64, u64),
 }
 
 /// A datagram from `sock`, or never when there is no socket.
@@ -335,6 +379,7 @@ impl Host {
         // timer.
         self.flush_round(dev, socket, &mut to_tun).await;
         let mut timer = node::LoopTimer::new();
+        let mut hangups = node::Hangups::new();
         loop {
             let now = Instant::now();
             let due = self.engine.poll_timeout(now).min(self.next_second);
@@ -428,6 +473,7 @@ impl Host {
                     self.engine.handle_dns_query(token, true, &q.query, Instant::now());
                 }
                 Some(m) = host_rx.recv() => self.on_host_msg(m),
+                _ = hangups.recv() => self.reload(Instant::now()),
                 _ = timer.fired() => {
                     let now = Instant::now();
                     if now >= self.next_second {
@@ -479,7 +525,69 @@ impl Host {
         self.dns_clients
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < DNS_CLIENT_TTL);
         self.tcp_clients.retain(|_, tx| !tx.is_closed());
-        let _ = self.status_tx.send(self.engine.status(now));
+        self.publish(now);
+    }
+
+    /// Status, metrics, readiness and systemd's watchdog. The agent is up (for systemd) once
+    /// its TUN device is, and ready (for `/ready`) while the relay is connected too.
+    fn publish(&mut self, now: Instant) {
+        let status = self.engine.status(now);
+        let connected = status.relay.connected;
+        let _ = self.status_tx.send(NodeStatus::Agent(status));
+        let (Some(ops), Some(certs)) = (self.ops.as_mut(), self.certs) else {
+            return;
+        };
+        let mut s = Sample::starting(NodeRole::Agent, certs);
+        s.taken = now;
+        s.ready = connected;
+        s.relay_connected = Some(connected);
+        s.node = Some(self.engine.stats());
+        s.reloads = self.reload.as_ref().map_or((0, 0), |r| r.count);
+        ops.publish(s, true);
+    }
+
+    /// SIGHUP: the configuration is read again and its policy put in force now. Other settings
+    /// (relay, TUN, DNS, certificates) take effect on restart.
+    fn reload(&mut self, now: Instant) {
+        let Some(r) = self.reload.as_mut() else {
+            return;
+        };
+        if let Some(ops) = &self.ops {
+            ops.reloading();
+        }
+        tracing::info!("SIGHUP: reloading {}", r.config.display());
+        let path = match (&r.policy_flag, config::load::<AgentConfig>(&r.config)) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Ok(cfg)) => Ok(cfg.policy),
+            (None, Err(e)) => Err(e),
+        };
+        let mut outcome = match path {
+            Ok(p) => access::reload_now(&mut self.watcher, &p, &r.origin),
+            Err(e) => {
+                tracing::error!("SIGHUP: {e:#}; nothing changed");
+                access::Reloaded::Rejected
+            }
+        };
+        if outcome == access::Reloaded::Applied {
+            match self.engine.set_policy(self.watcher.policy().clone(), now) {
+                Ok(()) => tracing::info!("SIGHUP: new policy in force"),
+                Err(e) => {
+                    tracing::error!("SIGHUP: policy refused, the previous one stays in force: {e}");
+                    outcome = access::Reloaded::Rejected;
+                }
+            }
+        }
+        let status = if outcome == access::Reloaded::Rejected {
+            r.count.1 += 1;
+            "reload failed: the previous policy stays in force"
+        } else {
+            r.count.0 += 1;
+            "running"
+        };
+        if let Some(ops) = &self.ops {
+            ops.reloaded(status);
+        }
+        self.publish(now);
     }
 
     /// Carries out what a round of input caused: events, packets to the TUN device and

@@ -46,6 +46,17 @@ pub struct RelayConfig {
     pub key: PathBuf,
     /// The organisation CA certificate (PEM) every peer must be signed by.
     pub ca: PathBuf,
+    /// Serve Prometheus metrics on `/metrics` (and `/healthz`, `/ready`) at this TCP address
+    /// (none by default; `127.0.0.1:9464` keeps them on the machine).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Unix socket where `sluice status` reads the relay's peers (mode 0600).
+    #[serde(default = "default_relay_socket")]
+    pub status_socket: PathBuf,
+}
+
+fn default_relay_socket() -> PathBuf {
+    PathBuf::from(crate::status::RELAY_SOCKET)
 }
 
 fn default_relay_listen() -> SocketAddr {
@@ -84,6 +95,17 @@ pub struct ConnectorConfig {
     /// Where every new-flow decision is written as a JSON line (default: standard output).
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Serve Prometheus metrics on `/metrics` (and `/healthz`, `/ready`) at this TCP address
+    /// (none by default; `127.0.0.1:9464` keeps them on the machine).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Unix socket where `sluice status` reads the connector's agents (mode 0600).
+    #[serde(default = "default_connector_socket")]
+    pub status_socket: PathBuf,
+}
+
+fn default_connector_socket() -> PathBuf {
+    PathBuf::from(crate::status::CONNECTOR_SOCKET)
 }
 
 fn default_dial_timeout() -> u64 {
@@ -174,6 +196,10 @@ pub struct AgentConfig {
     /// relay (a site that must not send traffic around it, or a benchmark of the relay).
     #[serde(default = "default_true")]
     pub direct_paths: bool,
+    /// Serve Prometheus metrics on `/metrics` (and `/healthz`, `/ready`) at this TCP address
+    /// (none by default; `127.0.0.1:9464` keeps them on the machine).
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_status_socket() -> PathBuf {
@@ -253,7 +279,12 @@ pub trait RelativePaths {
 
 impl RelativePaths for RelayConfig {
     fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
-        vec![&mut self.cert, &mut self.key, &mut self.ca]
+        vec![
+            &mut self.cert,
+            &mut self.key,
+            &mut self.ca,
+            &mut self.status_socket,
+        ]
     }
 }
 
@@ -264,6 +295,7 @@ impl RelativePaths for ConnectorConfig {
             &mut self.key,
             &mut self.ca,
             &mut self.policy,
+            &mut self.status_socket,
         ];
         v.extend(self.audit_log.as_mut());
         v

@@ -2,6 +2,7 @@
 //! packets in one smoltcp stack per agent, and splices flows to the real services.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,12 +14,15 @@ use sluice_netstack::splice::{FlowMsg, Splicer};
 use sluice_netstack::stack::{Limits, Stack};
 use sluice_policy::watch::PolicyWatcher;
 use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::access::{self, AuditSink};
 use crate::config::{self, ConnectorConfig};
+use crate::metrics::{CertExpiry, NodeRole, Sample};
 use crate::node;
+use crate::ops::Ops;
 use crate::remote_dns;
+use crate::status::NodeStatus;
 use crate::udp_batch;
 use crate::ConnectorArgs;
 
@@ -31,8 +35,8 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
     if let Some(l) = args.listen {
         cfg.listen = l;
     }
-    if let Some(p) = args.policy {
-        cfg.policy = p;
+    if let Some(p) = &args.policy {
+        cfg.policy = p.clone();
     }
     if let Some(p) = args.audit_log {
         cfg.audit_log = Some(p);
@@ -88,7 +92,20 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
         )?;
         let (splicer, flow_rx) = Splicer::new(limits, resolver.clone());
         let (dns_done, dns_rx) = mpsc::channel(256);
+        let certs = node::cert_expiry(&creds, &cfg.ca);
+        let ops = Ops::start(cfg.metrics_listen, Sample::starting(NodeRole::Connector, certs)).await?;
+        let (status_tx, status_rx) = watch::channel(NodeStatus::Connector(core.status(now)));
+        // Held until the connector stops, which removes the socket file; without it the
+        // tunnels still work, so a bad path is a warning.
+        let _status_server = crate::status::serve_or_warn(&cfg.status_socket, status_rx, "connector");
         let mut c = Host {
+            status_tx,
+            ops,
+            certs,
+            reloads: (0, 0),
+            config_path: args.config.clone(),
+            policy_flag: args.policy.clone(),
+            origin,
             core,
             splicer,
             watcher,
@@ -102,6 +119,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
         tokio::select! {
             r = c.run(&socket, flow_rx, dns_rx) => r,
             _ = node::shutdown_signal() => {
+                c.ops.stopping();
                 tracing::info!("connector: shutting down with {} agent(s), {} flow(s)", c.core.agents(), c.splicer.flow_count());
                 c.goodbye(&socket).await;
                 Ok(())
@@ -126,6 +144,16 @@ struct Host {
     out: Vec<u8>,
     /// Outgoing UDP, sent in GSO batches.
     udp_tx: udp_batch::UdpSender,
+    ops: Ops,
+    status_tx: watch::Sender<NodeStatus>,
+    certs: CertExpiry,
+    /// SIGHUP reloads that took, and that failed.
+    reloads: (u64, u64),
+    /// Read again on SIGHUP.
+    config_path: PathBuf,
+    /// `--policy`, which outranks the file's `policy` on reload too.
+    policy_flag: Option<PathBuf>,
+    origin: String,
 }
 
 impl Host {
@@ -141,7 +169,9 @@ impl Host {
         // The control link's first Initial is queued already: send it now, not at the first
         // timer (a second later).
         self.round(socket, &resolved_tx).await;
+        self.publish(Instant::now());
         let mut timer = node::LoopTimer::new();
+        let mut hangups = node::Hangups::new();
         loop {
             let now = Instant::now();
             let due = self.core.poll_timeout(now).min(self.next_reload_check);
@@ -177,9 +207,10 @@ impl Host {
                         self.on_flow_msg(peer, msg);
                     }
                 }
-                Some((peer, id, answer)) = dns_rx.recv() => self.core.handle_dns_answer(peer, id, answer),
+                Some((peer, id, answer)) = dns_rx.recv() => self.core.handle_dns_answer(peer, id, answer, Instant::now()),
                 _ = wake.notified() => {}
                 Some(r) = resolved_rx.recv() => self.core.handle_relay_resolved(r, Instant::now()),
+                _ = hangups.recv() => self.reload(Instant::now()),
                 _ = timer.fired() => {
                     let now = Instant::now();
                     if now >= self.next_reload_check {
@@ -200,6 +231,56 @@ impl Host {
         }
         self.core.set_wall_clock(now, node::unix_nanos());
         self.core.set_interfaces(node::interface_ips(None), now);
+        self.publish(now);
+    }
+
+    /// Metrics, readiness and systemd's watchdog: ready once registered with the relay.
+    fn publish(&mut self, now: Instant) {
+        let connected = self.core.relay_connected();
+        let mut s = Sample::starting(NodeRole::Connector, self.certs);
+        s.taken = now;
+        s.ready = connected;
+        s.relay_connected = Some(connected);
+        s.node = Some(self.core.stats());
+        s.dials = Some(self.splicer.dial_stats());
+        s.reloads = self.reloads;
+        self.ops.publish(s, connected);
+        let _ = (self.status_tx).send(NodeStatus::Connector(self.core.status(now)));
+    }
+
+    /// SIGHUP: the configuration is read again and its policy put in force now. Other settings
+    /// (relay, listen, certificates, limits) take effect on restart.
+    fn reload(&mut self, now: Instant) {
+        self.ops.reloading();
+        tracing::info!("SIGHUP: reloading {}", self.config_path.display());
+        let path = match (
+            &self.policy_flag,
+            config::load::<ConnectorConfig>(&self.config_path),
+        ) {
+            (Some(p), _) => Ok(p.clone()),
+            (None, Ok(cfg)) => Ok(cfg.policy),
+            (None, Err(e)) => Err(e),
+        };
+        let outcome = match path {
+            Ok(p) => access::reload_now(&mut self.watcher, &p, &self.origin),
+            Err(e) => {
+                tracing::error!("SIGHUP: {e:#}; nothing changed");
+                access::Reloaded::Rejected
+            }
+        };
+        if outcome == access::Reloaded::Applied {
+            let cut = self.core.set_policy(self.watcher.policy().clone(), now);
+            tracing::info!("SIGHUP: new policy in force ({cut} open flow(s) it denies were cut)");
+        }
+        let status = if outcome == access::Reloaded::Rejected {
+            self.reloads.1 += 1;
+            "reload failed: the previous policy stays in force"
+        } else {
+            self.reloads.0 += 1;
+            "running"
+        };
+        self.ops.reloaded(status);
+        self.publish(now);
     }
 
     /// A flow task's news, for its agent's stack (gone agents' flows are dropped).
@@ -242,7 +323,8 @@ impl Host {
                         &self.dns_done,
                     );
                     if let Some(answer) = now {
-                        self.core.handle_dns_answer(agent, id, answer);
+                        self.core
+                            .handle_dns_answer(agent, id, answer, Instant::now());
                     }
                 }
             }

@@ -75,6 +75,8 @@ pub const CONN_SVC_ADDR6: &str = "fd00:5c1c:5c::1";
 pub const SVC_ADDR6: &str = "fd00:5c1c:5c::10";
 pub const SVC_NET6: &str = "fd00:5c1c:5c::/64";
 pub const RELAY_PORT: u16 = 4433;
+/// Where every role of the lab serves `/metrics`: loopback of its own namespace.
+pub const METRICS: &str = "127.0.0.1:9464";
 pub const SVC_ZONE: &str = "lab.internal";
 /// The private zone served inside the service network; `*.corp.internal` is a lab resource.
 pub const CORP_ZONE: &str = "corp.internal";
@@ -458,14 +460,14 @@ fn write_configs(lab: &Lab, relay_only: bool) -> Result<()> {
     write(
         "relay.yaml",
         format!(
-            "# Written by `sluice lab up`.\nlisten: 0.0.0.0:{RELAY_PORT}\n{}",
+            "# Written by `sluice lab up`.\nlisten: 0.0.0.0:{RELAY_PORT}\n{}metrics_listen: {METRICS}\nstatus_socket: {d}/relay.sock\n",
             files("lab-relay")
         ),
     )?;
     write(
         "connector.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}policy: {d}/policy.yaml\naudit_log: {d}/connector-audit.jsonl\n",
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}policy: {d}/policy.yaml\naudit_log: {d}/connector-audit.jsonl\nmetrics_listen: {METRICS}\nstatus_socket: {d}/connector.sock\n",
             files("lab-connector")
         ),
     )?;
@@ -473,7 +475,7 @@ fn write_configs(lab: &Lab, relay_only: bool) -> Result<()> {
     write(
         "agent.yaml",
         format!(
-            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\nstatus_socket: {}\ndirect_paths: {}\n",
+            "# Written by `sluice lab up`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\n{}tun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent-audit.jsonl\nstatus_socket: {}\ndirect_paths: {}\nmetrics_listen: {METRICS}\n",
             files("lab-agent"),
             // In the lab's directory, so labs side by side each have their own.
             lab.status_socket().display(),
@@ -1040,7 +1042,7 @@ fn lab_status(lab: &Lab) -> LabStatus {
     let (agent, agent_error) = if !up {
         (None, Some("the lab is not up".to_string()))
     } else {
-        match crate::status::fetch(&lab.status_socket()) {
+        match crate::status::fetch_agent(&lab.status_socket()) {
             Ok(a) => (Some(a), None),
             Err(e) => (None, Some(e.to_string())),
         }

@@ -9,7 +9,10 @@ mod dns;
 mod instance;
 mod lab;
 mod lab_nat;
+mod logging;
+mod metrics;
 mod node;
+mod ops;
 mod policy_cmd;
 mod relay;
 mod remote_dns;
@@ -31,6 +34,10 @@ use clap::{Args, Parser, Subcommand};
     about = "Sluice zero-trust network access: relay, connector, agent, CA and lab"
 )]
 struct Cli {
+    /// How log lines look on standard error: `text` for people, `json` (one object per line)
+    /// for log collectors. `RUST_LOG` sets the level (`debug`, `sluice=debug,quiche=info`).
+    #[arg(long, global = true, value_enum, default_value_t = logging::Format::Text)]
+    log_format: logging::Format,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -45,6 +52,9 @@ enum Cmd {
     Agent(AgentArgs),
     /// Show a running agent's tunnels: path (direct or relay), RTT, bytes each way.
     Status(status::StatusArgs),
+    /// Give the system back what an agent that was killed left changed (its resolv.conf);
+    /// the agent's systemd unit runs this when it stops. Safe to run any time.
+    Cleanup,
     /// Create the organisation CA and issue node certificates.
     #[command(subcommand)]
     Ca(CaCmd),
@@ -257,62 +267,11 @@ pub enum LabCmd {
     NatProbe(lab_nat::ProbeOpts),
 }
 
-/// Sluice's own crates: a bare level in `RUST_LOG` applies to these.
-const OUR_CRATES: [&str; 5] = [
-    "sluice",
-    "sluice_dataplane",
-    "sluice_netstack",
-    "sluice_policy",
-    "sluice_relay",
-];
-
-/// The tracing filter for a `RUST_LOG` value. A bare level (`debug`) is for Sluice's crates
-/// only: other crates stay at `warn` unless named (`hickory_proto=debug`), since some of them
-/// dump whole DNS messages or handshakes at debug level, about 15 lines per lookup.
-fn log_filter(rust_log: Option<&str>) -> String {
-    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
-    let mut ours = "info".to_string();
-    let mut others = "warn";
-    let mut named = Vec::new();
-    for d in rust_log.unwrap_or("").split(',').map(str::trim) {
-        let lower = d.to_ascii_lowercase();
-        if d.is_empty() {
-            continue;
-        } else if let Some(level) = LEVELS.iter().find(|l| **l == lower) {
-            ours = level.to_string();
-            // Quieter than warn (error, off) quiets everything; louder stays ours alone.
-            if matches!(*level, "off" | "error") {
-                others = level;
-            }
-        } else {
-            named.push(d.to_string());
-        }
-    }
-    let mut f = vec![others.to_string()];
-    f.extend(OUR_CRATES.iter().map(|c| format!("{c}={ours}")));
-    f.extend(named);
-    f.join(",")
-}
-
-fn init_logging() {
-    let spec = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    let filter = tracing_subscriber::EnvFilter::try_new(&spec).unwrap_or_else(|e| {
-        eprintln!("warning: RUST_LOG: {e}; logging at info");
-        tracing_subscriber::EnvFilter::new(log_filter(None))
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if matches!(
         cli.cmd,
-        Cmd::Policy(_) | Cmd::Ca(_) | Cmd::Lab(_) | Cmd::Status(_)
+        Cmd::Policy(_) | Cmd::Ca(_) | Cmd::Lab(_) | Cmd::Status(_) | Cmd::Cleanup
     ) {
         // Commands that print: `| head` closing the pipe ends them quietly, as for any Unix
         // tool. The long-running roles keep Rust's default (SIGPIPE ignored), so a write to a
@@ -322,12 +281,13 @@ fn main() -> ExitCode {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
         }
     }
-    init_logging();
+    logging::init(cli.log_format);
     let result = match cli.cmd {
         Cmd::Relay(a) => relay::run(a),
         Cmd::Connector(a) => connector::run(a),
         Cmd::Agent(a) => agent::run(a),
         Cmd::Status(a) => status::run(a),
+        Cmd::Cleanup => agent::cleanup(),
         Cmd::Ca(c) => ca::run(c),
         Cmd::Policy(c) => {
             return match policy_cmd::run(c) {
@@ -352,43 +312,6 @@ fn main() -> ExitCode {
             }
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::log_filter;
-
-    #[test]
-    fn a_bare_level_is_for_our_crates_and_others_stay_at_warn() {
-        let f = log_filter(Some("debug"));
-        assert!(f.starts_with("warn,"), "{f}");
-        assert!(
-            f.contains("sluice=debug") && f.contains("sluice_dataplane=debug"),
-            "{f}"
-        );
-        assert!(!f.contains("hickory"), "{f}");
-
-        let f = log_filter(None);
-        assert!(
-            f.starts_with("warn,") && f.contains("sluice_netstack=info"),
-            "{f}"
-        );
-
-        // Named crates get what they ask for.
-        let f = log_filter(Some("info,hickory_proto=debug"));
-        assert!(
-            f.ends_with(",hickory_proto=debug") && f.contains("sluice=info"),
-            "{f}"
-        );
-
-        // Quieter than warn quiets the others too.
-        assert!(log_filter(Some("error")).starts_with("error,"));
-        assert!(log_filter(Some("OFF")).starts_with("off,"));
-        // Every result is a filter tracing accepts.
-        for v in ["debug", "", "trace,quiche=info", "sluice_relay=trace"] {
-            tracing_subscriber::EnvFilter::try_new(log_filter(Some(v))).unwrap();
         }
     }
 }

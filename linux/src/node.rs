@@ -103,6 +103,45 @@ pub fn credentials(files: &IdentityFiles, role: Role, origin: &str) -> Result<Cr
     Ok(creds)
 }
 
+/// When the node's certificate and its CA expire, for `/metrics`.
+pub fn cert_expiry(creds: &Credentials, ca: &Path) -> crate::metrics::CertExpiry {
+    let ca = std::fs::read_to_string(ca)
+        .ok()
+        .and_then(|t| sluice_dataplane::identity::summarize_pem(&t).ok())
+        .map(|s| s.not_after);
+    crate::metrics::CertExpiry {
+        node: creds.identity.not_after,
+        ca,
+    }
+}
+
+/// SIGHUP, the operator's "reload" (systemd's `ExecReload`).
+pub struct Hangups(Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    /// Must run inside a tokio runtime.
+    pub fn new() -> Hangups {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Hangups(Some(s)),
+            Err(e) => {
+                tracing::warn!("cannot handle SIGHUP ({e}): reloads need a restart");
+                Hangups(None)
+            }
+        }
+    }
+
+    /// The next SIGHUP (never, without a handler).
+    pub async fn recv(&mut self) {
+        match &mut self.0 {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// A duration for people: "45s", "12min", "3h", "2 days".
 pub fn human_duration(d: Duration) -> String {
     let s = d.as_secs();

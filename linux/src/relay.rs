@@ -1,6 +1,7 @@
 //! `sluice relay`: the tokio shell around the sans-IO relay core (`sluice_relay::server`): one
 //! UDP socket, read and written in GRO/GSO batches, and the core's timers.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -8,9 +9,13 @@ use sluice_dataplane::identity::Role;
 use sluice_dataplane::tls::{self, QuicParams};
 use sluice_relay::server::{Relay, RelayStats};
 use tokio::net::UdpSocket;
+use tokio::sync::watch;
 
 use crate::config::{self, RelayConfig};
+use crate::metrics::{CertExpiry, NodeRole, Sample};
 use crate::node;
+use crate::ops::{self, Ops};
+use crate::status::{NodeStatus, RelayNodeStatus, RelayPeerStatus};
 use crate::udp_batch::{self, UdpReceiver, UdpSender};
 use crate::RelayArgs;
 
@@ -40,14 +45,121 @@ pub fn run(args: RelayArgs) -> Result<()> {
             socket.local_addr()?,
             creds.identity.peer_id.short()
         );
-        serve(socket, quic).await.context("relay failed")?;
+        let certs = node::cert_expiry(&creds, &cfg.ca);
+        let ops = Ops::start(cfg.metrics_listen, Sample::starting(NodeRole::Relay, certs)).await?;
+        let reload = Reload {
+            config: args.config.clone(),
+            running: cfg.clone(),
+            count: (0, 0),
+        };
+        let me = RelayNodeStatus {
+            name: creds.identity.name.clone(),
+            peer_id: creds.identity.peer_id.to_string(),
+            listen: socket.local_addr()?.to_string(),
+            peers: Vec::new(),
+            forwarded_packets: 0,
+            forwarded_bytes: 0,
+        };
+        let (status_tx, status_rx) = watch::channel(NodeStatus::Relay(me.clone()));
+        // Held until the relay stops, which removes the socket file.
+        let _status_server = crate::status::serve_or_warn(&cfg.status_socket, status_rx, "relay");
+        let status = Status { me, tx: status_tx };
+        serve(socket, quic, ops, certs, reload, status)
+            .await
+            .context("relay failed")?;
         Ok(())
     })
 }
 
+/// The status socket's snapshot, refreshed once a second.
+struct Status {
+    me: RelayNodeStatus,
+    tx: watch::Sender<NodeStatus>,
+}
+
+impl Status {
+    fn publish(&mut self, relay: &Relay) {
+        let s = relay.stats();
+        self.me.forwarded_packets = s.forwarded_packets;
+        self.me.forwarded_bytes = s.forwarded_bytes;
+        self.me.peers = relay
+            .peers()
+            .into_iter()
+            .map(|p| RelayPeerStatus {
+                name: p.identity.as_ref().map(|i| i.name.clone()),
+                role: p.identity.as_ref().map(|i| i.role.to_string()),
+                peer_id: p.identity.as_ref().map(|i| i.peer_id.to_string()),
+                addr: p.addr.to_string(),
+                registered: p.registered,
+                forwarded_bytes: p.forwarded_bytes,
+            })
+            .collect();
+        let _ = self.tx.send(NodeStatus::Relay(self.me.clone()));
+    }
+}
+
+/// What a SIGHUP reads again.
+struct Reload {
+    config: PathBuf,
+    /// The configuration in force.
+    running: RelayConfig,
+    /// Reloads that took, and that failed.
+    count: (u64, u64),
+}
+
+impl Reload {
+    /// The relay has nothing to apply without a restart (its socket and certificate are fixed
+    /// while it runs): a reload checks the file and says what a restart would change.
+    fn run(&mut self, ops: &Ops) {
+        ops.reloading();
+        match config::load::<RelayConfig>(&self.config) {
+            Ok(new) => {
+                let mut changed = Vec::new();
+                if new.listen != self.running.listen {
+                    changed.push("listen");
+                }
+                if (&new.cert, &new.key, &new.ca)
+                    != (&self.running.cert, &self.running.key, &self.running.ca)
+                {
+                    changed.push("cert/key/ca");
+                }
+                if new.metrics_listen != self.running.metrics_listen {
+                    changed.push("metrics_listen");
+                }
+                if changed.is_empty() {
+                    tracing::info!(
+                        "SIGHUP: {} read again: nothing changed",
+                        self.config.display()
+                    );
+                } else {
+                    tracing::warn!(
+                        "SIGHUP: {} changes {}: the relay applies these on restart",
+                        self.config.display(),
+                        changed.join(", ")
+                    );
+                }
+                self.count.0 += 1;
+                ops.reloaded("running");
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: {e:#}");
+                self.count.1 += 1;
+                ops.reloaded("reload failed: the configuration is invalid");
+            }
+        }
+    }
+}
+
 /// Serves relay clients on `socket` until SIGINT or SIGTERM, then closes every connection so
 /// the clients know at once.
-async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()> {
+async fn serve(
+    socket: UdpSocket,
+    config: quiche::Config,
+    mut ops: Ops,
+    certs: CertExpiry,
+    mut reload: Reload,
+    mut status: Status,
+) -> std::io::Result<()> {
     let local = socket.local_addr()?;
     let mut relay = Relay::new(config, local);
     let mut rx = UdpReceiver::new(&socket);
@@ -59,6 +171,8 @@ async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()>
     let mut timer = node::LoopTimer::new();
     let shutdown = node::shutdown_signal();
     tokio::pin!(shutdown);
+    let mut hangups = node::Hangups::new();
+    let mut publish_tick = tokio::time::interval(ops::PUBLISH_EVERY);
     loop {
         timer.rearm(relay.timeout().unwrap_or(Duration::from_secs(3600)));
         tokio::select! {
@@ -80,7 +194,18 @@ async fn serve(socket: UdpSocket, config: quiche::Config) -> std::io::Result<()>
                 }
             }
             _ = timer.fired() => relay.on_timeout(),
+            _ = publish_tick.tick() => {
+                // Listening since before the loop: the relay is ready as long as it runs.
+                let mut s = Sample::starting(NodeRole::Relay, certs);
+                s.ready = true;
+                s.relay = Some(relay.stats());
+                s.reloads = reload.count;
+                ops.publish(s, true);
+                status.publish(&relay);
+            }
+            _ = hangups.recv() => reload.run(&ops),
             _ = &mut shutdown => {
+                ops.stopping();
                 tracing::info!("relay: shutting down");
                 relay.goodbye();
                 while let Some((n, to)) = relay.send(&mut out) {

@@ -1,7 +1,7 @@
-//! `sluice status`: what a running agent's tunnels are doing, read from its local control
-//! socket.
+//! `sluice status`: what a running node is doing, read from its local status socket: an
+//! agent's tunnels, a connector's agents, a relay's peers.
 //!
-//! The agent publishes a snapshot ([`AgentStatus`]) once a second on a watch channel; the
+//! Each role publishes a snapshot ([`NodeStatus`]) once a second on a watch channel; the
 //! server here answers every connection on the Unix socket with the latest snapshot as one
 //! line of JSON and closes it, so the packet path never waits on a reader.
 
@@ -15,10 +15,14 @@ use clap::Args;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use crate::config::{self, AgentConfig};
+use crate::config::{self, AgentConfig, ConnectorConfig, RelayConfig};
 
 /// Where the agent listens unless its config says otherwise (`status_socket`).
 pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
+/// The connector's, in the runtime directory its systemd unit gives it.
+pub const CONNECTOR_SOCKET: &str = "/run/sluice/connector/status.sock";
+/// The relay's, likewise.
+pub const RELAY_SOCKET: &str = "/run/sluice/relay/status.sock";
 /// A client that does not take its reply within this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `sluice status` waits for the agent's reply.
@@ -30,14 +34,14 @@ pub use sluice_dataplane::status::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
-    #[error("no agent running (no socket at {0}); is `sluice agent` running?")]
-    NoAgent(PathBuf),
-    #[error(
-        "no agent running (nothing listens on the stale socket {0}); is `sluice agent` running?"
-    )]
-    Stale(PathBuf),
-    #[error("permission denied on {0}: only the agent's user (usually root) may read its status")]
-    PermissionDenied(PathBuf),
+    #[error("no {1} running (no socket at {0}); is `sluice {1}` running?")]
+    NoNode(PathBuf, &'static str),
+    #[error("no {1} running (nothing listens on the stale socket {0}); is `sluice {1}` running?")]
+    Stale(PathBuf, &'static str),
+    #[error("permission denied on {0}: only the {1}'s user may read its status (root, or the sluice user)")]
+    PermissionDenied(PathBuf, &'static str),
+    #[error("{path} is a {found}'s status socket, not an agent's")]
+    WrongRole { path: PathBuf, found: &'static str },
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
     #[error("{path}: not the reply of a sluice agent: {why}")]
@@ -72,7 +76,7 @@ impl Drop for StatusServer {
 /// Listens on `path` (mode 0600) and answers each connection with the latest snapshot from
 /// `rx`. Binds before returning, so a bad path is an error at startup; must run inside a tokio
 /// runtime.
-pub fn serve(path: &Path, rx: watch::Receiver<AgentStatus>) -> Result<StatusServer, StatusError> {
+pub fn serve(path: &Path, rx: watch::Receiver<NodeStatus>) -> Result<StatusServer, StatusError> {
     let io = |e| StatusError::Io(path.to_path_buf(), e);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| StatusError::Io(dir.to_path_buf(), e))?;
@@ -106,7 +110,26 @@ pub fn serve(path: &Path, rx: watch::Receiver<AgentStatus>) -> Result<StatusServ
     })
 }
 
-async fn accept_loop(listener: tokio::net::UnixListener, rx: watch::Receiver<AgentStatus>) {
+/// [`serve`], or a warning and None: without a status socket the node still works, so a bad
+/// path is no reason to refuse to start. Held until the node stops; the file goes on drop.
+pub fn serve_or_warn(
+    path: &Path,
+    rx: watch::Receiver<NodeStatus>,
+    role: &str,
+) -> Option<StatusServer> {
+    match serve(path, rx) {
+        Ok(s) => {
+            tracing::info!("status socket {}", path.display());
+            Some(s)
+        }
+        Err(e) => {
+            tracing::warn!("no status socket, `sluice status` cannot reach this {role}: {e}");
+            None
+        }
+    }
+}
+
+async fn accept_loop(listener: tokio::net::UnixListener, rx: watch::Receiver<NodeStatus>) {
     loop {
         let mut stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -138,14 +161,33 @@ async fn accept_loop(listener: tokio::net::UnixListener, rx: watch::Receiver<Age
     }
 }
 
-/// Reads one snapshot from the agent listening on `path`.
-pub fn fetch(path: &Path) -> Result<AgentStatus, StatusError> {
+/// Reads the lab agent's snapshot (another role's is an error).
+pub fn fetch_agent(path: &Path) -> Result<AgentStatus, StatusError> {
+    match fetch(path, "agent")? {
+        NodeStatus::Agent(a) => Ok(a),
+        other => Err(StatusError::WrongRole {
+            path: path.to_path_buf(),
+            found: role_of(&other),
+        }),
+    }
+}
+
+fn role_of(st: &NodeStatus) -> &'static str {
+    match st {
+        NodeStatus::Agent(_) => "agent",
+        NodeStatus::Connector(_) => "connector",
+        NodeStatus::Relay(_) => "relay",
+    }
+}
+
+/// Reads one snapshot from the node listening on `path` (`role`: what errors call it).
+pub fn fetch(path: &Path, role: &'static str) -> Result<NodeStatus, StatusError> {
     use std::io::ErrorKind;
     let p = || path.to_path_buf();
     let mut s = std::os::unix::net::UnixStream::connect(path).map_err(|e| match e.kind() {
-        ErrorKind::NotFound => StatusError::NoAgent(p()),
-        ErrorKind::ConnectionRefused => StatusError::Stale(p()),
-        ErrorKind::PermissionDenied => StatusError::PermissionDenied(p()),
+        ErrorKind::NotFound => StatusError::NoNode(p(), role),
+        ErrorKind::ConnectionRefused => StatusError::Stale(p(), role),
+        ErrorKind::PermissionDenied => StatusError::PermissionDenied(p(), role),
         _ => StatusError::Io(p(), e),
     })?;
     s.set_read_timeout(Some(READ_TIMEOUT))
@@ -164,8 +206,8 @@ pub fn fetch(path: &Path) -> Result<AgentStatus, StatusError> {
     parse_reply(&buf).map_err(|why| StatusError::BadReply { path: p(), why })
 }
 
-/// The agent's one line of JSON.
-fn parse_reply(buf: &[u8]) -> Result<AgentStatus, String> {
+/// The node's one line of JSON (an agent from before roles were named says no `role`).
+fn parse_reply(buf: &[u8]) -> Result<NodeStatus, String> {
     if buf.len() as u64 > MAX_REPLY {
         return Err(format!("more than {MAX_REPLY} bytes"));
     }
@@ -174,31 +216,82 @@ fn parse_reply(buf: &[u8]) -> Result<AgentStatus, String> {
     if text.is_empty() {
         return Err("empty reply".into());
     }
-    serde_json::from_str(text).map_err(|e| e.to_string())
+    match serde_json::from_str::<NodeStatus>(text) {
+        Ok(st) => Ok(st),
+        Err(e) => match serde_json::from_str::<AgentStatus>(text) {
+            Ok(a) => Ok(NodeStatus::Agent(a)),
+            Err(_) => Err(e.to_string()),
+        },
+    }
+}
+
+/// Which role `sluice status` asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StatusRole {
+    Agent,
+    Connector,
+    Relay,
+}
+
+impl StatusRole {
+    fn name(self) -> &'static str {
+        match self {
+            StatusRole::Agent => "agent",
+            StatusRole::Connector => "connector",
+            StatusRole::Relay => "relay",
+        }
+    }
+
+    fn default_socket(self) -> &'static str {
+        match self {
+            StatusRole::Agent => DEFAULT_SOCKET,
+            StatusRole::Connector => CONNECTOR_SOCKET,
+            StatusRole::Relay => RELAY_SOCKET,
+        }
+    }
 }
 
 #[derive(Args)]
 pub struct StatusArgs {
-    /// The agent's status socket (default: `status_socket` of --config, else
-    /// /run/sluice/agent.sock).
+    /// Which role to ask (default: the agent; with neither --role nor --socket nor --config,
+    /// whichever of agent, connector and relay runs here).
+    #[arg(long, value_enum)]
+    pub role: Option<StatusRole>,
+    /// The node's status socket (default: `status_socket` of --config, else the role's:
+    /// /run/sluice/agent.sock, /run/sluice/connector/status.sock, /run/sluice/relay/status.sock).
     #[arg(long, conflicts_with = "config")]
     pub socket: Option<PathBuf>,
-    /// The agent's YAML configuration: its `status_socket` says where to ask.
+    /// The node's YAML configuration (of --role, default the agent): its `status_socket`
+    /// says where to ask.
     #[arg(long, short)]
     pub config: Option<PathBuf>,
-    /// Print the status as JSON (for scripts); `path` is "direct" or "relay".
+    /// Print the status as JSON (for scripts); `role` says whose; `path` is "direct" or
+    /// "relay".
     #[arg(long)]
     pub json: bool,
 }
 
 /// `sluice status`.
 pub fn run(args: StatusArgs) -> Result<()> {
+    let role = args.role.unwrap_or(StatusRole::Agent);
     let path = match (args.socket, args.config) {
         (Some(s), _) => s,
-        (None, Some(c)) => config::load::<AgentConfig>(&c)?.status_socket,
-        (None, None) => PathBuf::from(DEFAULT_SOCKET),
+        (None, Some(c)) => match role {
+            StatusRole::Agent => config::load::<AgentConfig>(&c)?.status_socket,
+            StatusRole::Connector => config::load::<ConnectorConfig>(&c)?.status_socket,
+            StatusRole::Relay => config::load::<RelayConfig>(&c)?.status_socket,
+        },
+        (None, None) => match args.role {
+            Some(r) => PathBuf::from(r.default_socket()),
+            // The first role with a socket here; the agent's path in the error otherwise.
+            None => [StatusRole::Agent, StatusRole::Connector, StatusRole::Relay]
+                .iter()
+                .map(|r| PathBuf::from(r.default_socket()))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET)),
+        },
     };
-    let st = fetch(&path)?;
+    let st = fetch(&path, role.name())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {
@@ -207,20 +300,175 @@ pub fn run(args: StatusArgs) -> Result<()> {
     Ok(())
 }
 
-/// The human form: a line about the agent and its relay, then one line per tunnel.
-pub fn render(st: &AgentStatus) -> String {
-    let short = st.peer_id.get(..16).unwrap_or(&st.peer_id);
-    let relay = match (&st.relay.connected, &st.relay.observed_addr) {
+/// The human form of any role's status.
+pub fn render(st: &NodeStatus) -> String {
+    match st {
+        NodeStatus::Agent(a) => render_agent(a),
+        NodeStatus::Connector(c) => render_connector(c),
+        NodeStatus::Relay(r) => render_relay(r),
+    }
+}
+
+fn relay_line(r: &RelayStatus) -> String {
+    match (&r.connected, &r.observed_addr) {
         (true, Some(a)) => format!("connected, sees us at {a}"),
         (true, None) => "connected".to_string(),
-        (false, _) => match &st.relay.error {
+        (false, _) => match &r.error {
             Some(why) => format!("not connected ({why})"),
             None => "not connected".to_string(),
         },
+    }
+}
+
+fn state_word(s: TunnelState) -> &'static str {
+    match s {
+        TunnelState::Connecting => "connecting",
+        TunnelState::Up => "up",
+        TunnelState::Closed => "closed",
+    }
+}
+
+fn path_word(path: PathKind, direct: &Option<String>) -> String {
+    match (path, direct) {
+        (PathKind::Direct, Some(a)) => format!("direct {a}"),
+        (PathKind::Direct, None) => "direct".to_string(),
+        (PathKind::Relay, _) => "relay".to_string(),
+    }
+}
+
+/// Columns padded to their widest cell; the columns in `right` line up on the right (numbers),
+/// the others on the left.
+fn table<const N: usize>(head: [&str; N], rows: &[[String; N]], right: &[usize]) -> String {
+    let mut w = head.map(|h| h.chars().count());
+    for r in rows {
+        for (w, c) in w.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: [&str; N]| {
+        let mut l = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            let pad = w[i].saturating_sub(c.chars().count());
+            if right.contains(&i) {
+                l.push_str(&" ".repeat(pad));
+                l.push_str(c);
+            } else {
+                l.push_str(c);
+                l.push_str(&" ".repeat(pad));
+            }
+            l.push_str("  ");
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
     };
+    line(head);
+    for r in rows {
+        line(r.each_ref().map(String::as_str));
+    }
+    out
+}
+
+fn short(id: &str) -> &str {
+    id.get(..16).unwrap_or(id)
+}
+
+/// A connector: a line about it and its relay, then one line per agent's tunnel.
+pub fn render_connector(st: &ConnectorStatus) -> String {
     let mut out = format!(
-        "agent {} (peer {short}), relay {}: {relay}\n",
-        st.name, st.relay.addr
+        "connector {} (peer {}), relay {}: {}\n",
+        st.name,
+        short(&st.peer_id),
+        st.relay.addr,
+        relay_line(&st.relay)
+    );
+    if st.tunnels.is_empty() {
+        out.push_str("no agents connected\n");
+        return out;
+    }
+    let rows: Vec<[String; 9]> = st
+        .tunnels
+        .iter()
+        .map(|t| {
+            [
+                t.user.clone().unwrap_or_else(|| "?".into()),
+                if t.groups.is_empty() {
+                    "-".into()
+                } else {
+                    t.groups.join(",")
+                },
+                short(&t.peer_id).to_string(),
+                state_word(t.state).to_string(),
+                path_word(t.path, &t.direct_addr),
+                t.rtt_ms.map_or("-".into(), human_ms),
+                t.flows.to_string(),
+                human_bytes(t.bytes_sent),
+                human_bytes(t.bytes_received),
+            ]
+        })
+        .collect();
+    let head = [
+        "USER",
+        "GROUPS",
+        "PEER",
+        "STATE",
+        "PATH",
+        "RTT",
+        "FLOWS",
+        "SENT ↑",
+        "RECEIVED ↓",
+    ];
+    out.push_str(&table(head, &rows, &[5, 6, 7, 8]));
+    out
+}
+
+/// A relay: a line about it, then one line per connected node.
+pub fn render_relay(st: &RelayNodeStatus) -> String {
+    let registered = st
+        .peers
+        .iter()
+        .filter(|p| p.registered && p.role.as_deref() == Some("connector"))
+        .count();
+    let mut out = format!(
+        "relay {} (peer {}) on {}: {} peer(s), {registered} connector(s) registered, forwarded {} in {} packets\n",
+        st.name,
+        short(&st.peer_id),
+        st.listen,
+        st.peers.len(),
+        human_bytes(st.forwarded_bytes),
+        st.forwarded_packets
+    );
+    if st.peers.is_empty() {
+        out.push_str("no peers connected\n");
+        return out;
+    }
+    let rows: Vec<[String; 6]> = st
+        .peers
+        .iter()
+        .map(|p| {
+            [
+                p.name.clone().unwrap_or_else(|| "(handshake)".into()),
+                p.role.clone().unwrap_or_else(|| "-".into()),
+                p.peer_id.as_deref().map_or("-", short).to_string(),
+                p.addr.clone(),
+                if p.registered { "yes" } else { "no" }.to_string(),
+                human_bytes(p.forwarded_bytes),
+            ]
+        })
+        .collect();
+    let head = ["PEER", "ROLE", "ID", "ADDRESS", "REGISTERED", "FORWARDED"];
+    out.push_str(&table(head, &rows, &[5]));
+    out
+}
+
+/// The human form: a line about the agent and its relay, then one line per tunnel.
+pub fn render_agent(st: &AgentStatus) -> String {
+    let mut out = format!(
+        "agent {} (peer {}), relay {}: {}\n",
+        st.name,
+        short(&st.peer_id),
+        st.relay.addr,
+        relay_line(&st.relay)
     );
     if st.tunnels.is_empty() {
         out.push_str("no tunnels yet (one opens on the first packet to a resource)\n");
@@ -230,20 +478,10 @@ pub fn render(st: &AgentStatus) -> String {
         .tunnels
         .iter()
         .map(|t| {
-            let path = match (t.path, &t.direct_addr) {
-                (PathKind::Direct, Some(a)) => format!("direct {a}"),
-                (PathKind::Direct, None) => "direct".to_string(),
-                (PathKind::Relay, _) => "relay".to_string(),
-            };
-            let state = match t.state {
-                TunnelState::Connecting => "connecting",
-                TunnelState::Up => "up",
-                TunnelState::Closed => "closed",
-            };
             [
                 t.connector.clone(),
-                state.to_string(),
-                path,
+                state_word(t.state).to_string(),
+                path_word(t.path, &t.direct_addr),
                 t.rtt_ms.map_or("-".into(), human_ms),
                 human_bytes(t.bytes_sent),
                 human_bytes(t.bytes_received),
@@ -260,33 +498,7 @@ pub fn render(st: &AgentStatus) -> String {
         "RECEIVED ↓",
         "SINCE SWITCH",
     ];
-    let mut w = head.map(|h| h.chars().count());
-    for r in &rows {
-        for (w, c) in w.iter_mut().zip(r) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut line = |cells: [&str; 7]| {
-        let mut l = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            // Numbers line up on the right, words on the left.
-            let pad = w[i].saturating_sub(c.chars().count());
-            if (3..=5).contains(&i) {
-                l.push_str(&" ".repeat(pad));
-                l.push_str(c);
-            } else {
-                l.push_str(c);
-                l.push_str(&" ".repeat(pad));
-            }
-            l.push_str("  ");
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(head);
-    for r in &rows {
-        line(r.each_ref().map(String::as_str));
-    }
+    out.push_str(&table(head, &rows, &[3, 4, 5]));
     out
 }
 
@@ -382,8 +594,16 @@ mod tests {
             .as_object()
             .unwrap()
             .contains_key("since_switch_secs"));
-        // The server's one-line form parses as the client reads it.
-        assert_eq!(parse_reply(format!("{text}\n").as_bytes()).unwrap(), st);
+        // An agent from before roles were named still parses, as an agent.
+        assert_eq!(
+            parse_reply(format!("{text}\n").as_bytes()).unwrap(),
+            NodeStatus::Agent(st.clone())
+        );
+        // The server's one-line form names the role and parses as the client reads it.
+        let doc = NodeStatus::Agent(st);
+        let tagged = serde_json::to_string(&doc).unwrap();
+        assert!(tagged.starts_with("{\"role\":\"agent\","), "{tagged}");
+        assert_eq!(parse_reply(tagged.as_bytes()).unwrap(), doc);
     }
 
     #[test]
@@ -396,7 +616,7 @@ mod tests {
 
     #[test]
     fn table_shows_each_tunnel_in_human_units() {
-        let text = render(&sample());
+        let text = render_agent(&sample());
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],
@@ -439,7 +659,7 @@ mod tests {
         st.tunnels.clear();
         st.relay.connected = false;
         st.relay.error = Some("the peer refused us: certificate expired".into());
-        let text = render(&st);
+        let text = render_agent(&st);
         assert!(
             text.contains(
                 "relay 192.0.2.1:4433: not connected (the peer refused us: certificate expired)"
@@ -470,29 +690,120 @@ mod tests {
         assert_eq!(millis(Duration::from_micros(412)), 0.412);
     }
 
+    #[test]
+    fn connector_and_relay_tables() {
+        let c = ConnectorStatus {
+            name: "conn-1".into(),
+            peer_id: "ab".repeat(32),
+            relay: RelayStatus {
+                addr: "192.0.2.1:4433".into(),
+                connected: true,
+                observed_addr: None,
+                error: None,
+            },
+            tunnels: vec![AgentTunnelStatus {
+                user: Some("alice".into()),
+                groups: vec!["eng".into(), "ops".into()],
+                peer_id: "cd".repeat(32),
+                state: TunnelState::Up,
+                path: PathKind::Direct,
+                direct_addr: Some("192.0.2.10:40000".into()),
+                rtt_ms: Some(0.5),
+                flows: 3,
+                bytes_sent: 2048,
+                bytes_received: 10,
+                since_switch_secs: None,
+                up_secs: 5.0,
+            }],
+        };
+        let text = render(&NodeStatus::Connector(c.clone()));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "connector conn-1 (peer abababababababab), relay 192.0.2.1:4433: connected"
+        );
+        assert!(lines[1].starts_with("USER "), "{text}");
+        for want in [
+            "alice",
+            "eng,ops",
+            "cdcdcdcdcdcdcdcd",
+            "up",
+            "direct 192.0.2.10:40000",
+            "0.50 ms",
+            "3",
+            "2.0 KiB",
+            "10 B",
+        ] {
+            assert!(lines[2].contains(want), "{want:?} missing from {text}");
+        }
+        let doc = serde_json::to_value(NodeStatus::Connector(c)).unwrap();
+        assert_eq!(doc["role"], "connector");
+        assert_eq!(doc["tunnels"][0]["flows"], 3);
+
+        let r = RelayNodeStatus {
+            name: "relay-1".into(),
+            peer_id: "ef".repeat(32),
+            listen: "0.0.0.0:4433".into(),
+            peers: vec![
+                RelayPeerStatus {
+                    name: Some("conn-1".into()),
+                    role: Some("connector".into()),
+                    peer_id: Some("ab".repeat(32)),
+                    addr: "192.0.2.20:5000".into(),
+                    registered: true,
+                    forwarded_bytes: 3 << 20,
+                },
+                RelayPeerStatus {
+                    name: None,
+                    role: None,
+                    peer_id: None,
+                    addr: "192.0.2.99:1".into(),
+                    registered: false,
+                    forwarded_bytes: 0,
+                },
+            ],
+            forwarded_packets: 10,
+            forwarded_bytes: 3 << 20,
+        };
+        let text = render(&NodeStatus::Relay(r));
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "relay relay-1 (peer efefefefefefefef) on 0.0.0.0:4433: 2 peer(s), 1 connector(s) registered, forwarded 3.0 MiB in 10 packets"
+        );
+        assert!(
+            lines[2].contains("conn-1") && lines[2].contains("yes") && lines[2].contains("3.0 MiB"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("(handshake)") && lines[3].contains("no"),
+            "{text}"
+        );
+    }
+
     #[tokio::test]
     async fn server_answers_and_cleans_up() {
         let dir = std::env::temp_dir().join(format!("sluice-status-{}", std::process::id()));
         let path = dir.join("sub").join("agent.sock");
-        let (tx, rx) = watch::channel(sample());
+        let (tx, rx) = watch::channel(NodeStatus::Agent(sample()));
         let server = serve(&path, rx).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         // A second agent on the same socket is refused while the first serves.
-        let (_tx2, rx2) = watch::channel(sample());
+        let (_tx2, rx2) = watch::channel(NodeStatus::Agent(sample()));
         assert!(matches!(serve(&path, rx2), Err(StatusError::InUse(_))));
         let mut st = sample();
         st.tunnels.pop();
-        tx.send(st.clone()).unwrap();
+        tx.send(NodeStatus::Agent(st.clone())).unwrap();
         let p = path.clone();
-        let got = tokio::task::spawn_blocking(move || fetch(&p))
+        let got = tokio::task::spawn_blocking(move || fetch_agent(&p))
             .await
             .unwrap()
             .unwrap();
         assert_eq!(got, st);
         drop(server);
         assert!(!path.exists(), "socket left behind");
-        let e = fetch(&path).unwrap_err().to_string();
+        let e = fetch(&path, "agent").unwrap_err().to_string();
         assert_eq!(
             e,
             format!(
@@ -502,13 +813,16 @@ mod tests {
         );
         // A socket nobody listens on (an agent that was killed) is replaced at start.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
-        assert!(matches!(fetch(&path), Err(StatusError::Stale(_))));
-        let (_tx3, rx3) = watch::channel(sample());
+        assert!(matches!(
+            fetch(&path, "agent"),
+            Err(StatusError::Stale(_, "agent"))
+        ));
+        let (_tx3, rx3) = watch::channel(NodeStatus::Agent(sample()));
         let server = serve(&path, rx3).unwrap();
         drop(server);
         // Never replaces what is not a socket.
         std::fs::write(&path, "precious").unwrap();
-        let (_tx4, rx4) = watch::channel(sample());
+        let (_tx4, rx4) = watch::channel(NodeStatus::Agent(sample()));
         assert!(matches!(serve(&path, rx4), Err(StatusError::NotASocket(_))));
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "precious");
         let _ = std::fs::remove_dir_all(&dir);

@@ -475,7 +475,8 @@ fn a_resource_names_mx_query_is_looked_up_by_the_connector_hosts_resolver() {
                 let answer =
                     sluice_dataplane::dns::records::answer(query, ResponseCode::NXDomain, &[], &[])
                         .expect("answer");
-                w.connector.handle_dns_answer(*agent, *id, answer);
+                w.connector
+                    .handle_dns_answer(*agent, *id, answer, Instant::now());
                 answered = true;
             }
         }

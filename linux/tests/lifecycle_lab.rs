@@ -253,7 +253,15 @@ fn two_connectors_with_one_certificate_do_not_take_the_relay_from_each_other() {
     require_root();
     let lab = Lab::up("lc6-");
     assert!(page_works(&lab, "3"));
-    // The same config started twice, as a copied config or an attempt at high availability.
+    // The same config started twice, as a copied config or an attempt at high availability
+    // (less its metrics address: one port serves one process, and a second is refused).
+    let cfg = fs::read_to_string(lab.dir.join("connector.yaml")).unwrap();
+    let cfg: String = cfg
+        .lines()
+        .filter(|l| !l.starts_with("metrics_listen:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(lab.dir.join("connector2.yaml"), cfg).unwrap();
     let log = fs::File::create(lab.dir.join("connector2.log")).unwrap();
     let mut second = Command::new("ip")
         .args([
@@ -264,7 +272,7 @@ fn two_connectors_with_one_certificate_do_not_take_the_relay_from_each_other() {
             "connector",
             "--config",
         ])
-        .arg(lab.dir.join("connector.yaml"))
+        .arg(lab.dir.join("connector2.yaml"))
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

@@ -107,6 +107,26 @@ pub enum FlowMsg {
     },
 }
 
+/// How the connector's TCP dials to services ended, for metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DialStats {
+    pub connected: u64,
+    pub refused: u64,
+    pub unreachable: u64,
+    pub timed_out: u64,
+}
+
+impl DialStats {
+    fn count(&mut self, r: &Result<(), DialError>) {
+        match r {
+            Ok(()) => self.connected += 1,
+            Err(DialError::Refused) => self.refused += 1,
+            Err(DialError::Unreachable) => self.unreachable += 1,
+            Err(DialError::TimedOut) => self.timed_out += 1,
+        }
+    }
+}
+
 struct FlowHandle {
     to_service: Option<mpsc::Sender<Bytes>>,
     credit: Option<Arc<Semaphore>>,
@@ -130,6 +150,7 @@ pub struct Splicer<K> {
     to_service_buf: BytesMut,
     /// ICMP echoes toward services.
     pinger: Pinger<K>,
+    dials: DialStats,
 }
 
 impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
@@ -149,12 +170,17 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
             resolver,
             scratch: vec![0u8; CHUNK],
             to_service_buf: BytesMut::new(),
+            dials: DialStats::default(),
         };
         (s, rx)
     }
 
     pub fn flow_count(&self) -> usize {
         self.flows.len()
+    }
+
+    pub fn dial_stats(&self) -> DialStats {
+        self.dials
     }
 
     /// Carries out the stack's events for agent `key`.
@@ -293,7 +319,10 @@ impl<K: Copy + Eq + Hash + Send + 'static> Splicer<K> {
     /// Applies a message from a flow task to the stack of its agent.
     pub fn on_message(&mut self, key: K, msg: FlowMsg, stack: &mut Stack) {
         match msg {
-            FlowMsg::Dialed(id, r) => stack.tcp_dialed(id, r),
+            FlowMsg::Dialed(id, r) => {
+                self.dials.count(&r);
+                stack.tcp_dialed(id, r)
+            }
             FlowMsg::Data(id, data) => {
                 if let Some(f) = self.flows.get_mut(&(key, id)) {
                     f.given += data.len();

@@ -813,4 +813,7 @@ impl Terminator for Stack {
     fn recheck(&mut self, gate: &mut dyn FlowGate) -> usize {
         Stack::recheck(self, gate)
     }
+    fn flows(&self) -> usize {
+        self.tcp.len() + self.udp.len() + self.echo.len()
+    }
 }

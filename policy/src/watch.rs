@@ -75,6 +75,11 @@ impl PolicyWatcher {
         self.generation
     }
 
+    /// The policy file watched.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Checks the file; returns what happened if it changed.
     pub fn poll(&mut self) -> Option<Reload> {
         let st = stamp(&self.path);
@@ -82,6 +87,17 @@ impl PolicyWatcher {
             return None;
         }
         self.stamp = st;
+        self.read_again()
+    }
+
+    /// Reads the file now, whatever its time stamp says (an operator asked: SIGHUP); None if
+    /// its text is the one in force.
+    pub fn reload_now(&mut self) -> Option<Reload> {
+        self.stamp = stamp(&self.path);
+        self.read_again()
+    }
+
+    fn read_again(&mut self) -> Option<Reload> {
         match read_and_compile(&self.path) {
             Ok((text, c)) => {
                 if text == self.text {

@@ -31,6 +31,47 @@ pub struct RelayStats {
     pub dropped_packets: u64,
     pub bad_packets: u64,
     pub retries_sent: u64,
+    /// Connections whose peer proved its identity.
+    pub accepted: u64,
+    /// Connections (or attempts) turned away, by [`Refusal`].
+    pub refused: [u64; 4],
+}
+
+impl RelayStats {
+    pub fn refused(&self, why: Refusal) -> u64 {
+        self.refused[why as usize]
+    }
+}
+
+/// Why the relay turned a connection away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The handshake did not complete (TLS refused the peer's certificate, or it went quiet).
+    HandshakeFailed,
+    /// A completed handshake with a certificate that names no Sluice node.
+    BadCertificate,
+    /// Another process with the same certificate holds the registration.
+    DuplicateIdentity,
+    /// An Initial with a retry token that this relay did not give to that address.
+    InvalidToken,
+}
+
+impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::HandshakeFailed,
+        Refusal::BadCertificate,
+        Refusal::DuplicateIdentity,
+        Refusal::InvalidToken,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::HandshakeFailed => "handshake_failed",
+            Refusal::BadCertificate => "bad_certificate",
+            Refusal::DuplicateIdentity => "duplicate_identity",
+            Refusal::InvalidToken => "invalid_token",
+        }
+    }
 }
 
 struct Client {
@@ -52,6 +93,20 @@ struct Client {
     registered: bool,
     /// When the client's certificate expires: the connection closes then.
     expires: Option<Instant>,
+    /// Already counted as refused (it is closing).
+    refused: bool,
+    /// Bytes of tunnel packets it sent that were forwarded.
+    forwarded_bytes: u64,
+}
+
+/// One connected client, for status displays.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// None while the handshake runs.
+    pub identity: Option<Identity>,
+    pub addr: SocketAddr,
+    pub registered: bool,
+    pub forwarded_bytes: u64,
 }
 
 pub struct Relay {
@@ -99,6 +154,26 @@ impl Relay {
             connectors: self.connectors.len(),
             ..self.stats
         }
+    }
+
+    /// Every client connected now.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let mut v: Vec<PeerInfo> = self
+            .clients
+            .values()
+            .filter(|c| !c.conn.is_closed())
+            .map(|c| PeerInfo {
+                identity: c.identity.clone(),
+                addr: c.peer_addr,
+                registered: c.registered,
+                forwarded_bytes: c.forwarded_bytes,
+            })
+            .collect();
+        v.sort_by(|a, b| {
+            let name = |p: &PeerInfo| p.identity.as_ref().map(|i| i.name.clone());
+            name(a).cmp(&name(b)).then(a.addr.cmp(&b.addr))
+        });
+        v
     }
 
     /// The connectors registered now, by name.
@@ -182,6 +257,7 @@ impl Relay {
         let Some(odcid) = self.retry.validate(token, &from) else {
             tracing::debug!("relay: invalid retry token from {from}");
             self.stats.bad_packets += 1;
+            self.stats.refused[Refusal::InvalidToken as usize] += 1;
             return None;
         };
         let scid = hdr.dcid.to_vec();
@@ -211,6 +287,8 @@ impl Relay {
                 instance: 0,
                 registered: false,
                 expires: None,
+                refused: false,
+                forwarded_bytes: 0,
             },
         );
         Some(handle)
@@ -239,10 +317,13 @@ impl Relay {
                     c.peer_addr
                 );
                 let _ = c.conn.close(false, 0x100 + 46, b"bad certificate");
+                c.refused = true;
+                self.stats.refused[Refusal::BadCertificate as usize] += 1;
                 return;
             }
         };
         tracing::info!("relay: {id} connected from {}", c.peer_addr);
+        self.stats.accepted += 1;
         c.identity = Some(id.clone());
         let left = id.not_after - sluice_dataplane::identity::unix_now();
         c.expires = Some(Instant::now() + Duration::from_secs(left.max(0) as u64));
@@ -319,6 +400,8 @@ impl Relay {
                     CLOSE_DUPLICATE,
                     b"duplicate identity: another node with this certificate is connected",
                 );
+                c.refused = true;
+                self.stats.refused[Refusal::DuplicateIdentity as usize] += 1;
                 self.dirty.insert(handle);
             }
             return;
@@ -456,9 +539,13 @@ impl Relay {
             pkt[1..RELAY_FORWARD_OVERHEAD].copy_from_slice(&src_id.0);
             match d.conn.dgram_send(pkt) {
                 Ok(()) => {
+                    let bytes = (n - RELAY_FORWARD_OVERHEAD) as u64;
                     self.stats.forwarded_packets += 1;
-                    self.stats.forwarded_bytes += (n - RELAY_FORWARD_OVERHEAD) as u64;
+                    self.stats.forwarded_bytes += bytes;
                     self.dirty.insert(dst);
+                    if let Some(src) = self.clients.get_mut(&from) {
+                        src.forwarded_bytes += bytes;
+                    }
                 }
                 Err(_) => self.stats.dropped_packets += 1,
             }
@@ -579,7 +666,12 @@ impl Relay {
                     }
                 }
             }
-            None => tracing::info!("relay: handshake with {} failed: {why}", c.peer_addr),
+            None => {
+                if !c.refused {
+                    self.stats.refused[Refusal::HandshakeFailed as usize] += 1;
+                }
+                tracing::info!("relay: handshake with {} failed: {why}", c.peer_addr)
+            }
         }
     }
 }

@@ -20,7 +20,7 @@ pub mod terminator;
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use hickory_proto::rr::RecordType;
 use sluice_policy::audit::FlowDecision;
@@ -30,8 +30,10 @@ use crate::control::ControlEvent;
 use crate::control_link::{ControlLink, RelayTarget};
 use crate::datagram::{classify, Incoming, TransmitRound, Tunnels};
 use crate::identity::{PeerId, Role};
+use crate::metrics::{Direction, DnsKind, DnsStats, DropReason, NodeCounters};
 use crate::nat::local::DirectSetup;
 use crate::session::QuicSession;
+use crate::status::{millis, secs, AgentTunnelStatus, ConnectorStatus, TunnelState};
 use crate::tls::{self, Credentials, QuicParams};
 use crate::tunnel::{Tunnel, TunnelEvent, VirtualPaths, TUNNEL_KEEPALIVE};
 use crate::wall_clock::WallClock;
@@ -88,8 +90,8 @@ struct Session<T> {
     subject: Option<Subject>,
     /// The agent's peer id in short form: the audit log's device.
     device: String,
-    /// DNS lookups running for this agent.
-    dns_in_flight: usize,
+    /// DNS lookups running for this agent, by id, with when each was asked.
+    dns_in_flight: HashMap<u32, Instant>,
 }
 
 /// The connector's policy check of one agent's new (or re-checked) flow.
@@ -99,6 +101,7 @@ struct Gate<'a> {
     me: &'a str,
     device: &'a str,
     events: &'a mut VecDeque<Event>,
+    counters: &'a mut NodeCounters,
     unix_nanos: i128,
 }
 
@@ -130,6 +133,10 @@ impl FlowGate for Gate<'_> {
         }
         .line(self.policy, self.unix_nanos);
         push_event(self.events, Event::Audit(line));
+        self.counters.decisions.count(d.allowed());
+        if !d.allowed() {
+            self.counters.drops.add(DropReason::Policy);
+        }
         d.allowed()
     }
 }
@@ -164,6 +171,7 @@ pub struct Connector<T> {
     paths: VirtualPaths,
     /// This connector's name: the policy's resources name their connector by it.
     me: String,
+    peer_id: PeerId,
     policy: Arc<Policy>,
     direct: DirectSetup,
     events: VecDeque<Event>,
@@ -177,6 +185,7 @@ pub struct Connector<T> {
     relayed: Vec<u8>,
     /// Scratch for packets from a terminator into a tunnel (with the tunnel header's headroom).
     ip_buf: Vec<u8>,
+    counters: NodeCounters,
 }
 
 impl<T: Terminator> Connector<T> {
@@ -204,6 +213,7 @@ impl<T: Terminator> Connector<T> {
             by_cid: HashMap::new(),
             paths: VirtualPaths::default(),
             me: creds.identity.name.clone(),
+            peer_id: creds.identity.peer_id,
             policy,
             direct: DirectSetup::new(creds.identity.peer_id, config.local, config.interface_ips),
             events: VecDeque::new(),
@@ -213,6 +223,7 @@ impl<T: Terminator> Connector<T> {
             link_goodbye_due: false,
             relayed: vec![0u8; 65_536],
             ip_buf: vec![0u8; TUNNEL_IP_OVERHEAD + 65_536],
+            counters: NodeCounters::default(),
         };
         c.after_link();
         Ok(c)
@@ -226,6 +237,66 @@ impl<T: Terminator> Connector<T> {
     /// Whether the control connection to the relay is up.
     pub fn relay_connected(&self) -> bool {
         self.link.status().connected
+    }
+
+    /// What the core counted, with the tunnels up and the flows open now.
+    pub fn stats(&self) -> NodeCounters {
+        let mut c = self.counters;
+        c.tunnels = self.sessions.iter().filter(|s| s.tunnel.is_up()).count() as u64;
+        c.flows = self
+            .sessions
+            .iter()
+            .map(|s| s.terminator.flows() as u64)
+            .sum();
+        c
+    }
+
+    /// A snapshot for `sluice status`: the relay link and every agent's tunnel.
+    pub fn status(&self, now: Instant) -> ConnectorStatus {
+        let age = |t: Instant| secs(now.saturating_duration_since(t));
+        let tunnels = self
+            .sessions
+            .iter()
+            .map(|s| {
+                let t = &s.tunnel;
+                let st = t.stats();
+                let remote = t.remote();
+                AgentTunnelStatus {
+                    user: remote.map(|id| id.name.clone()),
+                    groups: remote.map(|id| id.groups.clone()).unwrap_or_default(),
+                    peer_id: t.peer().to_string(),
+                    state: if t.is_closed() {
+                        TunnelState::Closed
+                    } else if t.is_up() {
+                        TunnelState::Up
+                    } else {
+                        TunnelState::Connecting
+                    },
+                    path: t.path_kind(),
+                    direct_addr: match st.path {
+                        crate::tunnel::Path::Direct(a) => Some(a.to_string()),
+                        crate::tunnel::Path::Relay => None,
+                    },
+                    rtt_ms: st.rtt.filter(|_| t.is_up()).map(millis),
+                    flows: s.terminator.flows() as u64,
+                    bytes_sent: st.bytes_sent,
+                    bytes_received: st.bytes_received,
+                    since_switch_secs: st.path_changed_at.map(age),
+                    up_secs: st.up_at.map_or(0.0, age),
+                }
+            })
+            .collect();
+        ConnectorStatus {
+            name: self.me.clone(),
+            peer_id: self.peer_id.to_string(),
+            relay: self.link.status(),
+            tunnels,
+        }
+    }
+
+    /// The DNS lookups done for agents (also in [`Connector::stats`]).
+    pub fn dns_stats(&self) -> &DnsStats {
+        &self.counters.dns
     }
 
     /// The wall clock is `unix_nanos` at `now`.
@@ -278,11 +349,16 @@ impl<T: Terminator> Connector<T> {
     }
 
     /// The answer to [`Event::DnsLookup`] `id` of `agent`, sent back on its tunnel.
-    pub fn handle_dns_answer(&mut self, agent: PeerId, id: u32, answer: Vec<u8>) {
-        let Some(s) = self.session_mut(&agent) else {
+    pub fn handle_dns_answer(&mut self, agent: PeerId, id: u32, answer: Vec<u8>, now: Instant) {
+        let Some(i) = self.index.get(&agent).copied() else {
             return;
         };
-        s.dns_in_flight = s.dns_in_flight.saturating_sub(1);
+        let s = &mut self.sessions[i];
+        let Some(asked) = s.dns_in_flight.remove(&id) else {
+            return;
+        };
+        let took = now.saturating_duration_since(asked);
+        self.counters.dns.answered(DnsKind::Lookup, &answer, took);
         let msg = ControlMessage::DnsAnswer {
             id,
             message: answer,
@@ -309,6 +385,7 @@ impl<T: Terminator> Connector<T> {
                 me: &self.me,
                 device: &s.device,
                 events: &mut self.events,
+                counters: &mut self.counters,
                 unix_nanos,
             };
             let cut = s.terminator.recheck(&mut gate);
@@ -369,9 +446,21 @@ impl<T: Terminator> Connector<T> {
                 let n = TUNNEL_IP_OVERHEAD + p.len();
                 if n <= pkt.len() {
                     pkt[TUNNEL_IP_OVERHEAD..n].copy_from_slice(&p);
-                    if let Err(e) = s.tunnel.send_ip(&mut pkt[..n]) {
-                        tracing::debug!("to agent peer {}: dropping a packet: {e}", peer.short());
+                    match s.tunnel.send_ip(&mut pkt[..n]) {
+                        Ok(()) => {
+                            let path = s.tunnel.path_kind();
+                            (self.counters.traffic).count(Direction::Sent, path, p.len());
+                        }
+                        Err(e) => {
+                            self.counters.drops.add(DropReason::QueueFull);
+                            tracing::debug!(
+                                "to agent peer {}: dropping a packet: {e}",
+                                peer.short()
+                            );
+                        }
                     }
+                } else {
+                    self.counters.drops.add(DropReason::TooBig);
                 }
                 s.terminator.recycle(p);
             }
@@ -533,7 +622,7 @@ impl<T: Terminator> Connector<T> {
                     next_keepalive: now + TUNNEL_KEEPALIVE,
                     subject: None,
                     device: peer.short(),
-                    dns_in_flight: 0,
+                    dns_in_flight: HashMap::new(),
                 });
                 let i = self.sessions.len() - 1;
                 self.index.insert(peer, i);
@@ -560,11 +649,15 @@ impl<T: Terminator> Connector<T> {
             me: &self.me,
             device: &s.device,
             events: &mut self.events,
+            counters: &mut self.counters,
             unix_nanos,
         };
         let mut ip = [0u8; 2048];
+        let path = s.tunnel.path_kind();
         while let Some(r) = s.tunnel.recv_ip(&mut ip) {
             let name = r.name.and_then(|n| std::str::from_utf8(&ip[n]).ok());
+            let len = r.packet.len();
+            (gate.counters.traffic).count(Direction::Received, path, len);
             s.terminator.input(&ip[r.packet.clone()], name, &mut gate);
         }
     }
@@ -602,10 +695,11 @@ impl<T: Terminator> Connector<T> {
                         subject: s.subject.as_ref(),
                         me: &self.me,
                         now: unix,
-                        in_flight: s.dns_in_flight,
+                        in_flight: s.dns_in_flight.len(),
                     };
                     match dns::admit(&asker, &message) {
                         dns::Admission::Answer(a) => {
+                            (self.counters.dns).answered(DnsKind::Lookup, &a, Duration::ZERO);
                             let msg = ControlMessage::DnsAnswer { id, message: a };
                             if let Err(e) = s.tunnel.send_message(&msg) {
                                 tracing::debug!(
@@ -615,7 +709,7 @@ impl<T: Terminator> Connector<T> {
                             }
                         }
                         dns::Admission::Lookup { name, rtype } => {
-                            s.dns_in_flight += 1;
+                            s.dns_in_flight.insert(id, now);
                             push_event(
                                 &mut self.events,
                                 Event::DnsLookup {
@@ -627,17 +721,20 @@ impl<T: Terminator> Connector<T> {
                                 },
                             );
                         }
-                        dns::Admission::Ignore => {}
+                        dns::Admission::Ignore => self.counters.dns.dropped(DnsKind::Lookup),
                     }
                 }
                 TunnelEvent::Message(other) => {
                     tracing::debug!("agent peer {}: unexpected message {other:?}", peer.short())
                 }
-                TunnelEvent::PathChanged(path) => tracing::info!(
-                    "tunnel from agent peer {}: now {}",
-                    peer.short(),
-                    crate::engine::describe_path(path)
-                ),
+                TunnelEvent::PathChanged(path) => {
+                    self.counters.switched(s.tunnel.path_kind());
+                    tracing::info!(
+                        "tunnel from agent peer {}: now {}",
+                        peer.short(),
+                        crate::engine::describe_path(path)
+                    )
+                }
                 TunnelEvent::DirectFailed(_) | TunnelEvent::DirectNotFound => {}
             }
         }

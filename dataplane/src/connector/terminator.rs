@@ -57,6 +57,8 @@ pub trait Terminator {
     fn poll_delay(&mut self) -> Duration;
     /// Puts every open flow to `gate` again (a new policy); returns how many were cut.
     fn recheck(&mut self, gate: &mut dyn FlowGate) -> usize;
+    /// Flows open now (TCP connections, UDP flows, pings), for metrics.
+    fn flows(&self) -> usize;
 }
 
 /// The host's side of the flows: dialling the services and moving bytes to and from them.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::ResponseCode;
 
 use crate::dns::records;
+use crate::metrics::{DnsKind, DnsStats};
 
 /// How long an upstream resolver has to answer one query (then the next one is asked).
 pub const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(3);
@@ -57,6 +58,8 @@ struct Forward {
     /// Asked over TCP (the client did, or the UDP answer was truncated).
     tcp: bool,
     deadline: Instant,
+    /// When the client asked (the answer time counts from here).
+    asked: Instant,
 }
 
 /// A query a connector answers.
@@ -64,6 +67,7 @@ struct ConnectorAsk {
     client: DnsClient,
     query: Vec<u8>,
     deadline: Instant,
+    asked: Instant,
 }
 
 /// Forwarding state: queries in flight and the outputs waiting for the host.
@@ -78,6 +82,8 @@ pub struct Resolver {
     next_connector: u32,
     /// Answers ready for their clients.
     pub answers: VecDeque<(DnsClient, Vec<u8>)>,
+    /// Queries by who answered and how, and how long each took.
+    pub stats: DnsStats,
     /// UDP queries to send to upstreams.
     pub transmits: VecDeque<(SocketAddr, Vec<u8>)>,
     /// TCP exchanges for the host: id, upstream, query.
@@ -94,6 +100,7 @@ impl Resolver {
             connector: HashMap::new(),
             next_connector: 0,
             answers: VecDeque::new(),
+            stats: DnsStats::default(),
             transmits: VecDeque::new(),
             tcp_exchanges: VecDeque::new(),
         }
@@ -112,21 +119,46 @@ impl Resolver {
         self.udp.len() + self.tcp.len() + self.connector.len()
     }
 
-    pub fn answer(&mut self, client: DnsClient, answer: Vec<u8>) {
+    /// `client`'s answer, from `kind`, for a query asked at `asked`.
+    fn answer(
+        &mut self,
+        client: DnsClient,
+        answer: Vec<u8>,
+        kind: DnsKind,
+        asked: Instant,
+        now: Instant,
+    ) {
+        self.stats
+            .answered(kind, &answer, now.saturating_duration_since(asked));
         self.answers.push_back((client, answer));
     }
 
-    /// Answers `query` with `code` and no records.
-    pub fn fail(&mut self, client: DnsClient, query: &[u8], code: ResponseCode) {
-        if let Some(a) = records::answer(query, code, &[], &[]) {
-            self.answer(client, a);
+    /// An answer the agent made itself, at once.
+    pub fn answer_local(&mut self, client: DnsClient, answer: Vec<u8>, now: Instant) {
+        self.answer(client, answer, DnsKind::Local, now, now);
+    }
+
+    /// Answers `query` with `code` and no records, as `kind` would have.
+    pub fn fail(
+        &mut self,
+        client: DnsClient,
+        query: &[u8],
+        code: ResponseCode,
+        kind: DnsKind,
+        asked: Instant,
+        now: Instant,
+    ) {
+        match records::answer(query, code, &[], &[]) {
+            Some(a) => self.answer(client, a, kind, asked, now),
+            None => self.stats.dropped(kind),
         }
     }
 
     /// Passes `query` to the first upstream.
     pub fn forward(&mut self, client: DnsClient, query: &[u8], now: Instant) {
         if self.upstreams.is_empty() || self.in_flight() >= MAX_IN_FLIGHT || query.len() < 12 {
-            return self.fail(client, query, ResponseCode::ServFail);
+            let up = DnsKind::Upstream;
+            return self.fail(client, query, ResponseCode::ServFail, up, now, now);
         }
         let f = Forward {
             client,
@@ -134,15 +166,17 @@ impl Resolver {
             upstream: 0,
             tcp: client.tcp(),
             deadline: now + UPSTREAM_TIMEOUT,
+            asked: now,
         };
-        self.ask(f);
+        self.ask(f, now);
     }
 
     /// Sends `f` to its upstream, over UDP with a fresh id of ours, or as a TCP exchange.
-    fn ask(&mut self, f: Forward) {
+    fn ask(&mut self, f: Forward, now: Instant) {
         let Some(&upstream) = self.upstreams.get(f.upstream) else {
             let (client, query) = (f.client, f.query);
-            return self.fail(client, &query, ResponseCode::ServFail);
+            let up = DnsKind::Upstream;
+            return self.fail(client, &query, ResponseCode::ServFail, up, f.asked, now);
         };
         if f.tcp {
             self.next_tcp = self.next_tcp.wrapping_add(1);
@@ -180,12 +214,12 @@ impl Resolver {
             // Too large for UDP: the same upstream, over TCP.
             f.tcp = true;
             f.deadline = now + UPSTREAM_TIMEOUT;
-            self.ask(f);
+            self.ask(f, now);
             return true;
         }
         let mut a = msg.to_vec();
         a[..2].copy_from_slice(&f.query[..2]);
-        self.answer(f.client, a);
+        self.answer(f.client, a, DnsKind::Upstream, f.asked, now);
         true
     }
 
@@ -203,12 +237,12 @@ impl Resolver {
                 } else {
                     records::fit_udp(&f.query, a)
                 };
-                self.answer(f.client, a);
+                self.answer(f.client, a, DnsKind::Upstream, f.asked, now);
             }
             _ => {
                 f.upstream += 1;
                 f.deadline = now + UPSTREAM_TIMEOUT;
-                self.ask(f);
+                self.ask(f, now);
             }
         }
     }
@@ -217,7 +251,8 @@ impl Resolver {
     /// in flight (answered SERVFAIL already).
     pub fn ask_connector(&mut self, client: DnsClient, query: &[u8], now: Instant) -> Option<u32> {
         if self.in_flight() >= MAX_IN_FLIGHT {
-            self.fail(client, query, ResponseCode::ServFail);
+            let kind = DnsKind::Connector;
+            self.fail(client, query, ResponseCode::ServFail, kind, now, now);
             return None;
         }
         self.next_connector = self.next_connector.wrapping_add(1);
@@ -228,35 +263,53 @@ impl Resolver {
                 client,
                 query: query.to_vec(),
                 deadline: now + CONNECTOR_TIMEOUT,
+                asked: now,
             },
         );
         Some(id)
     }
 
     /// The connector answered query `id`.
-    pub fn connector_answer(&mut self, id: u32, answer: Vec<u8>) {
+    pub fn connector_answer(&mut self, id: u32, answer: Vec<u8>, now: Instant) {
         if let Some(q) = self.connector.remove(&id) {
             let a = if q.client.tcp() {
                 answer
             } else {
                 records::fit_udp(&q.query, answer)
             };
-            self.answer(q.client, a);
+            self.answer(q.client, a, DnsKind::Connector, q.asked, now);
         }
     }
 
     /// The connector cannot answer query `id` (it is not reachable).
-    pub fn connector_failed(&mut self, id: u32) {
+    pub fn connector_failed(&mut self, id: u32, now: Instant) {
         if let Some(q) = self.connector.remove(&id) {
-            self.fail(q.client, &q.query, ResponseCode::ServFail);
+            let kind = DnsKind::Connector;
+            self.fail(
+                q.client,
+                &q.query,
+                ResponseCode::ServFail,
+                kind,
+                q.asked,
+                now,
+            );
         }
     }
 
-    /// Forgets the queries of a client that went away (a closed TCP connection).
+    /// Forgets the queries of a client that went away (a closed TCP connection): they count
+    /// as dropped.
     pub fn forget(&mut self, client: DnsClient) {
+        let before = self.udp.len() + self.tcp.len();
         self.udp.retain(|_, f| f.client != client);
         self.tcp.retain(|_, f| f.client != client);
+        for _ in self.udp.len() + self.tcp.len()..before {
+            self.stats.dropped(DnsKind::Upstream);
+        }
+        let before = self.connector.len();
         self.connector.retain(|_, q| q.client != client);
+        for _ in self.connector.len()..before {
+            self.stats.dropped(DnsKind::Connector);
+        }
         self.answers.retain(|(c, _)| *c != client);
     }
 
@@ -281,7 +334,7 @@ impl Resolver {
             if let Some(mut f) = self.udp.remove(&id) {
                 f.upstream += 1;
                 f.deadline = now + UPSTREAM_TIMEOUT;
-                self.ask(f);
+                self.ask(f, now);
             }
         }
         let late: Vec<u64> = self
@@ -300,7 +353,7 @@ impl Resolver {
             .map(|(id, _)| *id)
             .collect();
         for id in late {
-            self.connector_failed(id);
+            self.connector_failed(id, now);
         }
     }
 }
@@ -418,7 +471,15 @@ mod tests {
         assert!(r.answers.is_empty());
         r.on_deadline(t0 + CONNECTOR_TIMEOUT);
         assert!(r.answers.pop_front().is_some());
-        r.connector_answer(id, q.clone());
+        r.connector_answer(id, q.clone(), t0);
         assert!(r.answers.is_empty(), "a late answer is dropped");
+        // Both count as SERVFAIL, each under who failed to answer, with the time it took.
+        use crate::metrics::{DnsKind, DnsResult};
+        assert_eq!(r.stats.queries(DnsKind::Upstream, DnsResult::ServFail), 1);
+        assert_eq!(r.stats.queries(DnsKind::Connector, DnsResult::ServFail), 1);
+        assert_eq!(r.stats.total(), 2);
+        let waited = r.stats.latency(DnsKind::Connector).sum_secs;
+        assert!((waited - CONNECTOR_TIMEOUT.as_secs_f64()).abs() < 1e-9);
+        assert_eq!(r.stats.latency(DnsKind::Upstream).sum_secs, 0.0);
     }
 }

@@ -39,6 +39,7 @@ use crate::dns::live_flows::LiveFlows;
 use crate::dns::pool::SyntheticPool;
 use crate::dns::responder::{respond, Reply};
 use crate::identity::{PeerId, Role};
+use crate::metrics::{Direction, DnsKind, DropReason, NodeCounters};
 use crate::nat::candidate::{Candidate, Kind};
 use crate::nat::local::DirectSetup;
 use crate::nat::traversal::RETRY_AFTER;
@@ -234,36 +235,6 @@ pub enum EngineError {
     PoolOverlap { pool: IpNet, net: IpNet },
 }
 
-/// What the engine counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Stats {
-    pub tun_packets: u64,
-    pub tun_bad: u64,
-    pub no_route: u64,
-    pub denied: u64,
-    pub too_big: u64,
-    pub dropped: u64,
-    /// TCP segments of connections whose tunnel went away, answered with a reset.
-    pub reset: u64,
-    pub dns_queries: u64,
-}
-
-impl Stats {
-    pub fn line(&self) -> String {
-        format!(
-            "{} packets from TUN, {} malformed, {} without route, {} denied, {} too big, {} dropped, {} reset, {} DNS queries",
-            self.tun_packets,
-            self.tun_bad,
-            self.no_route,
-            self.denied,
-            self.too_big,
-            self.dropped,
-            self.reset,
-            self.dns_queries
-        )
-    }
-}
-
 /// A flow as the agent sees it: source, destination, protocol, ports (ICMP: echo id).
 pub type FlowKey = (IpAddr, IpAddr, u8, u16, u16);
 
@@ -404,7 +375,7 @@ pub struct Engine {
     slots: Vec<Slot>,
     paths: VirtualPaths,
     mtu: usize,
-    stats: Stats,
+    stats: NodeCounters,
     out: Vec<u8>,
     policy: Arc<Policy>,
     generation: u64,
@@ -506,7 +477,7 @@ impl Engine {
             slots: Vec::new(),
             paths: VirtualPaths::default(),
             mtu: usize::from(config.mtu),
-            stats: Stats::default(),
+            stats: NodeCounters::default(),
             out: vec![0u8; 65_536],
             subject,
             cert_groups: identity.groups.clone(),
@@ -546,8 +517,17 @@ impl Engine {
         Ok(e)
     }
 
-    pub fn stats(&self) -> Stats {
-        self.stats
+    /// What the engine counted, with the tunnels up and the flows known now.
+    pub fn stats(&self) -> NodeCounters {
+        let mut c = self.stats;
+        c.dns = self.resolver.stats;
+        c.tunnels = self
+            .slots
+            .iter()
+            .filter(|s| s.tunnel.as_ref().is_some_and(|t| t.is_up()))
+            .count() as u64;
+        c.flows = self.flows.len() as u64;
+        c
     }
 
     /// The wall clock is `unix_nanos` at `now` (the host's clock was set, or it woke up).
@@ -587,15 +567,15 @@ impl Engine {
     }
 
     fn on_device_packet(&mut self, buf: &mut [u8], now: Instant) {
-        self.stats.tun_packets += 1;
+        self.stats.device_packets += 1;
         let Some(pkt) = buf.get(DEVICE_HEADROOM..) else {
-            self.stats.tun_bad += 1;
+            self.stats.drops.add(DropReason::Malformed);
             return;
         };
         let info = match packet::inspect(pkt) {
             Ok(i) => i,
             Err(e) => {
-                self.stats.tun_bad += 1;
+                self.stats.drops.add(DropReason::Malformed);
                 tracing::debug!(
                     "TUN: dropping a malformed packet ({} bytes): {e}",
                     pkt.len()
@@ -620,7 +600,7 @@ impl Engine {
             .map_or(self.mtu, |m| m.saturating_sub(extra).min(self.mtu));
         let pkt = &buf[DEVICE_HEADROOM..];
         if pkt.len() > max {
-            self.stats.too_big += 1;
+            self.stats.drops.add(DropReason::TooBig);
             if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
                 self.push_device(&icmp);
             }
@@ -629,16 +609,19 @@ impl Engine {
         let slot = &mut self.slots[i];
         if let Some(t) = slot.tunnel.as_mut().filter(|t| t.is_up()) {
             match send_packet(t, buf, name.as_deref(), &mut self.named_buf) {
-                Ok(()) => {}
+                Ok(()) => {
+                    let len = buf.len() - DEVICE_HEADROOM;
+                    (self.stats.traffic).count(Direction::Sent, t.path_kind(), len);
+                }
                 Err(TunnelError::TooBig { max, .. }) => {
-                    self.stats.too_big += 1;
+                    self.stats.drops.add(DropReason::TooBig);
                     let pkt = &buf[DEVICE_HEADROOM..];
                     if let Some(icmp) = packet::icmp_too_big(pkt, &info, max as u16) {
                         self.push_device(&icmp);
                     }
                 }
                 Err(e) => {
-                    self.stats.dropped += 1;
+                    self.stats.drops.add(DropReason::QueueFull);
                     tracing::debug!("tunnel to {}: dropping a packet: {e}", slot.name);
                 }
             }
@@ -648,7 +631,7 @@ impl Engine {
             // A segment of a connection whose tunnel is gone (the connector stopped or
             // restarted): no new tunnel can carry it on, so the app hears it now, not after
             // its retransmissions give up.
-            self.stats.reset += 1;
+            self.stats.resets += 1;
             if let Some(rst) = packet::tcp_rst(&info) {
                 self.push_device(&rst);
             }
@@ -661,7 +644,7 @@ impl Engine {
             return;
         }
         if slot.queue.len() >= QUEUE_MAX {
-            self.stats.dropped += 1;
+            self.stats.drops.add(DropReason::QueueFull);
             return;
         }
         slot.queue.push_back((name, buf.to_vec()));
@@ -739,7 +722,7 @@ impl Engine {
         while let Some((peer, data)) = self.link.connected().and_then(|c| c.recv_forward(&mut buf))
         {
             let Some(i) = self.slot_of_peer(&peer) else {
-                self.stats.dropped += 1;
+                self.stats.drops.add(DropReason::NoRoute);
                 continue;
             };
             if let Some(t) = &mut self.slots[i].tunnel {
@@ -871,7 +854,7 @@ impl Engine {
     /// Says goodbye: connectors and the relay hear the close at once. The host sends what
     /// [`Engine::poll_transmit`] gives next, then stops.
     pub fn shut_down(&mut self) {
-        tracing::info!("agent: shutting down ({})", self.stats.line());
+        tracing::info!("agent: shutting down ({})", self.stats().line());
         for s in &mut self.slots {
             if let Some(t) = &mut s.tunnel {
                 t.goodbye();
@@ -1012,7 +995,7 @@ impl Engine {
 
     fn push_device(&mut self, pkt: &[u8]) {
         if !self.device.push(pkt) {
-            self.stats.dropped += 1;
+            self.stats.drops.add(DropReason::QueueFull);
         }
     }
 
@@ -1038,12 +1021,11 @@ impl Engine {
 
     /// Answers a query locally, or passes it upstream or to the name's connector.
     fn dns_query(&mut self, client: DnsClient, query: &[u8], now: Instant) {
-        self.stats.dns_queries += 1;
         let policy = self.policy.clone();
         let unix = self.clock.unix(now).max(0) as u64;
         match respond(query, &mut self.pool, |n| policy.has_hostname(n), unix) {
-            Reply::Answer(a) => self.resolver.answer(client, a),
-            Reply::Drop => {}
+            Reply::Answer(a) => self.resolver.answer_local(client, a, now),
+            Reply::Drop => self.resolver.stats.dropped(DnsKind::Local),
             Reply::Forward => self.resolver.forward(client, query, now),
             Reply::AskConnector { name } => self.ask_connector(client, &name, query, now),
         }
@@ -1055,7 +1037,8 @@ impl Engine {
         let unix = self.clock.unix(now);
         let Some(r) = self.policy.name_allowed(&self.subject, name, unix, None) else {
             // The name exists, with no records this user may see.
-            return self.resolver.fail(client, query, ResponseCode::NoError);
+            let local = DnsKind::Local;
+            return (self.resolver).fail(client, query, ResponseCode::NoError, local, now, now);
         };
         let i = self.slot_of_resource(r);
         let Some(id) = self.resolver.ask_connector(client, query, now) else {
@@ -1069,12 +1052,12 @@ impl Engine {
         if let Some(t) = slot.tunnel.as_mut().filter(|t| t.is_up()) {
             if let Err(e) = t.send_message(&msg) {
                 tracing::debug!("tunnel to {}: cannot send a DNS query: {e}", slot.name);
-                self.resolver.connector_failed(id);
+                self.resolver.connector_failed(id, now);
             }
         } else if slot.unavailable_until.is_some_and(|u| now < u)
             || slot.dns_queue.len() >= DNS_QUEUE_MAX
         {
-            self.resolver.connector_failed(id);
+            self.resolver.connector_failed(id, now);
         } else {
             slot.dns_queue.push(msg);
             if slot.tunnel.is_none()
@@ -1099,9 +1082,13 @@ impl Engine {
             return;
         };
         let mut buf = [0u8; 2048];
+        let path = t.path_kind();
         while let Some(r) = t.recv_ip(&mut buf) {
-            if !self.device.push(&buf[r.packet]) {
-                self.stats.dropped += 1;
+            let len = r.packet.len();
+            if self.device.push(&buf[r.packet]) {
+                (self.stats.traffic).count(Direction::Received, path, len);
+            } else {
+                self.stats.drops.add(DropReason::QueueFull);
             }
         }
     }
@@ -1117,12 +1104,12 @@ impl Engine {
         if !is_unicast_global(info.dst) {
             // Link-local and multicast chatter of the interface itself (IPv6 router
             // solicitations, MLD): not a flow to any resource.
-            self.stats.no_route += 1;
+            self.stats.drops.add(DropReason::NoRoute);
             return None;
         }
         let Some(mut flow) = flow_of(info) else {
             // The kernel routes only resource networks here; other protocols are not allowed.
-            self.stats.no_route += 1;
+            self.stats.drops.add(DropReason::NoRoute);
             if let Some(icmp) = packet::icmp_unreachable(pkt, info, Unreachable::Prohibited) {
                 self.push_device(&icmp);
             }
@@ -1166,6 +1153,7 @@ impl Engine {
             Some(d) => d,
             None => {
                 let d = self.policy.decide(&self.subject, &flow, unix);
+                (self.stats.decisions).count(d.allowed() && d.resource.is_some());
                 self.flows.insert(key, self.generation, d);
                 let line = self.audit_line(&flow, info.src, sport, &d, now);
                 self.push_event(Event::Audit(line));
@@ -1175,7 +1163,7 @@ impl Engine {
         match d.resource.filter(|_| d.allowed()) {
             Some(r) => Some((self.slot_of_resource(r), name)),
             None => {
-                self.stats.denied += 1;
+                self.stats.drops.add(DropReason::Policy);
                 // Answering an ICMP error with an ICMP error is never done; a RST is not
                 // answered either (packet helpers refuse both).
                 let reply = if info.proto == PROTO_TCP {
@@ -1341,7 +1329,7 @@ impl Engine {
         let queued: Vec<(Option<Arc<str>>, Vec<u8>)> = slot.queue.drain(..).collect();
         for m in dns {
             if let ControlMessage::DnsQuery { id, .. } = m {
-                self.resolver.connector_failed(id);
+                self.resolver.connector_failed(id, now);
             }
         }
         for (_, p) in queued {
@@ -1395,8 +1383,11 @@ impl Engine {
                         );
                     }
                     while let Some((name, mut p)) = slot.queue.pop_front() {
+                        let len = p.len().saturating_sub(DEVICE_HEADROOM);
                         if send_packet(t, &mut p, name.as_deref(), &mut self.named_buf).is_err() {
-                            self.stats.dropped += 1;
+                            self.stats.drops.add(DropReason::QueueFull);
+                        } else {
+                            (self.stats.traffic).count(Direction::Sent, t.path_kind(), len);
                         }
                     }
                     for m in slot.dns_queue.drain(..) {
@@ -1409,12 +1400,13 @@ impl Engine {
                     }
                 }
                 TunnelEvent::Message(ControlMessage::DnsAnswer { id, message }) => {
-                    self.resolver.connector_answer(id, message);
+                    self.resolver.connector_answer(id, message, now);
                 }
                 TunnelEvent::Message(other) => {
                     tracing::debug!("tunnel to {}: unexpected message {other:?}", slot.name);
                 }
                 TunnelEvent::PathChanged(path) => {
+                    self.stats.switched(t.path_kind());
                     tracing::info!("tunnel to {}: now {}", slot.name, describe_path(path));
                 }
                 TunnelEvent::DirectFailed(addr) => {

@@ -180,7 +180,8 @@ fn a_denied_port_is_refused_at_once_with_a_reset_and_an_audit_line() {
     assert_eq!(info.proto, PROTO_TCP);
     assert!(info.tcp.rst, "a reset");
     assert_eq!(info.dst_socket(), SocketAddr::from((APP, 50000)));
-    assert_eq!(e.stats().denied, 1);
+    assert_eq!(e.stats().drops.get(crate::metrics::DropReason::Policy), 1);
+    assert_eq!(e.stats().decisions.denied, 1);
     let audit: Vec<String> = events(&mut e)
         .into_iter()
         .filter_map(|e| match e {

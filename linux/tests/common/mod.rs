@@ -101,22 +101,42 @@ impl Lab {
 
     /// Starts a role again with extra command-line flags.
     pub fn start_with(&self, role: &str, short: &str, extra: &[&str]) {
+        let cfg = self.dir.join(format!("{role}.yaml"));
+        let mut argv = vec![BIN.to_string(), role.into(), "--config".into()];
+        argv.push(cfg.to_string_lossy().into_owned());
+        argv.extend(extra.iter().map(|e| e.to_string()));
+        self.spawn_role(role, short, &argv, &[]);
+    }
+
+    /// Runs `argv` (a role's command line, perhaps behind a wrapper such as setpriv) in
+    /// namespace `short` with `env` added, its output appended to ROLE.log; records its pid in
+    /// ROLE.pid (ip netns exec execs, so it is the command's own) and returns it.
+    pub fn spawn_role(
+        &self,
+        role: &str,
+        short: &str,
+        argv: &[String],
+        env: &[(&str, &str)],
+    ) -> u32 {
         let log = fs::OpenOptions::new()
+            .create(true)
             .append(true)
             .open(self.dir.join(format!("{role}.log")))
             .unwrap();
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns(short), BIN, role, "--config"])
-            .arg(self.dir.join(format!("{role}.yaml")))
-            .args(extra)
+            .args(["netns", "exec", &self.ns(short)])
+            .args(argv)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        fs::write(self.dir.join(format!("{role}.pid")), child.id().to_string()).unwrap();
+        let pid = child.id();
+        fs::write(self.dir.join(format!("{role}.pid")), pid.to_string()).unwrap();
         // Reaped in the background; `lab down` stops it with everything else in the namespace.
         std::thread::spawn(move || child.wait());
+        pid
     }
 }
 
