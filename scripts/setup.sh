@@ -18,14 +18,18 @@ need() { [[ " ${need_pkgs[*]} " == *" $1 "* ]] || need_pkgs+=("$1"); }
 # dpkg-shlibdeps computes the .deb's dependencies, in linux/tests/{systemd_units,deb_package}.rs;
 # promtool checks the metrics. promtool comes only with the Prometheus server's package: where
 # systemd runs, its postinst starts prometheus.service on port 9090, which
-# `systemctl disable --now prometheus` stops for good).
+# `systemctl disable --now prometheus` stops for good). The container image and pod
+# (deploy/oci/build.sh, linux/tests/container_lab.rs): buildah builds the image, podman plays the
+# pod with runc (crun fails here on setrlimit and hybrid cgroups), nsenter puts it in the lab's
+# namespace, and the pod's demo app is busybox's httpd (the static build: the image has no libc).
 tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
        ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils
        dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping
        pgrep:procps sysctl:procps kill:procps sha256sum:coreutils
        sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
        valgrind:valgrind systemd-analyze:systemd debootstrap:debootstrap
-       dpkg-shlibdeps:dpkg-dev promtool:prometheus)
+       dpkg-shlibdeps:dpkg-dev promtool:prometheus
+       podman:podman buildah:buildah runc:runc nsenter:util-linux busybox:busybox-static)
 for pair in "${tools[@]}"; do
   have "${pair%%:*}" || need "${pair#*:}"
 done
@@ -36,6 +40,9 @@ compgen -G '/usr/lib/llvm-*/lib/libclang.so*' >/dev/null \
   || need libclang-dev
 # cargo downloads crates over HTTPS and checks the server against the system's CA list.
 [ -s /etc/ssl/certs/ca-certificates.crt ] || need ca-certificates
+# kubernetes-validate (below) goes into a virtual environment: Debian's python3 makes one only
+# with python3-venv (its ensurepip).
+have kubernetes-validate || python3 -c 'import ensurepip' 2>/dev/null || need python3-venv
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "setup: installing ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -48,6 +55,16 @@ for pair in "${tools[@]}"; do have "${pair%%:*}" || missing+=("${pair%%:*}"); do
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: still missing after apt-get install: ${missing[*]}" >&2
   exit 1
+fi
+
+# kubernetes-validate validates deploy/kubernetes against the Kubernetes schemas it bundles
+# (offline; linux/tests/container_lab.rs). It is on PyPI only. In a virtual environment of its
+# own: Debian's python3 refuses `pip install` into the system's packages (PEP 668).
+if ! have kubernetes-validate; then
+  echo "setup: installing kubernetes-validate (python3 -m pip, into /opt/sluice-tools/kubernetes-validate)"
+  python3 -m venv /opt/sluice-tools/kubernetes-validate
+  /opt/sluice-tools/kubernetes-validate/bin/python3 -m pip install --quiet kubernetes-validate==1.37.0
+  ln -sf /opt/sluice-tools/kubernetes-validate/bin/kubernetes-validate /usr/local/bin/kubernetes-validate
 fi
 
 if ! have cargo; then
