@@ -346,6 +346,18 @@ impl Tunnel {
         self.path
     }
 
+    /// Connecting, up or closed, as status displays name it.
+    pub fn state(&self) -> crate::status::TunnelState {
+        use crate::status::TunnelState;
+        if self.is_closed() {
+            TunnelState::Closed
+        } else if self.is_up() {
+            TunnelState::Up
+        } else {
+            TunnelState::Connecting
+        }
+    }
+
     /// The path in use, as status and metrics name it.
     pub fn path_kind(&self) -> crate::status::PathKind {
         match self.path {

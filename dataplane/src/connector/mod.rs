@@ -33,7 +33,7 @@ use crate::identity::{PeerId, Role};
 use crate::metrics::{Direction, DnsKind, DnsStats, DropReason, NodeCounters};
 use crate::nat::local::DirectSetup;
 use crate::session::QuicSession;
-use crate::status::{millis, secs, AgentTunnelStatus, ConnectorStatus, TunnelState};
+use crate::status::{millis, secs, AgentTunnelStatus, ConnectorStatus};
 use crate::tls::{self, Credentials, QuicParams};
 use crate::tunnel::{Tunnel, TunnelEvent, VirtualPaths, TUNNEL_KEEPALIVE};
 use crate::wall_clock::WallClock;
@@ -265,13 +265,7 @@ impl<T: Terminator> Connector<T> {
                     user: remote.map(|id| id.name.clone()),
                     groups: remote.map(|id| id.groups.clone()).unwrap_or_default(),
                     peer_id: t.peer().to_string(),
-                    state: if t.is_closed() {
-                        TunnelState::Closed
-                    } else if t.is_up() {
-                        TunnelState::Up
-                    } else {
-                        TunnelState::Connecting
-                    },
+                    state: t.state(),
                     path: t.path_kind(),
                     direct_addr: match st.path {
                         crate::tunnel::Path::Direct(a) => Some(a.to_string()),

@@ -312,20 +312,7 @@ impl Slot {
                 (TunnelState::Connecting, PathKind::Relay)
             }
             None => (TunnelState::Closed, PathKind::Relay),
-            Some(t) => {
-                let path = match t.path() {
-                    Path::Relay => PathKind::Relay,
-                    Path::Direct(_) => PathKind::Direct,
-                };
-                let state = if t.is_closed() {
-                    TunnelState::Closed
-                } else if t.is_up() {
-                    TunnelState::Up
-                } else {
-                    TunnelState::Connecting
-                };
-                (state, path)
-            }
+            Some(t) => (t.state(), t.path_kind()),
         }
     }
 }
