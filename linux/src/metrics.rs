@@ -162,15 +162,16 @@ fn render_openmetrics(sample: &Sample) -> String {
 #[derive(Debug)]
 struct SampleCollector(Sample);
 
-type Labels<'a> = &'a [(&'static str, &'static str)];
+/// A row's labels: names and values (the values from the counted enums' `label()`).
+type Labels<const N: usize> = [(&'static str, &'static str); N];
 
 /// One metric family: its rows, each a label set and a value.
-fn family<M: EncodeMetric>(
+fn family<M: EncodeMetric, const N: usize>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     ty: MetricType,
-    rows: &[(Labels<'_>, M)],
+    rows: &[(Labels<N>, M)],
 ) -> fmt::Result {
     let mut e = enc.encode_descriptor(name, help, None, ty)?;
     for (labels, m) in rows {
@@ -211,18 +212,10 @@ impl Collector for SampleCollector {
             s.ready as i64,
         )?;
         {
-            let rows: Vec<(Labels<'_>, ConstGauge)> =
-                [("node", Some(s.certs.node)), ("ca", s.certs.ca)]
-                    .into_iter()
-                    .filter_map(|(which, t)| {
-                        let labels: Labels<'_> = if which == "node" {
-                            &[("certificate", "node")]
-                        } else {
-                            &[("certificate", "ca")]
-                        };
-                        t.map(|t| (labels, ConstGauge::new(t)))
-                    })
-                    .collect();
+            let rows: Vec<_> = [("node", Some(s.certs.node)), ("ca", s.certs.ca)]
+                .into_iter()
+                .filter_map(|(which, t)| Some(([("certificate", which)], ConstGauge::new(t?))))
+                .collect();
             family(
                 &mut enc,
                 "certificate_expiry_timestamp_seconds",
@@ -233,8 +226,8 @@ impl Collector for SampleCollector {
         }
         {
             let rows = [
-                (&[("result", "ok")][..], ConstCounter::new(s.reloads.0)),
-                (&[("result", "failed")][..], ConstCounter::new(s.reloads.1)),
+                ([("result", "ok")], ConstCounter::new(s.reloads.0)),
+                ([("result", "failed")], ConstCounter::new(s.reloads.1)),
             ];
             family(
                 &mut enc,
@@ -257,16 +250,13 @@ impl Collector for SampleCollector {
         }
         if let Some(d) = &s.dials {
             let rows = [
+                ([("result", "connected")], ConstCounter::new(d.connected)),
+                ([("result", "refused")], ConstCounter::new(d.refused)),
                 (
-                    &[("result", "connected")][..],
-                    ConstCounter::new(d.connected),
-                ),
-                (&[("result", "refused")][..], ConstCounter::new(d.refused)),
-                (
-                    &[("result", "unreachable")][..],
+                    [("result", "unreachable")],
                     ConstCounter::new(d.unreachable),
                 ),
-                (&[("result", "timeout")][..], ConstCounter::new(d.timed_out)),
+                ([("result", "timeout")], ConstCounter::new(d.timed_out)),
             ];
             family(
                 &mut enc,
@@ -283,13 +273,6 @@ impl Collector for SampleCollector {
     }
 }
 
-fn path_labels(p: PathKind) -> Labels<'static> {
-    match p {
-        PathKind::Direct => &[("path", "direct")],
-        PathKind::Relay => &[("path", "relay")],
-    }
-}
-
 fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) -> fmt::Result {
     for (dir, what, word) in [
         (Direction::Sent, "sent", "into"),
@@ -299,7 +282,7 @@ fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) ->
             .iter()
             .map(|p| {
                 let c = n.traffic.get(dir, *p);
-                (path_labels(*p), ConstCounter::new(c.bytes))
+                ([("path", p.label())], ConstCounter::new(c.bytes))
             })
             .collect();
         family(
@@ -313,7 +296,7 @@ fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) ->
             .iter()
             .map(|p| {
                 let c = n.traffic.get(dir, *p);
-                (path_labels(*p), ConstCounter::new(c.packets))
+                ([("path", p.label())], ConstCounter::new(c.packets))
             })
             .collect();
         family(
@@ -326,7 +309,7 @@ fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) ->
     }
     let drops: Vec<_> = DropReason::ALL
         .iter()
-        .map(|r| (reason_labels(*r), ConstCounter::new(n.drops.get(*r))))
+        .map(|r| ([("reason", r.label())], ConstCounter::new(n.drops.get(*r))))
         .collect();
     family(
         enc,
@@ -337,13 +320,10 @@ fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) ->
     )?;
     let decisions = [
         (
-            &[("result", "allow")][..],
+            [("result", "allow")],
             ConstCounter::new(n.decisions.allowed),
         ),
-        (
-            &[("result", "deny")][..],
-            ConstCounter::new(n.decisions.denied),
-        ),
+        ([("result", "deny")], ConstCounter::new(n.decisions.denied)),
     ];
     family(
         enc,
@@ -359,7 +339,8 @@ fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) ->
     let mut rows = Vec::new();
     for k in kinds {
         for r in DnsResult::ALL {
-            rows.push((dns_labels(*k, r), ConstCounter::new(n.dns.queries(*k, r))));
+            let labels = [("kind", k.label()), ("result", r.label())];
+            rows.push((labels, ConstCounter::new(n.dns.queries(*k, r))));
         }
     }
     family(
@@ -384,20 +365,14 @@ fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) ->
                 // The encoder writes f64::MAX as +Inf.
                 .map(|(b, c)| (if b.is_finite() { b } else { f64::MAX }, c))
                 .collect();
-            let labels = kind_labels(*k);
+            let labels = [("kind", k.label())];
             e.encode_family(&labels)?
                 .encode_histogram::<NoLabelSet>(h.sum_secs, h.count, &buckets, None)?;
         }
     }
     let switches: Vec<_> = PathKind::ALL
         .iter()
-        .map(|p| {
-            let l: Labels<'_> = match p {
-                PathKind::Direct => &[("to", "direct")],
-                PathKind::Relay => &[("to", "relay")],
-            };
-            (l, ConstCounter::new(n.switches(*p)))
-        })
+        .map(|p| ([("to", p.label())], ConstCounter::new(n.switches(*p))))
         .collect();
     family(
         enc,
@@ -435,39 +410,6 @@ fn encode_node(enc: &mut DescriptorEncoder, n: &NodeCounters, role: NodeRole) ->
     Ok(())
 }
 
-fn reason_labels(r: DropReason) -> Labels<'static> {
-    match r {
-        DropReason::Policy => &[("reason", "policy")],
-        DropReason::NoRoute => &[("reason", "no_route")],
-        DropReason::TooBig => &[("reason", "too_big")],
-        DropReason::Malformed => &[("reason", "malformed")],
-        DropReason::QueueFull => &[("reason", "queue_full")],
-        DropReason::RateLimited => &[("reason", "rate_limited")],
-    }
-}
-
-fn kind_labels(k: DnsKind) -> [(&'static str, &'static str); 1] {
-    [("kind", k.label())]
-}
-
-fn dns_labels(k: DnsKind, r: DnsResult) -> Labels<'static> {
-    // Label sets are borrowed for the encoder's lifetime: a small static table keeps them.
-    const KINDS: [&str; 4] = ["local", "connector", "upstream", "lookup"];
-    const RESULTS: [&str; 6] = [
-        "noerror", "nxdomain", "servfail", "refused", "other", "dropped",
-    ];
-    static TABLE: std::sync::OnceLock<Vec<[(&str, &str); 2]>> = std::sync::OnceLock::new();
-    let t = TABLE.get_or_init(|| {
-        KINDS
-            .iter()
-            .flat_map(|k| RESULTS.iter().map(move |r| [("kind", *k), ("result", *r)]))
-            .collect()
-    });
-    debug_assert_eq!(KINDS[k as usize], k.label());
-    debug_assert_eq!(RESULTS[r as usize], r.label());
-    &t[k as usize * RESULTS.len() + r as usize]
-}
-
 fn encode_relay(enc: &mut DescriptorEncoder, r: &RelayStats) -> fmt::Result {
     gauge(
         enc,
@@ -490,13 +432,10 @@ fn encode_relay(enc: &mut DescriptorEncoder, r: &RelayStats) -> fmt::Result {
     let refused: Vec<_> = Refusal::ALL
         .iter()
         .map(|why| {
-            let l: Labels<'_> = match why {
-                Refusal::HandshakeFailed => &[("reason", "handshake_failed")],
-                Refusal::BadCertificate => &[("reason", "bad_certificate")],
-                Refusal::DuplicateIdentity => &[("reason", "duplicate_identity")],
-                Refusal::InvalidToken => &[("reason", "invalid_token")],
-            };
-            (l, ConstCounter::new(r.refused(*why)))
+            (
+                [("reason", why.label())],
+                ConstCounter::new(r.refused(*why)),
+            )
         })
         .collect();
     family(
