@@ -22,6 +22,9 @@ need() { [[ " ${need_pkgs[*]} " == *" $1 "* ]] || need_pkgs+=("$1"); }
 # (deploy/oci/build.sh, linux/tests/container_lab.rs): buildah builds the image, podman plays the
 # pod with runc (crun fails here on setrlimit and hybrid cgroups), nsenter puts it in the lab's
 # namespace, and the pod's demo app is busybox's httpd (the static build: the image has no libc).
+# The fault lab (linux/tests/fault_lab.rs, bench/fault_matrix.py): nftables drops and delays
+# packets (these kernels have no netem), conntrack flushes the NAT routers' mappings, tcpdump
+# captures what the relay sees.
 tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
        ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils
        dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping
@@ -29,7 +32,8 @@ tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
        sshd:openssh-server ssh:openssh-client ssh-keygen:openssh-client
        valgrind:valgrind systemd-analyze:systemd debootstrap:debootstrap
        dpkg-shlibdeps:dpkg-dev promtool:prometheus
-       podman:podman buildah:buildah runc:runc nsenter:util-linux busybox:busybox-static)
+       podman:podman buildah:buildah runc:runc nsenter:util-linux busybox:busybox-static
+       tc:iproute2 conntrack:conntrack tcpdump:tcpdump)
 for pair in "${tools[@]}"; do
   have "${pair%%:*}" || need "${pair#*:}"
 done

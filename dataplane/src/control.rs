@@ -15,7 +15,7 @@ use crate::msgstream::MessageStream;
 use crate::session::QuicSession;
 use crate::tls;
 use crate::wire::{
-    put_relay_forward_header, ControlMessage, Datagram, MAX_CONTROL_MESSAGE, RELAY_FORWARD_OVERHEAD,
+    put_relay_forward_header, ControlMessage, Datagram, MAX_TUNNEL_MESSAGE, RELAY_FORWARD_OVERHEAD,
 };
 
 /// The control stream: the client's first bidirectional stream.
@@ -33,6 +33,9 @@ pub enum ControlEvent {
         name: String,
         peer: Option<PeerId>,
     },
+    /// The relay's revocation list (signed bytes, not yet verified: the receiver checks them
+    /// against its CA).
+    Revocations(Vec<u8>),
     /// The connection is gone; the reason in words.
     Closed(String),
 }
@@ -82,7 +85,9 @@ impl ControlClient {
             conn,
             local,
             relay,
-            stream: MessageStream::new(CONTROL_STREAM, MAX_CONTROL_MESSAGE),
+            // The relay's messages may be large (a revocation list); ours stay small, and the
+            // relay holds them to MAX_CONTROL_MESSAGE.
+            stream: MessageStream::new(CONTROL_STREAM, MAX_TUNNEL_MESSAGE),
             events: VecDeque::new(),
             connected: false,
             closed_reported: false,
@@ -171,6 +176,14 @@ impl ControlClient {
         self.is_connected() && !self.conn.is_dgram_send_queue_full()
     }
 
+    /// Presents our renewed certificate (DER) to the relay, which then keeps the connection
+    /// past the old one's expiry.
+    pub fn present_certificate(&mut self, der: Vec<u8>) -> Result<(), ControlError> {
+        self.stream.queue(&ControlMessage::Certificate(der))?;
+        self.flush_stream();
+        Ok(())
+    }
+
     pub fn lookup(&mut self, name: &str) -> Result<(), ControlError> {
         self.stream
             .queue(&ControlMessage::Lookup { name: name.into() })?;
@@ -245,6 +258,9 @@ impl ControlClient {
                 Ok(ControlMessage::LookupReply { name, peer }) => self
                     .events
                     .push_back(ControlEvent::LookupReply { name, peer }),
+                Ok(ControlMessage::Revocations(list)) => {
+                    self.events.push_back(ControlEvent::Revocations(list))
+                }
                 Ok(other) => tracing::debug!("control: unexpected message {other:?}"),
                 Err(e) => {
                     tracing::warn!("control: closing, relay sent a bad message: {e}");

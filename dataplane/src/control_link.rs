@@ -17,6 +17,8 @@ use crate::tls;
 /// Control keepalive; the relay is declared gone after `CONTROL_SILENCE` without a packet.
 const CONTROL_KEEPALIVE: Duration = Duration::from_secs(2);
 const CONTROL_SILENCE: Duration = Duration::from_secs(6);
+/// The relay answers a keepalive within one: silent longer, something between is amiss.
+const RELAY_SUSPECT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(4);
 
@@ -102,6 +104,8 @@ pub struct ControlLink {
     retry_at: Option<Instant>,
     started: Instant,
     last_rx: Instant,
+    /// The last packet from any relay connection (reconnecting does not move it).
+    last_heard: Instant,
     next_keepalive: Instant,
     events: Vec<ControlEvent>,
     /// When the current connection's handshake finished.
@@ -150,6 +154,7 @@ impl ControlLink {
             retry_at: Some(now),
             started: now,
             last_rx: now,
+            last_heard: now,
             next_keepalive: now + CONTROL_KEEPALIVE,
             events: Vec::new(),
             connected_at: None,
@@ -227,6 +232,12 @@ impl ControlLink {
         }
     }
 
+    /// Whether the relay has been silent for longer than its keepalives allow (or the link is
+    /// reconnecting): a tunnel's silence then may be the network's, not its peer's.
+    pub fn relay_silent(&self, now: Instant) -> bool {
+        now.saturating_duration_since(self.last_heard) > RELAY_SUSPECT
+    }
+
     /// The client, when its handshake is done.
     pub fn connected(&mut self) -> Option<&mut ControlClient> {
         self.client.as_mut().filter(|c| c.is_connected())
@@ -239,6 +250,7 @@ impl ControlLink {
         if let Some(c) = &mut self.client {
             c.recv(pkt, from);
             self.last_rx = now;
+            self.last_heard = now;
         }
         self.collect(now);
     }
@@ -353,6 +365,18 @@ impl ControlLink {
         self.on_timeout(now);
     }
 
+    /// This node's certificate was renewed: later connections present `config`'s, and the live
+    /// one presents `der` (the same key's new certificate) in place, so it is not dropped.
+    pub fn renew(&mut self, config: quiche::Config, der: Option<Vec<u8>>) {
+        self.config = config;
+        let live = self.client.as_mut().filter(|c| c.is_connected());
+        if let (Some(der), Some(c)) = (der, live) {
+            if let Err(e) = c.present_certificate(der) {
+                tracing::warn!("cannot present the renewed certificate to the relay: {e}");
+            }
+        }
+    }
+
     /// Closes the control connection because this node stops: the relay forgets it at once.
     pub fn goodbye(&mut self) {
         if let Some(c) = &mut self.client {
@@ -440,7 +464,7 @@ impl ControlLink {
                         tracing::debug!("relay connection closed: {why} (attempt {n})");
                     }
                 }
-                ControlEvent::LookupReply { .. } => {}
+                ControlEvent::LookupReply { .. } | ControlEvent::Revocations(_) => {}
             }
             self.events.push(ev);
         }

@@ -175,11 +175,17 @@ const ED25519_PKCS8_V1_PREFIX: [u8; 16] = [
 
 fn key_pem(key: &KeyPair) -> Result<String, IdentityError> {
     let der = key.serialize_der();
-    let seed = der
-        .get(2..)
-        .filter(|_| der[0] == 0x30)
-        .and_then(|body| body.strip_prefix(&ED25519_PKCS8_V2_BODY[..]))
-        .and_then(|rest| rest.get(..32))
+    // A key read back from a file (`renew`) is v1 already: rcgen serializes it as it was read.
+    let v1_seed = der
+        .strip_prefix(&ED25519_PKCS8_V1_PREFIX[..])
+        .filter(|seed| seed.len() == 32);
+    let seed = v1_seed
+        .or_else(|| {
+            der.get(2..)
+                .filter(|_| der[0] == 0x30)
+                .and_then(|body| body.strip_prefix(&ED25519_PKCS8_V2_BODY[..]))
+                .and_then(|rest| rest.get(..32))
+        })
         .ok_or_else(|| IdentityError::Parse("unexpected Ed25519 key encoding".into()))?;
     let mut v1 = ED25519_PKCS8_V1_PREFIX.to_vec();
     v1.extend_from_slice(seed);
@@ -226,13 +232,49 @@ pub fn issue_between(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 ) -> Result<PemPair, IdentityError> {
+    let key = KeyPair::generate_for(&PKCS_ED25519)?;
+    sign_node(ca, key, role, name, groups, not_before, not_after)
+}
+
+/// Renews a node certificate: the same key (so the same peer id), name and role, the given
+/// groups (the old ones when None), valid from now for `valid`. A running node re-authenticates
+/// its connections with it in place (see `tunnel`), which a new key could not do.
+pub fn renew(
+    ca: &PemPair,
+    node: &PemPair,
+    groups: Option<&[String]>,
+    valid: Duration,
+) -> Result<PemPair, IdentityError> {
+    let old = identity_from_pem(&node.cert_pem)?;
+    let key = KeyPair::from_pem(&node.key_pem)?;
+    if PeerId::from_spki(&rcgen::PublicKeyData::subject_public_key_info(&key)) != old.peer_id {
+        return Err(IdentityError::Parse(
+            "the key does not belong to the certificate".into(),
+        ));
+    }
+    let groups = groups.map_or(old.groups.clone(), <[String]>::to_vec);
+    let (not_before, not_after) = validity_from_now(valid);
+    let mut pair = sign_node(ca, key, old.role, &old.name, &groups, not_before, not_after)?;
+    // The key file stays as it was (its encoding included).
+    pair.key_pem = node.key_pem.clone();
+    Ok(pair)
+}
+
+fn sign_node(
+    ca: &PemPair,
+    key: KeyPair,
+    role: Role,
+    name: &str,
+    groups: &[String],
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<PemPair, IdentityError> {
     validate_name(name)?;
     for g in groups {
         validate_name(g)?;
     }
     let ca_key = KeyPair::from_pem(&ca.key_pem)?;
     let issuer = Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key)?;
-    let key = KeyPair::generate_for(&PKCS_ED25519)?;
     let mut params = CertificateParams::new(Vec::<String>::new())?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, name);
@@ -295,6 +337,14 @@ pub fn identity_from_der(der: &[u8]) -> Result<Identity, IdentityError> {
         peer_id: PeerId::from_spki(cert.tbs_certificate.subject_pki.raw),
         not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// A DER certificate's validity: not before, not after (Unix seconds). Not verified.
+pub fn validity_of_der(der: &[u8]) -> Result<(i64, i64), IdentityError> {
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+        .map_err(|e| IdentityError::Parse(e.to_string()))?;
+    let v = cert.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
 }
 
 /// Reads the first certificate of a PEM file and returns its identity.
@@ -401,6 +451,15 @@ pub fn summarize_pem(pem: &str) -> Result<CertSummary, IdentityError> {
 }
 
 /// The wall clock in unix seconds, as certificates count time (0 if the clock is before 1970).
+/// A certificate's groups as the logs and `sluice ca` write them: `eng,ops`, or `none`.
+pub fn groups_text(groups: &[String]) -> String {
+    if groups.is_empty() {
+        "none".into()
+    } else {
+        groups.join(",")
+    }
+}
+
 pub fn unix_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -514,5 +573,48 @@ mod tests {
         );
         assert!(n.not_before < n.not_after);
         assert!(summarize_pem("not a certificate").is_err());
+    }
+
+    #[test]
+    fn renewal_keeps_the_key_and_the_peer_id() {
+        let ca = create_ca("acme", Duration::from_secs(3600)).unwrap();
+        let node = issue(
+            &ca,
+            Role::Agent,
+            "alice",
+            &["eng".into()],
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let old = identity_from_pem(&node.cert_pem).unwrap();
+        // The key as stored on disk (PKCS#8 v1), which a renewal reads back.
+        let renewed = renew(&ca, &node, None, Duration::from_secs(7200)).unwrap();
+        assert_eq!(renewed.key_pem, node.key_pem);
+        let new = identity_from_pem(&renewed.cert_pem).unwrap();
+        assert_eq!(
+            (&new.name, new.role, &new.groups, new.peer_id),
+            (&old.name, old.role, &old.groups, old.peer_id)
+        );
+        assert!(new.not_after >= old.not_after + 7000);
+        // A renewal of the renewal, with new groups.
+        let again = renew(
+            &ca,
+            &renewed,
+            Some(&["ops".into()]),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        let again = identity_from_pem(&again.cert_pem).unwrap();
+        assert_eq!(
+            (again.groups, again.peer_id),
+            (vec!["ops".to_string()], old.peer_id)
+        );
+        // Another node's key is refused.
+        let bob = issue(&ca, Role::Agent, "bob", &[], Duration::from_secs(60)).unwrap();
+        let mixed = PemPair {
+            cert_pem: node.cert_pem.clone(),
+            key_pem: bob.key_pem,
+        };
+        assert!(renew(&ca, &mixed, None, Duration::from_secs(60)).is_err());
     }
 }

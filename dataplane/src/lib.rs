@@ -15,6 +15,8 @@ pub mod msgstream;
 pub mod nat;
 pub mod packet;
 pub mod queue_device;
+pub mod rate;
+pub mod revocation;
 pub mod session;
 pub mod status;
 pub mod tls;

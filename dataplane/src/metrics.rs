@@ -131,6 +131,10 @@ impl Drops {
         self.0[why as usize] += 1;
     }
 
+    pub fn add_n(&mut self, why: DropReason, n: u64) {
+        self.0[why as usize] += n;
+    }
+
     pub fn get(&self, why: DropReason) -> u64 {
         self.0[why as usize]
     }

@@ -16,6 +16,7 @@ use boring::x509::store::X509StoreBuilder;
 use boring::x509::{X509VerifyError, X509};
 
 use crate::identity::{identity_from_der, identity_from_pem, Identity, IdentityError, Role};
+use crate::revocation::{CaKey, RevocationError, Revocations};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -34,6 +35,9 @@ pub struct Credentials {
     key: PKey<boring::pkey::Private>,
     ca: X509,
     pub identity: Identity,
+    /// The revocation list this node enforces: every handshake checks it, and whoever loads
+    /// a new list (a file, the relay) puts it here. Clones of these credentials share it.
+    pub revocations: Revocations,
 }
 
 fn read(path: &str) -> Result<Vec<u8>, IdentityError> {
@@ -105,7 +109,95 @@ impl Credentials {
             key,
             ca,
             identity,
+            revocations: Revocations::default(),
         })
+    }
+
+    /// What checks peers' renewed certificates, against this node's CA and revocation list.
+    pub fn peer_check(&self) -> Result<PeerCheck, TlsError> {
+        Ok(PeerCheck {
+            ca: self.ca.public_key()?,
+            revocations: self.revocations.clone(),
+        })
+    }
+
+    /// This node's certificate (DER), as it presents it to peers when it renews.
+    pub fn certificate_der(&self) -> Result<Vec<u8>, TlsError> {
+        match self.cert_chain.first() {
+            Some(c) => Ok(c.to_der()?),
+            None => Err(TlsError::Identity(IdentityError::NoName)),
+        }
+    }
+
+    /// The trusted CA's key, which revocation lists must be signed with.
+    pub fn ca_key(&self) -> Result<CaKey, RevocationError> {
+        let der = (self.ca.to_der()).map_err(|e| RevocationError::CaKey(e.to_string()))?;
+        CaKey::from_cert_der(&der)
+    }
+}
+
+/// Why a peer's renewed certificate was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RenewalError {
+    #[error("not a certificate")]
+    NotACertificate,
+    #[error("not signed by our CA")]
+    NotSignedByCa,
+    #[error("not valid now (valid from {not_before} to {not_after}, Unix seconds)")]
+    NotValidNow { not_before: i64, not_after: i64 },
+    #[error("{0}")]
+    Identity(String),
+    #[error("it is for another key (peer {0}): a new key needs a new connection")]
+    OtherKey(String),
+    #[error("it names {got}, not {want}")]
+    OtherHolder { got: String, want: String },
+    #[error("it is revoked ({1} is on revocation list #{0})")]
+    Revoked(u64, crate::revocation::Revoked),
+}
+
+/// Checks a certificate that a peer sends over a connection its previous certificate
+/// authenticated (a renewal): signed by our CA, valid now, the same key, name and role, not
+/// revoked. The connection's handshake proved the key; the CA vouches for the rest.
+#[derive(Clone)]
+pub struct PeerCheck {
+    ca: PKey<boring::pkey::Public>,
+    revocations: Revocations,
+}
+
+impl PeerCheck {
+    /// The renewed identity of the peer now known as `current`.
+    pub fn renewed(
+        &self,
+        current: &Identity,
+        der: &[u8],
+        now_unix: i64,
+    ) -> Result<Identity, RenewalError> {
+        let cert = X509::from_der(der).map_err(|_| RenewalError::NotACertificate)?;
+        if !cert.verify(&self.ca).unwrap_or(false) {
+            return Err(RenewalError::NotSignedByCa);
+        }
+        let (not_before, not_after) = crate::identity::validity_of_der(der)
+            .map_err(|e| RenewalError::Identity(e.to_string()))?;
+        if now_unix < not_before || now_unix > not_after {
+            return Err(RenewalError::NotValidNow {
+                not_before,
+                not_after,
+            });
+        }
+        let id = identity_from_der(der).map_err(|e| RenewalError::Identity(e.to_string()))?;
+        if id.peer_id != current.peer_id {
+            return Err(RenewalError::OtherKey(id.peer_id.short()));
+        }
+        if id.name != current.name || id.role != current.role {
+            return Err(RenewalError::OtherHolder {
+                got: format!("{} {:?}", id.role, id.name),
+                want: format!("{} {:?}", current.role, current.name),
+            });
+        }
+        if let Some((seq, why)) = self.revocations.revokes(&id) {
+            return Err(RenewalError::Revoked(seq, why));
+        }
+        Ok(id)
     }
 }
 
@@ -176,6 +268,7 @@ pub fn quic_config(
     b.set_cert_store(store.build());
 
     let me = Arc::new(creds.identity.name.clone());
+    let revocations = creds.revocations.clone();
     b.set_verify_callback(
         SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
         move |preverify_ok, ctx| {
@@ -207,7 +300,17 @@ pub fn quic_config(
                 _ => return false,
             };
             match identity_from_der(&der) {
-                Ok(id) if accept.contains(&id.role) => true,
+                Ok(id) if accept.contains(&id.role) => match revocations.revokes(&id) {
+                    None => true,
+                    Some((seq, why)) => {
+                        tracing::warn!(
+                            "refusing {id}: certificate revoked ({why} is on revocation list #{seq})"
+                        );
+                        // BoringSSL answers with the "certificate revoked" alert (44).
+                        ctx.set_error(Err(X509VerifyError::CERT_REVOKED));
+                        false
+                    }
+                },
                 Ok(id) => {
                     tracing::warn!(
                         "refusing peer certificate {subject:?}: role {}, but {me} accepts only {}",

@@ -144,10 +144,13 @@ pub struct Tunnel {
     /// When the tunnel was made: a handshake not done by [`HANDSHAKE_TIMEOUT`] is given up.
     created: Instant,
     /// Whether anything comes back at all, on whichever path: a peer that is gone (killed,
-    /// its machine off) is noticed within [`PEER_SILENCE`] of an unanswered packet.
+    /// its machine off) is noticed within [`PEER_SILENCE`] of an unanswered packet (a probe
+    /// timeout on the path in use).
     peer_liveness: Liveness,
     /// When the peer's certificate expires: the tunnel closes then.
     peer_expires: Option<Instant>,
+    /// The host's relay is silent too (see [`Tunnel::set_network_silent`]).
+    network_silent: bool,
 }
 
 /// End-to-end keepalive (DESIGN: 15 s), both ends.
@@ -157,16 +160,22 @@ pub const TUNNEL_KEEPALIVE: Duration = Duration::from_secs(15);
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A tunnel that got no packet for this long while QUIC had to probe is dead.
 pub const PEER_SILENCE: Duration = Duration::from_secs(5);
+/// The same on the connector's side, which cannot choose a path: the agent, which does, sends
+/// at least every keepalive, and a NAT in front of an idle agent may have dropped the mapping
+/// the connector sends to (rebinding) until the agent's next packet; the connector waits for
+/// it rather than close a tunnel the agent still uses.
+pub const SERVER_PEER_SILENCE: Duration = Duration::from_secs(20);
+const _: () =
+    assert!(SERVER_PEER_SILENCE.as_secs() >= TUNNEL_KEEPALIVE.as_secs() + PEER_SILENCE.as_secs());
 /// Application close codes of a tunnel (also used by control connections).
 pub const CLOSE_PEER_SILENT: u64 = 0x5101;
 pub const CLOSE_CERT_EXPIRED: u64 = 0x5102;
 pub const CLOSE_HANDSHAKE_TIMEOUT: u64 = 0x5103;
 pub const CLOSE_GOODBYE: u64 = 0x5104;
-
-/// Probe timeouts so far on all of `conn`'s paths.
-fn pto_all_paths(conn: &quiche::Connection) -> usize {
-    conn.path_stats().map(|p| p.total_pto_count).sum()
-}
+/// The peer's certificate is on the revocation list in force.
+pub const CLOSE_REVOKED: u64 = 0x5106;
+/// The peer said it holds no such tunnel (it restarted): [`crate::wire::TUNNEL_GONE`].
+pub const CLOSE_PEER_RESTARTED: u64 = 0x5107;
 
 /// Probe timeouts so far on `conn`'s active path.
 fn active_pto_total(conn: &quiche::Connection) -> usize {
@@ -241,6 +250,7 @@ impl Tunnel {
             codel: Codel::new(Instant::now()),
             created: Instant::now(),
             peer_liveness: Liveness::with_silence(Instant::now(), 0, PEER_SILENCE),
+            network_silent: false,
             peer_expires: None,
         }
     }
@@ -249,12 +259,23 @@ impl Tunnel {
         self.peer
     }
 
+    /// Whether the host's relay is silent too (its control link has heard nothing for longer
+    /// than its keepalives allow). While it is, the peer's silence does not close the tunnel:
+    /// on the relayed path the relay is the likelier culprit (a crash it comes back from), and
+    /// with both paths silent the network is.
+    pub fn set_network_silent(&mut self, silent: bool) {
+        self.network_silent = silent;
+    }
+
     /// Runs what is due at `now`: QUIC's timer, the tunnel's own deadline (direct paths,
     /// certificate expiry, handshake limit) and the end-to-end keepalive, which
     /// `next_keepalive` schedules and is moved on when it fires.
     pub fn run_timers(&mut self, now: Instant, next_keepalive: &mut Instant) {
         if self.timeout() == Some(Duration::ZERO) {
             self.on_timeout();
+            // A probe that fired now starts the peer's silence (it may have been idle long).
+            let pto = active_pto_total(&self.conn);
+            self.peer_liveness.note_probe(now, pto);
         }
         if self.deadline().is_some_and(|d| d <= now) {
             self.on_deadline(now);
@@ -297,7 +318,7 @@ impl Tunnel {
                 let now = Instant::now();
                 self.acks.on_recv(len, now);
                 let conn = &self.conn;
-                self.peer_liveness.on_recv(now, || pto_all_paths(conn));
+                self.peer_liveness.on_recv(now, || active_pto_total(conn));
                 if self.path != Path::Relay {
                     // Off the active path: a path probe, answered at once.
                     self.acks.urgent();
@@ -314,6 +335,33 @@ impl Tunnel {
     /// Feeds one QUIC packet that arrived directly from the peer at `from` on our socket's
     /// `local` address.
     pub fn recv_direct(&mut self, pkt: &mut [u8], from: SocketAddr, local: SocketAddr) {
+        if let Path::Direct(addr) = self.path {
+            if !self.conn.is_server()
+                && from != addr
+                && !self.conn.paths_iter(local).any(|p| p == from)
+            {
+                // The connector sends from an address we have no path to (quiche would drop
+                // it): its NAT gave it a new mapping, and the one we send to is gone. Back to
+                // the relay at once (the connector follows there; left alone it would find
+                // us silent first), and look for a direct path again later.
+                tracing::info!(
+                    "tunnel {}: the connector now sends from {from}, not {addr}; back to the relay",
+                    self.peer.short()
+                );
+                if let Some(d) = &mut self.direct {
+                    d.traversal.direct_failed(Instant::now());
+                }
+                self.events.push_back(TunnelEvent::DirectFailed(addr));
+                if let Err(e) = self.use_relay() {
+                    tracing::debug!(
+                        "tunnel {}: cannot go back to the relay: {e}",
+                        self.peer.short()
+                    );
+                }
+                self.after_io_impl();
+                return;
+            }
+        }
         let info = quiche::RecvInfo { from, to: local };
         let len = pkt.len();
         match self.conn.recv(pkt, info) {
@@ -321,7 +369,7 @@ impl Tunnel {
                 let now = Instant::now();
                 self.acks.on_recv(len, now);
                 let conn = &self.conn;
-                self.peer_liveness.on_recv(now, || pto_all_paths(conn));
+                self.peer_liveness.on_recv(now, || active_pto_total(conn));
                 if self.path != Path::Direct(from) {
                     // Off the active path: a path probe, answered at once.
                     self.acks.urgent();
@@ -496,6 +544,10 @@ impl Tunnel {
         if let Some(d) = &mut self.direct {
             d.liveness = Liveness::new(now, pto);
         }
+        // The peer's liveness counts the probes of the path in use only: quiche goes on
+        // probing a path we left (its packets in flight there), and those probes, never
+        // answered, must not close an idle tunnel that is fine on its new path.
+        self.peer_liveness.rebase(pto);
     }
 
     /// Probe timeouts so far on the active path.
@@ -577,13 +629,15 @@ impl Tunnel {
     /// When [`Tunnel::on_deadline`] is due: the direct path's checks, the handshake's limit,
     /// the peer's silence or its certificate's expiry, whichever comes first.
     pub fn deadline(&self) -> Option<Instant> {
-        if self.is_closed() {
+        // Once we closed it, quiche's own timer runs the closing (it may wait for a path to
+        // send the close on): a deadline in the past would spin the host's timer.
+        if self.is_closed() || self.conn.local_error().is_some() {
             return None;
         }
         let own = if self.remote.is_none() {
             Some(self.created + HANDSHAKE_TIMEOUT)
         } else {
-            let silent = self.peer_liveness.deadline(pto_all_paths(&self.conn));
+            let silent = self.peer_liveness.deadline(active_pto_total(&self.conn));
             match (silent, self.peer_expires) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -598,16 +652,35 @@ impl Tunnel {
     /// Runs what [`Tunnel::deadline`] said was due: the tunnel may close here (the event says
     /// why).
     pub fn on_deadline(&mut self, now: Instant) {
-        if self.is_closed() {
+        if self.is_closed() || self.conn.local_error().is_some() {
             return;
         }
+        let pto = active_pto_total(&self.conn);
+        self.peer_liveness.note_probe(now, pto);
         let close = if self.remote.is_none() {
             (now >= self.created + HANDSHAKE_TIMEOUT)
                 .then_some((CLOSE_HANDSHAKE_TIMEOUT, "no handshake within 5 s"))
         } else if self.peer_expires.is_some_and(|t| now >= t) {
             Some((CLOSE_CERT_EXPIRED, "certificate expired"))
-        } else if self.peer_liveness.is_dead(now, pto_all_paths(&self.conn)) {
-            Some((CLOSE_PEER_SILENT, "peer silent for 5 s"))
+        } else if self.peer_liveness.is_dead(now, pto) && self.network_silent {
+            // Everything is silent, the relay too: the network (ours, or the relay) is down,
+            // not necessarily the peer. The tunnel waits for it (QUIC's idle timeout still
+            // bounds the wait), so an outage or a relay crash costs no flow.
+            tracing::debug!(
+                "tunnel {}: peer silent, but so is the relay: waiting",
+                self.peer.short()
+            );
+            self.peer_liveness.defer(now);
+            None
+        } else if self.peer_liveness.is_dead(now, pto) {
+            Some((
+                CLOSE_PEER_SILENT,
+                if self.conn.is_server() {
+                    "peer silent for 20 s"
+                } else {
+                    "peer silent for 5 s"
+                },
+            ))
         } else {
             None
         };
@@ -621,6 +694,38 @@ impl Tunnel {
         if self.direct_deadline().is_some_and(|d| d <= now) {
             self.on_direct_timeout(now);
         }
+    }
+
+    /// The peer presented a renewed certificate, which the owner checked
+    /// ([`crate::tls::PeerCheck`]): the tunnel now lives until the new one expires.
+    pub fn peer_renewed(&mut self, id: Identity) {
+        let left = id.not_after - crate::identity::unix_now();
+        self.peer_expires = Some(Instant::now() + Duration::from_secs(left.max(0) as u64));
+        self.remote = Some(id);
+    }
+
+    /// Closes the tunnel because the peer's certificate is revoked; `reason` goes to the peer.
+    pub fn revoke(&mut self, reason: &str) {
+        self.close_now(CLOSE_REVOKED, reason);
+    }
+
+    /// Closes the tunnel because the peer restarted and holds no state of it
+    /// ([`crate::wire::TUNNEL_GONE`]): its flows are gone, and a new tunnel is needed.
+    pub fn peer_restarted(&mut self) {
+        if self.is_closed() || self.conn.local_error().is_some() {
+            return;
+        }
+        tracing::info!(
+            "tunnel {}: the peer holds no such tunnel (it restarted): closing",
+            self.peer.short()
+        );
+        self.close_now(CLOSE_PEER_RESTARTED, "peer restarted");
+    }
+
+    fn close_now(&mut self, code: u64, reason: &str) {
+        let _ = self.conn.close(true, code, reason.as_bytes());
+        self.acks.urgent();
+        self.after_io_impl();
     }
 
     /// Closes the tunnel because this side is stopping; the peer hears it at once.
@@ -979,7 +1084,12 @@ impl Tunnel {
         let left = id.not_after - crate::identity::unix_now();
         self.peer_expires = Some(now + Duration::from_secs(left.max(0) as u64));
         let conn = &self.conn;
-        self.peer_liveness = Liveness::with_silence(now, pto_all_paths(conn), PEER_SILENCE);
+        let silence = if conn.is_server() {
+            SERVER_PEER_SILENCE
+        } else {
+            PEER_SILENCE
+        };
+        self.peer_liveness = Liveness::with_silence(now, active_pto_total(conn), silence);
         self.remote = Some(id.clone());
         self.up_at = Some(now);
         // The handshake's last flight (HANDSHAKE_DONE, first ACKs) goes at once.

@@ -49,6 +49,8 @@ pub const MSG_HELLO: u8 = 0x24;
 pub const MSG_DNS_QUERY: u8 = 0x25;
 pub const MSG_DNS_ANSWER: u8 = 0x26;
 pub const MSG_CANDIDATES: u8 = 0x27;
+pub const MSG_REVOCATIONS: u8 = 0x28;
+pub const MSG_CERTIFICATE: u8 = 0x29;
 pub const PUNCH: u8 = 0x14;
 pub const PUNCH_ACK: u8 = 0x15;
 /// Length of a punch packet.
@@ -58,6 +60,12 @@ pub const MAX_CANDIDATES: usize = 32;
 
 /// Bytes a relay forward header adds in front of an end-to-end packet.
 pub const RELAY_FORWARD_OVERHEAD: usize = 1 + PeerId::LEN;
+
+/// A connector's "I hold no tunnel of yours", sent through the relay to an agent whose
+/// packets (not Initials) reach it with no tunnel to take them: the connector restarted, and
+/// the agent's tunnel is dead. The relay stamps the connector's peer id on it, so only that
+/// connector can say it. Not a QUIC packet (its fixed bit is clear); version 1.
+pub const TUNNEL_GONE: [u8; 8] = [0x00, 0x01, b'S', b'L', b'G', b'O', b'N', b'E'];
 /// UDP payload of control connections (to and from the relay): fits a 1500-byte link with
 /// IPv6 and room to spare.
 pub const CONTROL_UDP_PAYLOAD: usize = 1452;
@@ -73,8 +81,9 @@ pub const TUNNEL_UDP_PAYLOAD: usize =
     CONTROL_UDP_PAYLOAD - QUIC_DGRAM_OVERHEAD - RELAY_FORWARD_OVERHEAD;
 /// Bytes the tunnel header adds in front of an IP packet.
 pub const TUNNEL_IP_OVERHEAD: usize = 1;
-/// Largest message body a relay accepts on a control stream.
-pub const MAX_CONTROL_MESSAGE: usize = 1024;
+/// Largest message body a relay accepts on a control stream: a renewed certificate with
+/// dozens of groups fits.
+pub const MAX_CONTROL_MESSAGE: usize = 4096;
 /// Largest message body on a tunnel's stream: a whole DNS message (64 KiB, as over TCP) fits.
 pub const MAX_TUNNEL_MESSAGE: usize = u16::MAX as usize;
 
@@ -112,6 +121,8 @@ fn check_type(b: u8) -> Result<u8, WireError> {
         | MSG_DNS_QUERY
         | MSG_DNS_ANSWER
         | MSG_CANDIDATES
+        | MSG_REVOCATIONS
+        | MSG_CERTIFICATE
         | PUNCH
         | PUNCH_ACK => Ok(b),
         _ if !(0x10..0x30).contains(&b) => Err(WireError::Version(b >> 4)),
@@ -213,6 +224,12 @@ pub enum ControlMessage {
         secret: u64,
         list: Vec<Candidate>,
     },
+    /// The relay hands its revocation list (signed by the CA, as in the file:
+    /// [`crate::revocation`]) to every node it serves; they check the signature.
+    Revocations(Vec<u8>),
+    /// The sender's renewed certificate (DER), on a connection its previous one authenticated:
+    /// the same key, a new validity (and maybe new groups).
+    Certificate(Vec<u8>),
 }
 
 /// A connectivity check (or its answer) between the peers of a tunnel. Its `Debug` leaves out
@@ -260,6 +277,14 @@ impl fmt::Debug for ControlMessage {
                 .field("generation", generation)
                 .field("secret", &REDACTED)
                 .field("list", list)
+                .finish(),
+            ControlMessage::Revocations(b) => f
+                .debug_struct("Revocations")
+                .field("bytes", &b.len())
+                .finish(),
+            ControlMessage::Certificate(b) => f
+                .debug_struct("Certificate")
+                .field("bytes", &b.len())
                 .finish(),
         }
     }
@@ -462,6 +487,14 @@ impl ControlMessage {
                 out.extend_from_slice(&id.to_be_bytes());
                 out.extend_from_slice(message);
             }
+            ControlMessage::Revocations(list) => {
+                out.push(MSG_REVOCATIONS);
+                out.extend_from_slice(list);
+            }
+            ControlMessage::Certificate(der) => {
+                out.push(MSG_CERTIFICATE);
+                out.extend_from_slice(der);
+            }
         }
         let len = out.len() - start - 2;
         if len > MAX_TUNNEL_MESSAGE {
@@ -528,6 +561,8 @@ impl ControlMessage {
                 id: r.u32()?,
                 message: r.rest().to_vec(),
             },
+            MSG_REVOCATIONS => ControlMessage::Revocations(r.rest().to_vec()),
+            MSG_CERTIFICATE => ControlMessage::Certificate(r.rest().to_vec()),
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -589,7 +624,7 @@ mod tests {
     fn roundtrip(m: ControlMessage) {
         let mut out = Vec::new();
         m.encode(&mut out).unwrap();
-        let mut d = ControlDecoder::default();
+        let mut d = ControlDecoder::with_limit(MAX_TUNNEL_MESSAGE);
         // Byte by byte: framing must not depend on how the stream is chunked.
         for b in &out {
             assert!(d.next_message().is_none());
@@ -630,6 +665,8 @@ mod tests {
             id: u32::MAX,
             message: Vec::new(),
         });
+        roundtrip(ControlMessage::Revocations(vec![9; 60_000]));
+        roundtrip(ControlMessage::Certificate(vec![0x30; 700]));
         roundtrip(ControlMessage::Candidates {
             generation: 3,
             secret: 0x0123_4567_89ab_cdef,

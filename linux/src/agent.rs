@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tun_rs::AsyncDevice;
 
 use crate::access::{self, AuditSink};
+use crate::cert_watch::CertWatch;
 use crate::config::{self, AgentConfig, ConfigError};
 use crate::dns::{self, TcpQuery};
 use crate::instance::{self, InstanceLock};
@@ -215,6 +216,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
             ops: None,
             certs: None,
             reload: None,
+            cert_watch: None,
         };
         // The first settings: routes before anything is sent through the device.
         host.apply_first_events()?;
@@ -251,6 +253,7 @@ pub fn run(args: AgentArgs) -> Result<()> {
         let certs = node::cert_expiry(&creds, &cfg.ca);
         host.ops = Some(Ops::start(cfg.metrics_listen, Sample::starting(NodeRole::Agent, certs)).await?);
         host.certs = Some(certs);
+        host.cert_watch = Some(CertWatch::new(cfg.identity(), Role::Agent, &origin, creds));
         host.reload = Some(Reload {
             config: args.config.clone(),
             policy_flag: args.policy.clone(),
@@ -333,6 +336,8 @@ struct Host {
     ops: Option<Ops>,
     certs: Option<CertExpiry>,
     reload: Option<Reload>,
+    /// The certificate files, watched for a renewal once the agent runs.
+    cert_watch: Option<CertWatch>,
 }
 
 /// What a SIGHUP reads again.
@@ -522,10 +527,31 @@ impl Host {
             self.engine.set_interfaces(ips, now);
         }
         self.engine.set_wall_clock(now, node::unix_nanos());
+        self.check_certificate(now);
         self.dns_clients
             .retain(|_, (_, at)| now.saturating_duration_since(*at) < DNS_CLIENT_TTL);
         self.tcp_clients.retain(|_, tx| !tx.is_closed());
         self.publish(now);
+    }
+
+    /// A renewed certificate file goes into force for new tunnels and is presented on the open
+    /// ones.
+    fn check_certificate(&mut self, now: Instant) {
+        let Some(w) = self.cert_watch.as_mut() else {
+            return;
+        };
+        let Some(new) = w.poll() else {
+            return;
+        };
+        match self.engine.set_credentials(&new, now) {
+            Ok(()) => {
+                self.certs = Some(node::cert_expiry(&new, &w.ca_path()));
+                w.accept(new);
+            }
+            Err(e) => tracing::error!(
+                "the renewed certificate cannot be used ({e}); the one in force stays"
+            ),
+        }
     }
 
     /// Status, metrics, readiness and systemd's watchdog. The agent is up (for systemd) once

@@ -6,7 +6,8 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use sluice_dataplane::identity::{self, PemPair, Role};
+use sluice_dataplane::identity::{self, PeerId, PemPair, Role};
+use sluice_dataplane::revocation::{self, CaKey, Draft, RevocationList};
 
 use crate::CaCmd;
 
@@ -239,23 +240,197 @@ fn expiry_note(not_after: i64, now: i64) -> String {
     }
 }
 
-/// Prints a certificate; an expired one is an error (exit 1), so scripts can check.
-fn show(cert: &Path, now: i64) -> Result<()> {
+fn read_ca(dir: &Path) -> Result<PemPair> {
+    let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
+    Ok(PemPair {
+        cert_pem: fs::read_to_string(&ca_cert).with_context(|| {
+            format!(
+                "no CA in {} (run `sluice ca init --dir {}` first)",
+                dir.display(),
+                dir.display()
+            )
+        })?,
+        key_pem: fs::read_to_string(&ca_key)
+            .with_context(|| format!("cannot read {}", ca_key.display()))?,
+    })
+}
+
+/// Renews OUT/NAME.pem with its own key (OUT/NAME.key is read, never written).
+pub fn renew_node(
+    dir: &Path,
+    name: &str,
+    groups: Option<&[String]>,
+    valid: &str,
+    out: &Path,
+) -> Result<identity::Identity> {
+    check_file_name(name)?;
+    let valid = validity(valid)?;
+    let ca = read_ca(dir)?;
+    let (cert_path, key_path) = (
+        out.join(format!("{name}.pem")),
+        out.join(format!("{name}.key")),
+    );
+    let node = PemPair {
+        cert_pem: fs::read_to_string(&cert_path).with_context(|| {
+            format!(
+                "cannot read {} (renew needs the node's certificate and key; `ca issue` makes new ones)",
+                cert_path.display()
+            )
+        })?,
+        key_pem: fs::read_to_string(&key_path)
+            .with_context(|| format!("cannot read {}", key_path.display()))?,
+    };
+    let groups: Option<Vec<String>> = groups.map(|g| {
+        g.iter()
+            .map(|g| g.trim().to_string())
+            .filter(|g| !g.is_empty())
+            .collect()
+    });
+    let renewed = identity::renew(&ca, &node, groups.as_deref(), valid)
+        .with_context(|| format!("cannot renew {}", cert_path.display()))?;
+    let id = identity::identity_from_pem(&renewed.cert_pem)?;
+    if id.name != name {
+        bail!(
+            "{} is the certificate of {:?}, not {name:?}",
+            cert_path.display(),
+            id.name
+        );
+    }
+    Staged::write(&cert_path, &renewed.cert_pem, CERT_MODE)?.commit()?;
+    Ok(id)
+}
+
+/// What a `ca revoke` target names.
+enum Target {
+    Peer(PeerId),
+    Name(String),
+}
+
+fn parse_target(t: &str) -> Result<Target> {
+    if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let mut id = [0u8; 32];
+        hex::decode_to_slice(t, &mut id).map_err(|e| anyhow!("{t:?}: {e}"))?;
+        return Ok(Target::Peer(PeerId(id)));
+    }
+    identity::validate_name(t).map_err(|e| {
+        anyhow!("{e} (or give a peer id: 64 hex digits, as `sluice ca show` prints)")
+    })?;
+    Ok(Target::Name(t.to_string()))
+}
+
+/// Reads a revocation list file and checks its signature against `ca_cert_pem`.
+fn read_list(path: &Path, ca_cert_pem: &str) -> Result<RevocationList> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let bytes =
+        RevocationList::bytes_from_pem(&text).with_context(|| path.display().to_string())?;
+    let ca = CaKey::from_cert_pem(ca_cert_pem)?;
+    RevocationList::verify(&bytes, &ca).with_context(|| path.display().to_string())
+}
+
+/// Adds (or with `remove`, takes off) targets and writes the list signed anew: its sequence
+/// number is above the old one's and at least the time now, so even a list rebuilt after the
+/// file was lost replaces what the nodes hold.
+pub fn revoke(
+    dir: &Path,
+    list_path: &Path,
+    targets: &[String],
+    remove: bool,
+    valid: &str,
+    refresh: bool,
+    now: i64,
+) -> Result<RevocationList> {
+    if targets.is_empty() && !refresh {
+        bail!("name what to revoke (a node name or a peer id), or give --refresh to sign the list again");
+    }
+    let valid = validity(valid)?;
+    let ca = read_ca(dir)?;
+    let mut draft = if fs::symlink_metadata(list_path).is_ok() {
+        read_list(list_path, &ca.cert_pem)?.draft()
+    } else if remove {
+        bail!(
+            "{}: no revocation list to remove entries from",
+            list_path.display()
+        );
+    } else {
+        Draft::default()
+    };
+    for t in targets {
+        let changed = match (parse_target(t)?, remove) {
+            (Target::Peer(p), false) => draft.peers.insert(p),
+            (Target::Name(n), false) => draft.names.insert(n),
+            (Target::Peer(p), true) => draft.peers.remove(&p),
+            (Target::Name(n), true) => draft.names.remove(&n),
+        };
+        if !changed {
+            let what = if remove { "is not on" } else { "is on" };
+            eprintln!("note: {t} {what} the list already");
+        }
+    }
+    draft.sequence = draft.sequence.saturating_add(1).max(now.max(0) as u64);
+    draft.issued_at = now;
+    draft.expires_at = now.saturating_add(valid.as_secs().min(i64::MAX as u64) as i64);
+    let list = RevocationList::sign(&draft, &ca.cert_pem, &ca.key_pem)?;
+    Staged::write(list_path, &list.to_pem(), CERT_MODE)?.commit()?;
+    Ok(list)
+}
+
+fn print_list(list: &RevocationList, now: i64) {
+    println!("revocation list #{}", list.sequence);
+    println!("CA key:       {}", hex::encode(&list.ca_id[..8]));
+    println!("issued:       {}", rfc3339_utc(list.issued_at));
+    println!(
+        "expires:      {} ({})",
+        rfc3339_utc(list.expires_at),
+        expiry_note(list.expires_at, now)
+    );
+    println!("names:        {}", join_or_none(list.names.iter().cloned()));
+    println!(
+        "peer ids:     {}",
+        join_or_none(list.peers.iter().map(|p| p.to_string()))
+    );
+}
+
+fn join_or_none(items: impl Iterator<Item = String>) -> String {
+    let v: Vec<String> = items.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// Prints a certificate; an expired one is an error (exit 1), so scripts can check. So is a
+/// certificate that the list given as `revocations` revokes.
+fn show(cert: &Path, revocations: Option<&Path>, ca: Option<&Path>, now: i64) -> Result<()> {
     let text =
         fs::read_to_string(cert).with_context(|| format!("cannot read {}", cert.display()))?;
+    if text.contains(&format!("BEGIN {}", revocation::PEM_LABEL)) {
+        let bytes =
+            RevocationList::bytes_from_pem(&text).with_context(|| cert.display().to_string())?;
+        let list = match ca {
+            Some(ca) => {
+                let ca_pem = fs::read_to_string(ca)
+                    .with_context(|| format!("cannot read {}", ca.display()))?;
+                RevocationList::verify(&bytes, &CaKey::from_cert_pem(&ca_pem)?)
+            }
+            None => RevocationList::parse_unverified(&bytes),
+        }
+        .with_context(|| cert.display().to_string())?;
+        print_list(&list, now);
+        if ca.is_none() {
+            println!("signature:    not checked (give --ca CA.pem to check it)");
+        } else {
+            println!("signature:    valid");
+        }
+        return Ok(());
+    }
     let s = identity::summarize_pem(&text).with_context(|| cert.display().to_string())?;
     println!("name:         {}", s.name);
     match s.role {
         Some(r) => {
             println!("role:         {r}");
-            println!(
-                "groups:       {}",
-                if s.groups.is_empty() {
-                    "none".into()
-                } else {
-                    s.groups.join(",")
-                }
-            );
+            println!("groups:       {}", identity::groups_text(&s.groups));
         }
         None => println!("role:         CA"),
     }
@@ -272,6 +447,46 @@ fn show(cert: &Path, now: i64) -> Result<()> {
     }
     let note = expiry_note(s.not_after, now);
     println!("expires:      {} ({note})", rfc3339_utc(s.not_after));
+    if let Some(list_path) = revocations {
+        let ca_path = match ca {
+            Some(p) => p.to_path_buf(),
+            None => list_path.with_file_name("ca.pem"),
+        };
+        let ca_pem = fs::read_to_string(&ca_path).with_context(|| {
+            format!(
+                "cannot read the CA certificate {} to check the revocation list (give --ca)",
+                ca_path.display()
+            )
+        })?;
+        let list = read_list(list_path, &ca_pem)?;
+        let why = if list.peers.contains(&s.peer_id) {
+            Some("its peer id")
+        } else if s.role.is_some() && list.names.contains(&s.name) {
+            Some("its name")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => {
+                println!(
+                    "revoked:      YES: {why} is on revocation list #{} ({})",
+                    list.sequence,
+                    list_path.display()
+                );
+                bail!(
+                    "{}: revoked by {} (list #{}); peers that enforce it refuse it",
+                    cert.display(),
+                    list_path.display(),
+                    list.sequence
+                );
+            }
+            None => println!(
+                "revoked:      no (revocation list #{}, {})",
+                list.sequence,
+                list_path.display()
+            ),
+        }
+    }
     if s.not_after <= now {
         let (what, consequence) = match s.role {
             None => (
@@ -324,17 +539,63 @@ pub fn run(cmd: CaCmd) -> Result<()> {
                 "issued {} certificate for {:?} (groups: {}), peer id {}, valid {valid}: {} and {}",
                 id.role,
                 id.name,
-                if id.groups.is_empty() {
-                    "none".into()
-                } else {
-                    id.groups.join(",")
-                },
+                identity::groups_text(&id.groups),
                 id.peer_id.short(),
                 cert.display(),
                 out.join(format!("{name}.key")).display()
             );
         }
-        CaCmd::Show { cert } => show(&cert, sluice_policy::watch::now_unix())?,
+        CaCmd::Renew {
+            dir,
+            name,
+            groups,
+            valid,
+            out,
+        } => {
+            let out = out.unwrap_or_else(|| dir.clone());
+            let id = renew_node(&dir, &name, groups.as_deref(), &valid, &out)?;
+            println!(
+                "renewed {} certificate for {:?} (groups: {}), peer id {} (the same key), valid {valid}: {}",
+                id.role,
+                id.name,
+                identity::groups_text(&id.groups),
+                id.peer_id.short(),
+                out.join(format!("{name}.pem")).display()
+            );
+        }
+        CaCmd::Revoke {
+            targets,
+            dir,
+            list,
+            remove,
+            valid,
+            refresh,
+        } => {
+            let path = list.unwrap_or_else(|| dir.join("revoked.pem"));
+            let now = sluice_policy::watch::now_unix();
+            let l = revoke(&dir, &path, &targets, remove, &valid, refresh, now)?;
+            println!(
+                "revocation list #{} written to {}: {} name(s), {} peer id(s); expires {}",
+                l.sequence,
+                path.display(),
+                l.names.len(),
+                l.peers.len(),
+                rfc3339_utc(l.expires_at)
+            );
+            println!(
+                "relays and connectors whose config names it as `revocations` apply it within a second and close what it revokes; connectors also get it from their relay"
+            );
+        }
+        CaCmd::Show {
+            cert,
+            revocations,
+            ca,
+        } => show(
+            &cert,
+            revocations.as_deref(),
+            ca.as_deref(),
+            sluice_policy::watch::now_unix(),
+        )?,
     }
     Ok(())
 }

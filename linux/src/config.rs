@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
+use sluice_dataplane::rate::Rate;
 
 pub use sluice_dataplane::control_link::RelayTarget;
 
@@ -53,6 +54,105 @@ pub struct RelayConfig {
     /// Unix socket where `sluice status` reads the relay's peers (mode 0600).
     #[serde(default = "default_relay_socket")]
     pub status_socket: PathBuf,
+    /// The CA's revocation list (`sluice ca revoke` writes it): enforced at every handshake,
+    /// read again within a second of a change, and handed to every connector.
+    #[serde(default)]
+    pub revocations: Option<PathBuf>,
+    /// Flood limits (see configs/relay.yaml).
+    #[serde(default)]
+    pub limits: RelayLimits,
+}
+
+/// A rate in a config file: `per_second` on average, `burst` at once (default: one second's
+/// worth).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub per_second: std::num::NonZeroU64,
+    #[serde(default)]
+    pub burst: Option<std::num::NonZeroU64>,
+}
+
+impl RateConfig {
+    pub fn rate(&self) -> Rate {
+        let per_second = self.per_second.get();
+        Rate::new(per_second, self.burst.map_or(per_second, |b| b.get()))
+    }
+
+    fn from_rate(r: Rate) -> RateConfig {
+        let nz = |v: u64| std::num::NonZeroU64::new(v.max(1)).unwrap_or(std::num::NonZeroU64::MIN);
+        RateConfig {
+            per_second: nz(r.per_second),
+            burst: Some(nz(r.burst)),
+        }
+    }
+}
+
+/// The relay's flood limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayLimits {
+    /// New connections per second from one source IP address (after address validation).
+    pub connections_per_source: RateConfig,
+    /// Connections one source IP address may hold at once.
+    pub connections_per_address: std::num::NonZeroUsize,
+    /// Tunnel packets per second forwarded for one peer (none: no limit).
+    pub peer_packets: Option<RateConfig>,
+    /// Tunnel bytes per second forwarded for one peer (none: no limit); the burst is at least
+    /// one full packet (65,535 bytes).
+    pub peer_bytes: Option<RateConfig>,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        let d = sluice_relay::limits::Limits::default();
+        RelayLimits {
+            connections_per_source: RateConfig::from_rate(d.connections_per_source),
+            connections_per_address: std::num::NonZeroUsize::new(d.connections_per_address)
+                .unwrap_or(std::num::NonZeroUsize::MIN),
+            peer_packets: d.peer_packets.map(RateConfig::from_rate),
+            peer_bytes: d.peer_bytes.map(RateConfig::from_rate),
+        }
+    }
+}
+
+impl RelayLimits {
+    pub fn limits(&self) -> sluice_relay::limits::Limits {
+        sluice_relay::limits::Limits {
+            connections_per_source: self.connections_per_source.rate(),
+            connections_per_address: self.connections_per_address.get(),
+            peer_packets: self.peer_packets.map(|r| r.rate()),
+            peer_bytes: self.peer_bytes.map(|r| r.rate()),
+        }
+    }
+}
+
+/// The connector's flood limits, per agent.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectorLimits {
+    /// TCP flows one agent may hold, and UDP flows likewise.
+    pub flows_per_agent: std::num::NonZeroUsize,
+    /// New flows per second one agent may open; past it the packet that would open one is
+    /// dropped before the policy sees it.
+    pub new_flows_per_agent: RateConfig,
+    /// TCP dials to services one agent may have in progress at once.
+    pub dialing_per_agent: std::num::NonZeroUsize,
+    /// Bytes of TCP buffers (`tcp_buffer` each way per flow) one agent's flows may hold.
+    pub buffer_per_agent: std::num::NonZeroUsize,
+}
+
+impl Default for ConnectorLimits {
+    fn default() -> Self {
+        let d = sluice_netstack::stack::Limits::default();
+        let nz = |v: usize| std::num::NonZeroUsize::new(v).unwrap_or(std::num::NonZeroUsize::MIN);
+        ConnectorLimits {
+            flows_per_agent: nz(d.max_tcp_flows),
+            new_flows_per_agent: RateConfig::from_rate(d.new_flows),
+            dialing_per_agent: nz(d.max_dialing),
+            buffer_per_agent: nz(d.buffer_budget),
+        }
+    }
 }
 
 fn default_relay_socket() -> PathBuf {
@@ -102,6 +202,13 @@ pub struct ConnectorConfig {
     /// Unix socket where `sluice status` reads the connector's agents (mode 0600).
     #[serde(default = "default_connector_socket")]
     pub status_socket: PathBuf,
+    /// The CA's revocation list, read again within a second of a change. Optional: the
+    /// relay hands its list to every connector, and the newer of the two is in force.
+    #[serde(default)]
+    pub revocations: Option<PathBuf>,
+    /// Flood limits per agent (see configs/connector.yaml).
+    #[serde(default)]
+    pub limits: ConnectorLimits,
 }
 
 fn default_connector_socket() -> PathBuf {
@@ -279,12 +386,14 @@ pub trait RelativePaths {
 
 impl RelativePaths for RelayConfig {
     fn paths_mut(&mut self) -> Vec<&mut PathBuf> {
-        vec![
+        let mut v = vec![
             &mut self.cert,
             &mut self.key,
             &mut self.ca,
             &mut self.status_socket,
-        ]
+        ];
+        v.extend(self.revocations.as_mut());
+        v
     }
 }
 
@@ -298,6 +407,7 @@ impl RelativePaths for ConnectorConfig {
             &mut self.status_socket,
         ];
         v.extend(self.audit_log.as_mut());
+        v.extend(self.revocations.as_mut());
         v
     }
 }
@@ -434,6 +544,82 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The commented-out `limits:` blocks of configs/ are what a user uncomments: they must
+    /// parse, and mean what they say.
+    fn uncommented_limits(file: &str) -> String {
+        let text =
+            std::fs::read_to_string(format!("{}/../configs/{file}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap();
+        let mut out = String::new();
+        let mut inside = false;
+        for line in text.lines() {
+            if line == "# limits:" {
+                inside = true;
+            } else if inside && !line.starts_with("#   ") {
+                inside = false;
+            }
+            if inside && !line.starts_with("#   #") {
+                out.push_str(&line[2..]);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_documented_relay_limits_parse_and_apply() {
+        let base = "cert: a\nkey: b\nca: c\n";
+        let r: RelayConfig = parse(base, "r.yaml").unwrap();
+        assert_eq!(r.limits.limits(), sluice_relay::limits::Limits::default());
+        let r: RelayConfig = parse(
+            &format!("{base}{}", uncommented_limits("relay.yaml")),
+            "r.yaml",
+        )
+        .unwrap();
+        let l = r.limits.limits();
+        assert_eq!(l.connections_per_source, Rate::new(20, 200));
+        assert_eq!(l.connections_per_address, 1024);
+        assert_eq!(l.peer_packets, Some(Rate::new(100_000, 10_000)));
+        assert_eq!(l.peer_bytes, Some(Rate::new(62_500_000, 1_000_000)));
+        // The documented defaults are the real ones.
+        let d = sluice_relay::limits::Limits::default();
+        assert_eq!(
+            (l.connections_per_source, l.connections_per_address),
+            (d.connections_per_source, d.connections_per_address)
+        );
+        // A burst defaults to one second's worth; a zero rate is an error that names the key.
+        let r: RelayConfig = parse(
+            &format!("{base}limits:\n  peer_bytes: {{ per_second: 1000 }}\n"),
+            "r.yaml",
+        )
+        .unwrap();
+        assert_eq!(r.limits.limits().peer_bytes, Some(Rate::new(1000, 1000)));
+        let e = parse::<RelayConfig>(
+            &format!("{base}limits:\n  peer_packets: {{ per_second: 0 }}\n"),
+            "r.yaml",
+        )
+        .unwrap_err()
+        .0;
+        assert!(e.contains("limits.peer_packets.per_second"), "{e}");
+    }
+
+    #[test]
+    fn the_documented_connector_limits_parse_and_are_the_defaults() {
+        let base = "relay: 192.0.2.1:4433\ncert: a\nkey: b\nca: c\npolicy: p.yaml\n";
+        let c: ConnectorConfig = parse(
+            &format!("{base}{}", uncommented_limits("connector.yaml")),
+            "c.yaml",
+        )
+        .unwrap();
+        let d: ConnectorConfig = parse(base, "c.yaml").unwrap();
+        let (l, d) = (c.limits, d.limits);
+        assert_eq!(l.flows_per_agent, d.flows_per_agent);
+        assert_eq!(l.new_flows_per_agent, d.new_flows_per_agent);
+        assert_eq!(l.dialing_per_agent, d.dialing_per_agent);
+        assert_eq!(l.buffer_per_agent, d.buffer_per_agent);
+        assert_eq!(l.flows_per_agent.get(), 4096);
+    }
 
     #[test]
     fn errors_name_file_line_and_key() {

@@ -17,11 +17,13 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 
 use crate::access::{self, AuditSink};
+use crate::cert_watch::CertWatch;
 use crate::config::{self, ConnectorConfig};
 use crate::metrics::{CertExpiry, NodeRole, Sample};
 use crate::node;
 use crate::ops::Ops;
 use crate::remote_dns;
+use crate::revocations::RevocationFile;
 use crate::status::NodeStatus;
 use crate::udp_batch;
 use crate::ConnectorArgs;
@@ -44,13 +46,25 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
     let creds = node::credentials(&cfg.identity(), Role::Connector, &origin)?;
     let watcher = access::open_policy(&cfg.policy, &origin)?;
+    let revocations = match &cfg.revocations {
+        Some(p) => Some(RevocationFile::open(p, &creds, &origin)?),
+        None => None,
+    };
     let audit = AuditSink::open(cfg.audit_log.as_deref())?;
+    let flood = cfg.limits;
     let limits = Limits {
         tcp_buffer: cfg.tcp_buffer.clamp(4096, 16 << 20),
         udp_idle: Duration::from_secs(cfg.udp_idle_secs.max(1)),
         dial_timeout: Duration::from_secs(cfg.dial_timeout_secs.max(1)),
+        max_tcp_flows: flood.flows_per_agent.get(),
+        max_udp_flows: flood.flows_per_agent.get(),
+        new_flows: flood.new_flows_per_agent.rate(),
+        max_dialing: flood.dialing_per_agent.get(),
+        buffer_budget: flood.buffer_per_agent.get(),
         ..Limits::default()
     };
+    // Every flow holds a socket: one agent's flows must not use up the descriptors others need.
+    node::raise_fd_limit();
     // Per-flow TCP buffers are big (256 KiB each way) and mostly empty: allocated zeroed by
     // mmap, their untouched pages cost no memory. glibc would otherwise raise its mmap
     // threshold after the first frees and serve them from the heap, where every page gets
@@ -78,7 +92,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             }
         };
         let now = Instant::now();
-        let core = Connector::new(
+        let mut core = Connector::new(
             core::ConnectorConfig {
                 relay: cfg.relay.clone(),
                 local,
@@ -90,6 +104,11 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             now,
             node::unix_nanos(),
         )?;
+        let revocation_file = revocations.map(|(file, bytes)| {
+            // Verified by open already; this hands it to the core, which enforces it.
+            let _ = core.handle_revocations(&bytes, &file.source(), now);
+            file
+        });
         let (splicer, flow_rx) = Splicer::new(limits, resolver.clone());
         let (dns_done, dns_rx) = mpsc::channel(256);
         let certs = node::cert_expiry(&creds, &cfg.ca);
@@ -99,6 +118,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
         // tunnels still work, so a bad path is a warning.
         let _status_server = crate::status::serve_or_warn(&cfg.status_socket, status_rx, "connector");
         let mut c = Host {
+            cert_watch: CertWatch::new(cfg.identity(), Role::Connector, &origin, creds),
             status_tx,
             ops,
             certs,
@@ -113,6 +133,7 @@ pub fn run(args: ConnectorArgs) -> Result<()> {
             resolver,
             dns_done,
             next_reload_check: now + RELOAD_EVERY,
+            revocation_file,
             out: vec![0u8; 65_536],
             udp_tx: udp_batch::UdpSender::default(),
         };
@@ -154,6 +175,9 @@ struct Host {
     /// `--policy`, which outranks the file's `policy` on reload too.
     policy_flag: Option<PathBuf>,
     origin: String,
+    revocation_file: Option<RevocationFile>,
+    /// The certificate files, watched for a renewal.
+    cert_watch: CertWatch,
 }
 
 impl Host {
@@ -229,9 +253,39 @@ impl Host {
         if access::reload(&mut self.watcher) {
             self.core.set_policy(self.watcher.policy().clone(), now);
         }
+        self.check_revocations(now, false);
+        self.check_certificate();
         self.core.set_wall_clock(now, node::unix_nanos());
         self.core.set_interfaces(node::interface_ips(None), now);
         self.publish(now);
+    }
+
+    /// A renewed certificate file goes into force for new connections and is presented on the
+    /// live ones.
+    fn check_certificate(&mut self) {
+        let Some(new) = self.cert_watch.poll() else {
+            return;
+        };
+        match self.core.set_credentials(&new) {
+            Ok(()) => {
+                self.certs = node::cert_expiry(&new, &self.cert_watch.ca_path());
+                self.cert_watch.accept(new);
+            }
+            Err(e) => tracing::error!(
+                "the renewed certificate cannot be used ({e}); the one in force stays"
+            ),
+        }
+    }
+
+    /// Reads the revocation file again if it changed (or now, with `force`); the core verifies
+    /// it, logs, and closes the tunnels a newer list revokes.
+    fn check_revocations(&mut self, now: Instant, force: bool) {
+        let Some(file) = &mut self.revocation_file else {
+            return;
+        };
+        if let Some(bytes) = file.poll(force) {
+            let _ = self.core.handle_revocations(&bytes, &file.source(), now);
+        }
     }
 
     /// Metrics, readiness and systemd's watchdog: ready once registered with the relay.
@@ -272,6 +326,7 @@ impl Host {
             let cut = self.core.set_policy(self.watcher.policy().clone(), now);
             tracing::info!("SIGHUP: new policy in force ({cut} open flow(s) it denies were cut)");
         }
+        self.check_revocations(now, true);
         let status = if outcome == access::Reloaded::Rejected {
             self.reloads.1 += 1;
             "reload failed: the previous policy stays in force"

@@ -63,10 +63,16 @@ pub struct UpOpts {
     /// Keep the agent's tunnels on the relay (`direct_paths: false` in its config).
     #[arg(long)]
     pub relay_only: bool,
+    /// A second agent (`lab-agent2`, group lab) in namespace PREFIXagent2 at 192.0.2.11, on
+    /// the internet segment: for tests of one agent's flood against another's service.
+    #[arg(long)]
+    pub second_agent: bool,
 }
 
 pub const RELAY_ADDR: &str = "192.0.2.1";
 pub const AGENT_ADDR: &str = "192.0.2.10";
+/// The second agent's (`--second-agent`).
+pub const AGENT2_ADDR: &str = "192.0.2.11";
 pub const CONN_ADDR: &str = "192.0.2.20";
 pub const CONN_SVC_ADDR: &str = "198.51.100.1";
 pub const SVC_ADDR: &str = "198.51.100.10";
@@ -94,14 +100,24 @@ pub struct Lab {
 
 const ROLES: [&str; 3] = ["relay", "connector", "agent"];
 /// Every process the lab starts, by the name of its log and pid files.
-const PROCESSES: [&str; 6] = ["relay", "connector", "agent", "http", "dns", "upstream-dns"];
+const PROCESSES: [&str; 7] = [
+    "relay",
+    "connector",
+    "agent",
+    "agent2",
+    "http",
+    "dns",
+    "upstream-dns",
+];
 const NAMESPACES: [&str; 5] = ["inet", "relay", "agent", "conn", "svc"];
 /// The NAT routers' namespaces, made only for the sides `--nat-*` puts behind one.
 const ROUTERS: [&str; 2] = ["nat-agent", "nat-conn"];
+/// Made only when asked for (`--second-agent`).
+const OPTIONAL: [&str; 1] = ["agent2"];
 
 /// Every namespace a lab may have: what `down` looks for, whatever the lab was built with.
 fn all_namespaces() -> impl Iterator<Item = &'static str> {
-    NAMESPACES.into_iter().chain(ROUTERS)
+    NAMESPACES.into_iter().chain(ROUTERS).chain(OPTIONAL)
 }
 
 /// Where a lab's state is found from its prefix alone: the default directory itself, or, for a
@@ -259,7 +275,11 @@ pub fn up(u: &UpOpts) -> Result<()> {
     // `down --prefix` finds even a lab whose `up` failed half-way.
     let dir = make_state_dir(&o.prefix, o.dir.as_deref())?;
     let lab = Lab::new(&o.prefix, Some(dir))?;
-    if let Err(e) = build_network(&lab, nat) {
+    let built = build_network(&lab, nat).and_then(|()| match u.second_agent {
+        true => build_second_agent(&lab),
+        false => Ok(()),
+    });
+    if let Err(e) = built {
         teardown(&lab);
         return Err(e.context("building the lab network failed"));
     }
@@ -267,6 +287,9 @@ pub fn up(u: &UpOpts) -> Result<()> {
         nat.write(&lab)?;
         write_identities(&lab)?;
         write_configs(&lab, u.relay_only)?;
+        if u.second_agent {
+            write_second_agent(&lab, u.relay_only)?;
+        }
         start_services(&lab)?;
         if !o.no_roles {
             for role in ROLES {
@@ -281,6 +304,22 @@ pub fn up(u: &UpOpts) -> Result<()> {
                 }
             }
             wait_for_tunnel(&lab)?;
+            if u.second_agent {
+                let exe = std::env::current_exe().context("cannot find the sluice binary")?;
+                let cfg = lab.dir.join("agent2.yaml");
+                spawn_in(
+                    &lab,
+                    &lab.ns("agent2"),
+                    "agent2",
+                    &[
+                        &exe.to_string_lossy(),
+                        "agent",
+                        "--config",
+                        &cfg.to_string_lossy(),
+                    ],
+                )?;
+                wait_for_agent(&lab, "agent2")?;
+            }
         }
         probe_nats(&lab, nat)
     })();
@@ -431,6 +470,54 @@ fn build_network(lab: &Lab, nat: NatConfig) -> Result<()> {
         "0 2147483647",
     )?;
     Ok(())
+}
+
+/// The second agent's namespace, on the internet segment beside the first.
+fn build_second_agent(lab: &Lab) -> Result<()> {
+    let ns = lab.ns("agent2");
+    ip(&["netns", "add", &ns])?;
+    fs::create_dir_all(netns_etc(lab, "agent2"))?;
+    ipn(&ns, &["link", "set", "lo", "up"])?;
+    let inet = lab.ns("inet");
+    ipn(
+        &ns,
+        &[
+            "link", "add", "eth0", "type", "veth", "peer", "name", "agent2", "netns", &inet,
+        ],
+    )?;
+    ipn(&inet, &["link", "set", "agent2", "master", "br0", "up"])?;
+    ipn(
+        &ns,
+        &["addr", "add", &format!("{AGENT2_ADDR}/24"), "dev", "eth0"],
+    )?;
+    ipn(&ns, &["link", "set", "eth0", "up"])?;
+    fs::write(
+        netns_etc(lab, "agent2").join("resolv.conf"),
+        format!("nameserver {UPSTREAM_DNS}\n"),
+    )?;
+    sysctl(&ns, "net.ipv4.ping_group_range", "0 2147483647")
+}
+
+/// The second agent's identity and configuration: the first's, with its own files.
+fn write_second_agent(lab: &Lab, relay_only: bool) -> Result<()> {
+    ca::issue(
+        &lab.dir.join("ca"),
+        "agent",
+        "lab-agent2",
+        &["lab".into()],
+        "30d",
+        &lab.dir,
+    )?;
+    let d = lab.dir.display();
+    let p = lab.dir.join("agent2.yaml");
+    fs::write(
+        &p,
+        format!(
+            "# Written by `sluice lab up --second-agent`.\nrelay: {RELAY_ADDR}:{RELAY_PORT}\ncert: {d}/lab-agent2.pem\nkey: {d}/lab-agent2.key\nca: {d}/ca/ca.pem\ntun:\n  name: sluice0\n  mtu: 1280\npolicy: {d}/policy.yaml\naudit_log: {d}/agent2-audit.jsonl\nstatus_socket: {d}/agent2.sock\ndirect_paths: {}\nmetrics_listen: {METRICS}\n",
+            !relay_only
+        ),
+    )
+    .with_context(|| format!("cannot write {}", p.display()))
 }
 
 fn write_identities(lab: &Lab) -> Result<()> {
@@ -659,7 +746,12 @@ fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Resu
 }
 
 fn wait_for_tunnel(lab: &Lab) -> Result<()> {
-    let agent = lab.ns("agent");
+    wait_for_agent(lab, "agent")
+}
+
+/// Waits until the agent in namespace `short` has its TUN device and a page through it.
+fn wait_for_agent(lab: &Lab, short: &str) -> Result<()> {
+    let agent = lab.ns(short);
     wait_until(Duration::from_secs(10), "the agent's TUN device", || {
         Command::new("ip")
             .args(["-n", &agent, "link", "show", "sluice0"])

@@ -3,7 +3,7 @@
 mod access;
 mod agent;
 mod ca;
-mod config;
+mod cert_watch;
 mod connector;
 mod dns;
 mod instance;
@@ -17,9 +17,14 @@ mod policy_cmd;
 mod relay;
 mod remote_dns;
 mod resolvconf;
+mod revocations;
 mod status;
 mod tun;
 mod udp_batch;
+
+// The configuration files are parsed in the library (linux/src/lib.rs), which the fuzz targets
+// share.
+use sluice::config;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -247,11 +252,64 @@ pub enum CaCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Renew a node certificate: the same key, name, role and groups (unless --group is
+    /// given), a new validity. A running node picks the new file up without dropping a flow.
+    Renew {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The node's name: OUT/NAME.pem and OUT/NAME.key must exist.
+        #[arg(long)]
+        name: String,
+        /// Replace the certificate's groups (repeat the flag or separate with commas).
+        #[arg(long = "group", value_name = "GROUP", value_delimiter = ',')]
+        groups: Option<Vec<String>>,
+        /// Validity from now, as for `ca issue`.
+        #[arg(long, default_value = "30d")]
+        valid: String,
+        /// Where NAME.pem and NAME.key are (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Revoke certificates at once: adds names or peer ids to the CA's revocation list, signs
+    /// it with a higher sequence number and writes it. Relays and connectors that read the
+    /// file apply it within a second and close what it revokes; connectors also learn it from
+    /// their relay.
+    Revoke {
+        /// A node name (every certificate with that name, of any role, is refused until the
+        /// name is taken off with --remove) or a peer id (64 hex digits, as `ca show` prints:
+        /// every certificate for that key). Several may be given.
+        targets: Vec<String>,
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// The revocation list file (default: DIR/revoked.pem); created if missing.
+        #[arg(long)]
+        list: Option<PathBuf>,
+        /// Take the targets off the list instead.
+        #[arg(long)]
+        remove: bool,
+        /// How long the list is valid; nodes warn once it has expired (and keep enforcing it).
+        /// Sign it again before then: `ca revoke --refresh`.
+        #[arg(long, default_value = "30d")]
+        valid: String,
+        /// Sign and write the list again with a new expiry, changing no entry.
+        #[arg(long)]
+        refresh: bool,
+    },
     /// Print what a certificate says: name, role, groups, peer id, expiry. Works on node and
-    /// CA certificates; exit status 1 when the certificate has expired.
+    /// CA certificates, and on revocation lists; exit status 1 when the certificate has
+    /// expired, or is revoked by the list given with --revocations.
     Show {
-        /// Certificate file (PEM).
+        /// Certificate or revocation list file (PEM).
         cert: PathBuf,
+        /// Also say whether this revocation list revokes the certificate. The list's signature
+        /// is checked against --ca (default: ca.pem beside the list, if there is one).
+        #[arg(long)]
+        revocations: Option<PathBuf>,
+        /// The CA certificate the revocation list must be signed by.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
 }
 

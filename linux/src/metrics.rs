@@ -459,6 +459,18 @@ fn encode_relay(enc: &mut DescriptorEncoder, r: &RelayStats) -> fmt::Result {
     )?;
     counter(
         enc,
+        "relay_rate_limited_packets",
+        "UDP packets of authenticated peers over their rate (`limits.peer_packets`, `limits.peer_bytes`), dropped before decryption.",
+        r.rate_limited_packets,
+    )?;
+    counter(
+        enc,
+        "relay_rate_limited_bytes",
+        "Bytes of the packets counted in sluice_relay_rate_limited_packets_total.",
+        r.rate_limited_bytes,
+    )?;
+    counter(
+        enc,
         "relay_dropped_packets",
         "Tunnel packets the relay could not forward (no such peer, two of a kind, queue full).",
         r.dropped_packets,

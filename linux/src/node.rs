@@ -312,6 +312,26 @@ pub fn resolve_relay(
     });
 }
 
+/// Raises the soft limit of open files to the hard one: a connector holds a socket per flow,
+/// and the usual soft limit (1024) would let a few busy agents use up what the others need.
+pub fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= lim.rlim_max {
+            return;
+        }
+        let old = lim.rlim_cur;
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+            tracing::debug!("open files limit raised from {old} to {}", lim.rlim_max);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use sluice_dataplane::identity::Role;
+use sluice_dataplane::revocation::{CaKey, Offered, Revocations};
 use sluice_dataplane::tls::{self, QuicParams};
 use sluice_relay::server::{Relay, RelayStats};
 use tokio::net::UdpSocket;
@@ -15,6 +16,7 @@ use crate::config::{self, RelayConfig};
 use crate::metrics::{CertExpiry, NodeRole, Sample};
 use crate::node;
 use crate::ops::{self, Ops};
+use crate::revocations::RevocationFile;
 use crate::status::{NodeStatus, RelayNodeStatus, RelayPeerStatus};
 use crate::udp_batch::{self, UdpReceiver, UdpSender};
 use crate::RelayArgs;
@@ -30,6 +32,10 @@ pub fn run(args: RelayArgs) -> Result<()> {
     }
     node::override_identity(&mut cfg.cert, &mut cfg.key, &mut cfg.ca, &args.identity);
     let creds = node::credentials(&cfg.identity(), Role::Relay, &origin)?;
+    let revocations = match &cfg.revocations {
+        Some(p) => Some(RevocationFile::open(p, &creds, &origin)?.0),
+        None => None,
+    };
     let quic = tls::quic_config(
         &creds,
         &[Role::Agent, Role::Connector],
@@ -64,7 +70,13 @@ pub fn run(args: RelayArgs) -> Result<()> {
         // Held until the relay stops, which removes the socket file.
         let _status_server = crate::status::serve_or_warn(&cfg.status_socket, status_rx, "relay");
         let status = Status { me, tx: status_tx };
-        serve(socket, quic, ops, certs, reload, status)
+        let lists = Lists {
+            file: revocations,
+            handle: creds.revocations.clone(),
+            ca: creds.ca_key()?,
+            peer_check: creds.peer_check()?,
+        };
+        serve(socket, quic, ops, certs, reload, status, lists)
             .await
             .context("relay failed")?;
         Ok(())
@@ -98,6 +110,39 @@ impl Status {
     }
 }
 
+/// The revocation list: its file (if configured) and the handle the TLS config checks.
+struct Lists {
+    file: Option<RevocationFile>,
+    handle: Revocations,
+    ca: CaKey,
+    peer_check: tls::PeerCheck,
+}
+
+impl Lists {
+    /// Reads the file again if it changed (or now, with `force`) and, when it holds a newer
+    /// list, puts it in force in `relay`.
+    fn check(&mut self, relay: &mut Relay, force: bool) {
+        let Some(file) = &mut self.file else { return };
+        let Some(bytes) = file.poll(force) else {
+            return;
+        };
+        let loaded = (self.handle).load(
+            &bytes,
+            &self.ca,
+            &file.source(),
+            sluice_dataplane::identity::unix_now(),
+        );
+        if let Ok(Offered::Installed { .. }) = loaded {
+            let closed = relay.apply_revocations(&self.handle);
+            if closed > 0 {
+                tracing::info!(
+                    "relay: closed {closed} connection(s) the new revocation list revokes"
+                );
+            }
+        }
+    }
+}
+
 /// What a SIGHUP reads again.
 struct Reload {
     config: PathBuf,
@@ -125,6 +170,12 @@ impl Reload {
                 }
                 if new.metrics_listen != self.running.metrics_listen {
                     changed.push("metrics_listen");
+                }
+                if new.limits != self.running.limits {
+                    changed.push("limits");
+                }
+                if new.revocations != self.running.revocations {
+                    changed.push("revocations (the file named now is read again on SIGHUP)");
                 }
                 if changed.is_empty() {
                     tracing::info!(
@@ -159,9 +210,13 @@ async fn serve(
     certs: CertExpiry,
     mut reload: Reload,
     mut status: Status,
+    mut lists: Lists,
 ) -> std::io::Result<()> {
     let local = socket.local_addr()?;
     let mut relay = Relay::new(config, local);
+    relay.apply_revocations(&lists.handle);
+    relay.set_peer_check(lists.peer_check.clone());
+    relay.set_limits(reload.running.limits.limits());
     let mut rx = UdpReceiver::new(&socket);
     let mut tx = UdpSender::default();
     let mut out = vec![0u8; 1500];
@@ -202,8 +257,12 @@ async fn serve(
                 s.reloads = reload.count;
                 ops.publish(s, true);
                 status.publish(&relay);
+                lists.check(&mut relay, false);
             }
-            _ = hangups.recv() => reload.run(&ops),
+            _ = hangups.recv() => {
+                reload.run(&ops);
+                lists.check(&mut relay, true);
+            }
             _ = &mut shutdown => {
                 ops.stopping();
                 tracing::info!("relay: shutting down");

@@ -17,12 +17,8 @@ use tokio::sync::watch;
 
 use crate::config::{self, AgentConfig, ConnectorConfig, RelayConfig};
 
-/// Where the agent listens unless its config says otherwise (`status_socket`).
-pub const DEFAULT_SOCKET: &str = "/run/sluice/agent.sock";
-/// The connector's, in the runtime directory its systemd unit gives it.
-pub const CONNECTOR_SOCKET: &str = "/run/sluice/connector/status.sock";
-/// The relay's, likewise.
-pub const RELAY_SOCKET: &str = "/run/sluice/relay/status.sock";
+// The default socket paths live in the library beside the config that uses them.
+pub use sluice::status::{CONNECTOR_SOCKET, DEFAULT_SOCKET, RELAY_SOCKET};
 /// A client that does not take its reply within this long is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long `sluice status` waits for the agent's reply.

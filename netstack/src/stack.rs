@@ -19,6 +19,7 @@ use std::time::Duration;
 use sluice_dataplane::packet::{
     self, PacketInfo, Unreachable, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
+use sluice_dataplane::rate::{Bucket, Rate};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
@@ -48,6 +49,24 @@ pub struct Limits {
     pub dial_timeout: Duration,
     /// IP MTU of the tunnel; smoltcp's MSS follows from it (the connector's MSS clamp).
     pub mtu: usize,
+    /// New flows (TCP SYNs, UDP flows, pings) the agent may open: beyond this rate a packet
+    /// that would open one is dropped before the policy sees it (an app retries; a SYN flood
+    /// costs the connector nothing more).
+    pub new_flows: Rate,
+    /// TCP dials to services in progress at once; a SYN beyond it is dropped likewise.
+    pub max_dialing: usize,
+    /// Bytes of smoltcp buffers the agent's TCP flows may hold in all: with `tcp_buffer` it
+    /// caps the agent's TCP flows below `max_tcp_flows` when it is smaller.
+    pub buffer_budget: usize,
+}
+
+impl Limits {
+    /// How many TCP flows the agent may hold: `max_tcp_flows`, or fewer when their buffers
+    /// (two of `tcp_buffer` each) would pass `buffer_budget`.
+    pub fn tcp_flow_cap(&self) -> usize {
+        let per_flow = self.tcp_buffer.saturating_mul(2).max(1);
+        self.max_tcp_flows.min(self.buffer_budget / per_flow).max(1)
+    }
 }
 
 impl Default for Limits {
@@ -60,6 +79,9 @@ impl Default for Limits {
             tcp_idle: Duration::from_secs(2 * 3600),
             dial_timeout: Duration::from_secs(5),
             mtu: 1280,
+            new_flows: Rate::new(500, 1000),
+            max_dialing: 512,
+            buffer_budget: 2 << 30,
         }
     }
 }
@@ -150,6 +172,8 @@ pub struct StackStats {
     pub udp_flows: usize,
     pub dropped: u64,
     pub refused: u64,
+    /// Packets that would have opened a flow, dropped by `new_flows` or `max_dialing`.
+    pub rate_limited: u64,
 }
 
 pub struct Stack {
@@ -170,6 +194,9 @@ pub struct Stack {
     limits: Limits,
     stats: StackStats,
     now: Instant,
+    /// The agent's rate of new flows; its clock is `created` plus the stack's time.
+    new_flows: Bucket,
+    created: std::time::Instant,
 }
 
 fn smol_now(since: std::time::Instant, base: std::time::Instant) -> Instant {
@@ -205,10 +232,22 @@ impl Stack {
             events: VecDeque::new(),
             output: VecDeque::new(),
             next_id: 1,
+            new_flows: Bucket::new(limits.new_flows),
+            created: std::time::Instant::now(),
             limits,
             stats: StackStats::default(),
             now,
         }
+    }
+
+    /// Whether the agent may open one more flow now (its `new_flows` rate); counted if not.
+    fn may_open_flow(&mut self) -> bool {
+        let at = self.created + Duration::from_micros(self.now.total_micros().max(0) as u64);
+        let ok = self.new_flows.take(1, at);
+        if !ok {
+            self.stats.rate_limited += 1;
+        }
+        ok
     }
 
     pub fn stats(&self) -> StackStats {
@@ -317,6 +356,18 @@ impl Stack {
                 }
             }
             None if info.tcp.syn && !info.tcp.ack && !info.tcp.rst => {
+                if !self.may_open_flow() {
+                    return;
+                }
+                let dialing = self
+                    .tcp
+                    .values()
+                    .filter(|f| matches!(f.phase, TcpPhase::Dialing { .. }))
+                    .count();
+                if dialing >= self.limits.max_dialing {
+                    self.stats.rate_limited += 1;
+                    return;
+                }
                 let flow = NewFlow {
                     kind: FlowKind::Tcp,
                     src: key.src,
@@ -327,7 +378,7 @@ impl Stack {
                     self.refuse(pkt, &info);
                     return;
                 }
-                if self.tcp.len() >= self.limits.max_tcp_flows {
+                if self.tcp.len() >= self.limits.tcp_flow_cap() {
                     self.stats.refused += 1;
                     if let Some(p) = packet::tcp_rst(&info) {
                         self.output.push_back(p);
@@ -493,6 +544,9 @@ impl Stack {
             self.events.push_back(StackEvent::UdpSend { id, payload });
             return;
         }
+        if !self.may_open_flow() {
+            return;
+        }
         let flow = NewFlow {
             kind: FlowKind::Udp,
             src: key.src,
@@ -571,6 +625,9 @@ impl Stack {
                 if let Some((last, _)) = self.echo.get_mut(&key) {
                     *last = self.now;
                 } else {
+                    if !self.may_open_flow() {
+                        return;
+                    }
                     let flow = NewFlow {
                         kind: FlowKind::Icmp,
                         src: SocketAddr::new(info.src, 0),
@@ -815,5 +872,8 @@ impl Terminator for Stack {
     }
     fn flows(&self) -> usize {
         self.tcp.len() + self.udp.len() + self.echo.len()
+    }
+    fn rate_limited(&self) -> u64 {
+        self.stats.rate_limited
     }
 }

@@ -356,3 +356,72 @@ fn a_ping_is_checked_once_not_per_echo() {
     s.input(&echo(9, 2), &mut gate);
     assert_eq!(gate.asked, asked + 1, "checked again after going idle");
 }
+
+/// 100,000 SYNs at once from one agent: only its burst of new flows reaches the policy and
+/// the dials, the dials in progress stay under their cap, the rest is dropped and counted;
+/// once time passes, a new flow opens again.
+#[test]
+fn a_syn_flood_opens_only_the_agents_burst_of_flows() {
+    use sluice_dataplane::rate::Rate;
+    let base = Instant::now();
+    let mut s = Stack::new(Limits {
+        new_flows: Rate::new(100, 300),
+        max_dialing: 200,
+        ..Limits::default()
+    });
+    s.set_time(base, base);
+    let mut gate = Counting {
+        asked: 0,
+        deny: false,
+    };
+    for i in 0..100_000u32 {
+        // 100,000 different flows: 50,000 source ports to each of two service ports.
+        let (sport, dport) = (1024 + (i % 50_000) as u16, 80 + (i / 50_000) as u16);
+        let mut syn = Vec::new();
+        PacketBuilder::ipv4(CLIENT, SERVER, 64)
+            .tcp(sport, dport, i.wrapping_mul(7919), 64000)
+            .syn()
+            .write(&mut syn, &[])
+            .unwrap();
+        s.input(&syn, &mut gate);
+    }
+    let dials = events(&mut s)
+        .iter()
+        .filter(|e| matches!(e, StackEvent::DialTcp { .. }))
+        .count();
+    // The burst of 300 passed the rate, of which the dial cap let 200 reach the policy.
+    assert_eq!(gate.asked, 200);
+    assert_eq!(dials, 200);
+    let st = s.stats();
+    assert_eq!(st.tcp_flows, 200);
+    assert_eq!(st.rate_limited, 100_000 - 200);
+    // Nothing answered the dropped SYNs (a flood gets no reflection).
+    assert!(outputs(&mut s).is_empty());
+    // A second later there are tokens again, but the dial cap holds until dials finish.
+    s.set_time(base + std::time::Duration::from_secs(1), base);
+    s.input(&tcp(65000, 1, None, true, false, &[]), &mut gate);
+    assert!(events(&mut s).is_empty());
+    assert_eq!(gate.asked, 200);
+}
+
+/// The buffer budget caps TCP flows: two buffers of `tcp_buffer` each per flow.
+#[test]
+fn the_buffer_budget_caps_an_agents_tcp_flows() {
+    let l = Limits {
+        tcp_buffer: 256 * 1024,
+        buffer_budget: 10 * 512 * 1024,
+        ..Limits::default()
+    };
+    assert_eq!(l.tcp_flow_cap(), 10);
+    let base = Instant::now();
+    let mut s = Stack::new(l);
+    s.set_time(base, base);
+    for i in 0..11u16 {
+        s.input(&tcp(30000 + i, 1, None, true, false, &[]), &mut AdmitAll);
+    }
+    assert_eq!(s.stats().tcp_flows, 10);
+    assert_eq!(s.stats().refused, 1);
+    // The eleventh got a reset at once.
+    assert!(outputs(&mut s).iter().any(|(_, i)| i.tcp.rst));
+    assert_eq!(Limits::default().tcp_flow_cap(), 4096);
+}

@@ -2,5 +2,6 @@
 //! observed address (QUIC Address Discovery), keeps the registry of connectors, and forwards the
 //! opaque packets of end-to-end tunnels between control connections. It never holds tunnel keys.
 
+pub mod limits;
 pub mod retry;
 pub mod server;

@@ -5,21 +5,26 @@
 //! source out); the end-to-end packet behind it is encrypted with keys the relay never has.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use sluice_dataplane::ack_hold::AckHold;
 use sluice_dataplane::control::{CLOSE_DUPLICATE, CONTROL_STREAM};
 use sluice_dataplane::identity::{identity_from_der, Identity, PeerId, Role};
+use sluice_dataplane::revocation::Revocations;
 use sluice_dataplane::tls;
-use sluice_dataplane::tunnel::{CLOSE_CERT_EXPIRED, CLOSE_GOODBYE};
+use sluice_dataplane::tunnel::{CLOSE_CERT_EXPIRED, CLOSE_GOODBYE, CLOSE_REVOKED};
 use sluice_dataplane::wire::{
     ControlDecoder, ControlMessage, DGRAM_RELAY_FORWARD, RELAY_FORWARD_OVERHEAD,
 };
 
+use crate::limits::{Limits, PeerLimit, Sources};
 use crate::retry::RetryTokens;
 
 type Handle = u64;
+
+/// The TLS alert the handshake ends with when the peer's certificate is revoked.
+const TLS_ALERT_REVOKED: u64 = 44;
 
 /// Counters for operators and tests.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +39,10 @@ pub struct RelayStats {
     /// Connections whose peer proved its identity.
     pub accepted: u64,
     /// Connections (or attempts) turned away, by [`Refusal`].
-    pub refused: [u64; 4],
+    pub refused: [u64; Refusal::ALL.len()],
+    /// UDP packets (and their bytes) of a peer over its rate, dropped before decryption.
+    pub rate_limited_packets: u64,
+    pub rate_limited_bytes: u64,
 }
 
 impl RelayStats {
@@ -54,14 +62,23 @@ pub enum Refusal {
     DuplicateIdentity,
     /// An Initial with a retry token that this relay did not give to that address.
     InvalidToken,
+    /// The certificate is on the revocation list (at the handshake, or when a new list came).
+    Revoked,
+    /// The source address opened connections faster than its limit.
+    ConnectionRate,
+    /// The source address already holds as many connections as it may.
+    TooManyConnections,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 4] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::HandshakeFailed,
         Refusal::BadCertificate,
         Refusal::DuplicateIdentity,
         Refusal::InvalidToken,
+        Refusal::Revoked,
+        Refusal::ConnectionRate,
+        Refusal::TooManyConnections,
     ];
 
     pub fn label(self) -> &'static str {
@@ -70,6 +87,9 @@ impl Refusal {
             Refusal::BadCertificate => "bad_certificate",
             Refusal::DuplicateIdentity => "duplicate_identity",
             Refusal::InvalidToken => "invalid_token",
+            Refusal::Revoked => "revoked",
+            Refusal::ConnectionRate => "connection_rate",
+            Refusal::TooManyConnections => "too_many_connections",
         }
     }
 }
@@ -97,6 +117,10 @@ struct Client {
     refused: bool,
     /// Bytes of tunnel packets it sent that were forwarded.
     forwarded_bytes: u64,
+    /// The address it connected from: its connection counts against that address's limit.
+    source: IpAddr,
+    /// How fast its tunnel packets may be forwarded.
+    limit: PeerLimit,
 }
 
 /// One connected client, for status displays.
@@ -127,6 +151,14 @@ pub struct Relay {
     stateless_out: Vec<(Vec<u8>, SocketAddr)>,
     stats: RelayStats,
     scratch: Vec<u8>,
+    /// The list the TLS config checks at every handshake (the host shares it through
+    /// [`Relay::apply_revocations`]); also handed to every connector.
+    revocations: Revocations,
+    /// Checks clients' renewed certificates; without it they are ignored (the connection
+    /// then closes when the old certificate expires).
+    peer_check: Option<tls::PeerCheck>,
+    /// Connection limits per source address.
+    sources: Sources,
 }
 
 impl Relay {
@@ -145,6 +177,95 @@ impl Relay {
             stateless_out: Vec::new(),
             stats: RelayStats::default(),
             scratch: vec![0u8; 65_536],
+            revocations: Revocations::default(),
+            peer_check: None,
+            sources: Sources::new(Limits::default()),
+        }
+    }
+
+    /// The flood limits (the defaults until set). Connections already up keep the per-peer
+    /// rates they started with.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.sources.set_limits(limits);
+    }
+
+    /// What checks the renewed certificates clients present in place (see
+    /// [`ControlMessage::Certificate`]).
+    pub fn set_peer_check(&mut self, check: tls::PeerCheck) {
+        self.peer_check = Some(check);
+    }
+
+    /// A new revocation list is in force in `revocations` (the handle the relay's TLS config
+    /// checks at every handshake): every connection it revokes closes now, and every other
+    /// client is handed the list. Returns how many connections were closed.
+    pub fn apply_revocations(&mut self, revocations: &Revocations) -> usize {
+        self.revocations = revocations.clone();
+        let Some(list) = revocations.current() else {
+            return 0;
+        };
+        let mut revoked = Vec::new();
+        let mut others = Vec::new();
+        for (h, c) in &self.clients {
+            let Some(id) = &c.identity else { continue };
+            if c.conn.is_closed() || c.conn.is_draining() {
+                continue;
+            }
+            match list.revokes(id) {
+                Some(why) => revoked.push((*h, why)),
+                None if c.registered => others.push(*h),
+                None => {}
+            }
+        }
+        for (h, why) in &revoked {
+            self.unregister(*h);
+            if let Some(c) = self.clients.get_mut(h) {
+                if let Some(id) = &c.identity {
+                    tracing::warn!(
+                        "relay: closing {id}: certificate revoked ({why} is on revocation list #{})",
+                        list.sequence
+                    );
+                }
+                let reason = format!("certificate revoked (revocation list #{})", list.sequence);
+                let _ = c.conn.close(true, CLOSE_REVOKED, reason.as_bytes());
+                c.refused = true;
+                self.stats.refused[Refusal::Revoked as usize] += 1;
+            }
+            self.dirty.insert(*h);
+        }
+        for h in others {
+            self.send_revocations(h);
+        }
+        revoked.len()
+    }
+
+    /// Queues the list in force for client `h`.
+    fn send_revocations(&mut self, h: Handle) {
+        let Some(list) = self.revocations.current() else {
+            return;
+        };
+        let Some(c) = self.clients.get_mut(&h) else {
+            return;
+        };
+        let msg = ControlMessage::Revocations(list.encoded().to_vec());
+        if msg.encode(&mut c.out).is_ok() {
+            self.dirty.insert(h);
+            self.flush_stream(h);
+        }
+    }
+
+    /// Takes `h`'s registration away at once, so nothing is forwarded to or from it while its
+    /// connection closes.
+    fn unregister(&mut self, h: Handle) {
+        let Some(c) = self.clients.get_mut(&h) else {
+            return;
+        };
+        c.registered = false;
+        let Some(id) = &c.identity else { return };
+        if self.by_peer.get(&id.peer_id) == Some(&h) {
+            self.by_peer.remove(&id.peer_id);
+            if self.connectors.get(&id.name) == Some(&id.peer_id) {
+                self.connectors.remove(&id.name);
+            }
         }
     }
 
@@ -200,15 +321,43 @@ impl Relay {
         let Some(client) = self.clients.get_mut(&handle) else {
             return;
         };
+        // A peer over its rate loses the excess here, before any decryption: it costs the
+        // relay nearly nothing, and the peer's congestion control sees the loss and slows
+        // down, while what fits its rate (its ACKs and keepalives among it) keeps the
+        // connection up.
+        if client.identity.is_some()
+            && client.limit.is_limited()
+            && !client.limit.allow(pkt.len(), Instant::now())
+        {
+            self.stats.rate_limited_packets += 1;
+            self.stats.rate_limited_bytes += pkt.len() as u64;
+            if let Some((p, b)) = client.limit.report(Instant::now()) {
+                let id = client
+                    .identity
+                    .as_ref()
+                    .map(|i| i.to_string())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    "relay: {id} sends faster than its rate (`limits.peer_packets`, `limits.peer_bytes`): dropped {p} packet(s), {b} bytes beyond it"
+                );
+            }
+            return;
+        }
         let info = quiche::RecvInfo {
             from,
             to: self.local,
         };
         let len = pkt.len();
         match client.conn.recv(pkt, info) {
-            // Only an authenticated packet may move the client's observed address.
+            // Only an authenticated packet may move the client's observed address, and only
+            // where quiche moved the connection: it also answers Ok to a packet it dropped (a
+            // new address it has no path slot for) or one that only probes a path.
             Ok(_) => {
-                client.peer_addr = from;
+                if from != client.peer_addr {
+                    if let Some(active) = client.conn.path_stats().find(|p| p.active) {
+                        client.peer_addr = active.peer_addr;
+                    }
+                }
                 client.acks.on_recv(len, Instant::now());
             }
             Err(e) => {
@@ -260,15 +409,42 @@ impl Relay {
             self.stats.refused[Refusal::InvalidToken as usize] += 1;
             return None;
         };
+        // The address is validated: its limits count now. A refused Initial gets no answer;
+        // the client tries again with backoff.
+        if let Err((why, say)) = self.sources.admit(from.ip(), Instant::now()) {
+            self.stats.refused[why as usize] += 1;
+            if say {
+                let limits = self.sources.limits();
+                match why {
+                    Refusal::TooManyConnections => tracing::warn!(
+                        "relay: refusing new connections from {}: it holds {} already (limit `connections_per_address`)",
+                        from.ip(),
+                        limits.connections_per_address
+                    ),
+                    _ => tracing::warn!(
+                        "relay: refusing new connections from {}: faster than {}/s (burst {}, limit `connections_per_source`)",
+                        from.ip(),
+                        limits.connections_per_source.per_second,
+                        limits.connections_per_source.burst
+                    ),
+                }
+            }
+            return None;
+        }
         let scid = hdr.dcid.to_vec();
-        let conn = quiche::accept(
+        let conn = match quiche::accept(
             &quiche::ConnectionId::from_ref(&scid),
             Some(&quiche::ConnectionId::from_ref(&odcid)),
             self.local,
             from,
             &mut self.config,
-        )
-        .ok()?;
+        ) {
+            Ok(c) => c,
+            Err(_) => {
+                self.sources.release(from.ip());
+                return None;
+            }
+        };
         let handle = self.next_handle;
         self.next_handle += 1;
         self.by_cid.insert(scid.clone(), handle);
@@ -289,6 +465,8 @@ impl Relay {
                 expires: None,
                 refused: false,
                 forwarded_bytes: 0,
+                source: from.ip(),
+                limit: PeerLimit::new(&self.sources.limits()),
             },
         );
         Some(handle)
@@ -322,6 +500,18 @@ impl Relay {
                 return;
             }
         };
+        if let Some((seq, why)) = self.revocations.revokes(&id) {
+            // TLS refuses these at the handshake; a list that came during it is caught here.
+            tracing::warn!(
+                "relay: refusing {id} from {}: certificate revoked ({why} is on revocation list #{seq})",
+                c.peer_addr
+            );
+            let reason = format!("certificate revoked (revocation list #{seq})");
+            let _ = c.conn.close(true, CLOSE_REVOKED, reason.as_bytes());
+            c.refused = true;
+            self.stats.refused[Refusal::Revoked as usize] += 1;
+            return;
+        }
         tracing::info!("relay: {id} connected from {}", c.peer_addr);
         self.stats.accepted += 1;
         c.identity = Some(id.clone());
@@ -352,6 +542,9 @@ impl Relay {
                 }
             }
         }
+        // A node with no list of its own learns the relay's: connectors refuse revoked agents,
+        // agents close their (direct) tunnels to revoked connectors.
+        self.send_revocations(handle);
         if id.role == Role::Connector {
             if let Some(prev) = self.connectors.insert(id.name.clone(), id.peer_id) {
                 if prev != id.peer_id {
@@ -441,12 +634,14 @@ impl Relay {
         }
         let mut replies = Vec::new();
         let mut hello = None;
+        let mut renewed = None;
         while let Some(msg) = c.decoder.next_message() {
             match msg {
                 Ok(ControlMessage::Hello { software, instance }) => {
                     tracing::debug!("relay: {} runs {software}", c.peer_addr);
                     hello = Some(instance);
                 }
+                Ok(ControlMessage::Certificate(der)) => renewed = Some(der),
                 Ok(ControlMessage::Lookup { name }) => {
                     let peer = self.connectors.get(&name).copied();
                     replies.push(ControlMessage::LookupReply { name, peer });
@@ -462,8 +657,37 @@ impl Relay {
         for r in replies {
             let _ = r.encode(&mut c.out);
         }
+        if let Some(der) = renewed {
+            self.on_renewed(handle, &der);
+        }
         if let Some(instance) = hello {
             self.on_hello(handle, instance);
+        }
+    }
+
+    /// A client presents its renewed certificate: once checked, its connection lives until the
+    /// new one expires (and its groups are the new ones).
+    fn on_renewed(&mut self, handle: Handle, der: &[u8]) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        let Some(current) = c.identity.clone() else {
+            return;
+        };
+        let Some(check) = &self.peer_check else {
+            tracing::debug!("relay: {current} presented a renewed certificate; not checked here");
+            return;
+        };
+        match check.renewed(&current, der, sluice_dataplane::identity::unix_now()) {
+            Ok(id) => {
+                tracing::info!("relay: {id} renewed its certificate in place");
+                let left = id.not_after - sluice_dataplane::identity::unix_now();
+                c.expires = Some(Instant::now() + Duration::from_secs(left.max(0) as u64));
+                c.identity = Some(id);
+            }
+            Err(e) => tracing::warn!(
+                "relay: {current}: renewed certificate refused: {e}; the connection lasts until its certificate expires"
+            ),
         }
     }
 
@@ -617,6 +841,7 @@ impl Relay {
     /// Runs the timers that have expired.
     pub fn on_timeout(&mut self) {
         let now = Instant::now();
+        self.sources.prune(now);
         for (h, c) in &mut self.clients {
             if c.expires.is_some_and(|e| now >= e) && !c.conn.is_closed() && !c.conn.is_draining() {
                 if let Some(id) = &c.identity {
@@ -650,6 +875,7 @@ impl Relay {
         let Some(c) = self.clients.remove(&h) else {
             return;
         };
+        self.sources.release(c.source);
         for cid in &c.cids {
             self.by_cid.remove(cid);
         }
@@ -667,7 +893,13 @@ impl Relay {
                 }
             }
             None => {
-                if !c.refused {
+                let revoked = c
+                    .conn
+                    .local_error()
+                    .is_some_and(|e| !e.is_app && e.error_code == 0x100 + TLS_ALERT_REVOKED);
+                if revoked {
+                    self.stats.refused[Refusal::Revoked as usize] += 1;
+                } else if !c.refused {
                     self.stats.refused[Refusal::HandshakeFailed as usize] += 1;
                 }
                 tracing::info!("relay: handshake with {} failed: {why}", c.peer_addr)

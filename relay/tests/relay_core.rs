@@ -9,10 +9,12 @@ use std::time::Duration;
 use proptest::prelude::*;
 use sluice_dataplane::control::{ControlClient, ControlEvent};
 use sluice_dataplane::identity::{self, PemPair, Role};
+use sluice_dataplane::rate::Rate;
 use sluice_dataplane::session::QuicSession;
 use sluice_dataplane::tls::{self, Credentials, QuicParams};
 use sluice_dataplane::wire::RELAY_FORWARD_OVERHEAD;
-use sluice_relay::server::Relay;
+use sluice_relay::limits::Limits;
+use sluice_relay::server::{Refusal, Relay};
 
 fn params() -> QuicParams {
     QuicParams {
@@ -224,5 +226,109 @@ proptest! {
         let ev = net.events(0);
         let answered = ev.iter().any(|e| matches!(e, ControlEvent::LookupReply { .. }));
         prop_assert!(answered);
+    }
+}
+
+/// Flood limits: a peer over its rate loses only the excess (dropped before decryption);
+/// another peer sending at the same time loses nothing; the flooder's connection stays up.
+#[test]
+fn a_peer_over_its_rate_loses_only_the_excess_and_slows_no_one_else() {
+    let (mut net, nodes) = setup("flood");
+    net.relay.set_limits(Limits {
+        peer_packets: Some(Rate::new(20, 10)),
+        ..Limits::default()
+    });
+    net.pump();
+    let conn_id = nodes[1].identity.peer_id;
+    // 1100 bytes: one tunnel packet per QUIC packet.
+    let mut buf = vec![0u8; RELAY_FORWARD_OVERHEAD + 1100];
+    // alice floods (50 packets at once, her burst is 10); bob sends 8 in between.
+    for i in 0..50 {
+        net.clients[0].1.send_forward(&conn_id, &mut buf).unwrap();
+        if i % 6 == 0 && i < 48 {
+            net.clients[2].1.send_forward(&conn_id, &mut buf).unwrap();
+        }
+    }
+    net.pump();
+    let (mut from_alice, mut from_bob) = (0u64, 0);
+    let mut rx = vec![0u8; 2048];
+    while let Some((src, _)) = net.clients[1].1.recv_forward(&mut rx) {
+        if src == nodes[0].identity.peer_id {
+            from_alice += 1;
+        } else if src == nodes[2].identity.peer_id {
+            from_bob += 1;
+        }
+    }
+    let s = net.relay.stats();
+    // At most her burst (a token or two more that the run's own time refilled).
+    assert!(
+        (1..=12).contains(&from_alice),
+        "{from_alice} of alice's 50 passed; {s:?}"
+    );
+    assert_eq!(from_bob, 8, "{s:?}");
+    assert!(s.rate_limited_packets >= 50 - from_alice, "{s:?}");
+    assert!(
+        s.rate_limited_bytes >= s.rate_limited_packets * 1100,
+        "{s:?}"
+    );
+    // Her connection is up: once her rate allows, a lookup is answered (QUIC retransmits
+    // what was dropped).
+    net.clients[0].1.lookup("conn-1").unwrap();
+    let t0 = std::time::Instant::now();
+    let mut answered = false;
+    while !answered && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        for (_, c) in &mut net.clients {
+            c.on_timeout();
+        }
+        net.relay.on_timeout();
+        net.pump();
+        answered = net
+            .events(0)
+            .iter()
+            .any(|e| matches!(e, ControlEvent::LookupReply { .. }));
+    }
+    assert!(answered, "{:?}", net.relay.stats());
+    assert_eq!(net.relay.stats().clients, 3);
+}
+
+/// One address may hold `connections_per_address` connections and open them at
+/// `connections_per_source`; what is beyond is refused and counted, other addresses are not.
+#[test]
+fn one_address_is_limited_in_connections_held_and_opened() {
+    for (limits, why) in [
+        (
+            Limits {
+                connections_per_address: 2,
+                ..Limits::default()
+            },
+            Refusal::TooManyConnections,
+        ),
+        (
+            Limits {
+                connections_per_source: Rate::new(1, 2),
+                ..Limits::default()
+            },
+            Refusal::ConnectionRate,
+        ),
+    ] {
+        let (mut net, _) = setup("per-address");
+        net.relay.set_limits(limits);
+        // All three behind one NAT address.
+        for (i, c) in net.clients.iter_mut().enumerate() {
+            c.0 = format!("198.51.100.9:{}", 6000 + i).parse().unwrap();
+        }
+        net.pump();
+        let s = net.relay.stats();
+        assert_eq!(s.clients, 2, "{why:?}: {s:?}");
+        assert!(s.refused(why) >= 1, "{why:?}: {s:?}");
+        let connected: Vec<bool> = (0..3)
+            .map(|i| {
+                net.events(i)
+                    .iter()
+                    .any(|e| matches!(e, ControlEvent::Connected { .. }))
+            })
+            .collect();
+        assert_eq!(connected, [true, true, false], "{why:?}");
     }
 }

@@ -32,17 +32,24 @@ use crate::datagram::{classify, Incoming, TransmitRound, Tunnels};
 use crate::identity::{PeerId, Role};
 use crate::metrics::{Direction, DnsKind, DnsStats, DropReason, NodeCounters};
 use crate::nat::local::DirectSetup;
+use crate::revocation::{CaKey, Offered, RevocationError, Revocations};
 use crate::session::QuicSession;
 use crate::status::{millis, secs, AgentTunnelStatus, ConnectorStatus};
 use crate::tls::{self, Credentials, QuicParams};
 use crate::tunnel::{Tunnel, TunnelEvent, VirtualPaths, TUNNEL_KEEPALIVE};
 use crate::wall_clock::WallClock;
-use crate::wire::{ControlMessage, Punch, TUNNEL_IP_OVERHEAD};
+use crate::wire::{ControlMessage, Punch, RELAY_FORWARD_OVERHEAD, TUNNEL_GONE, TUNNEL_IP_OVERHEAD};
 
 pub use terminator::{AdmitAll, FlowGate, FlowKind, NewFlow, Services, Terminator};
 
 /// Events held for a host that does not poll them; past this the oldest go.
 const EVENTS_MAX: usize = 4096;
+
+/// An agent whose packets come for a tunnel we do not hold hears so at most this often.
+const GONE_EVERY: Duration = Duration::from_millis(500);
+
+/// An agent over its flood limits is said in the log at most this often.
+const LIMIT_SAY_EVERY: Duration = Duration::from_secs(10);
 
 /// What the core needs to start.
 #[derive(Debug, Clone)]
@@ -92,6 +99,10 @@ struct Session<T> {
     device: String,
     /// DNS lookups running for this agent, by id, with when each was asked.
     dns_in_flight: HashMap<u32, Instant>,
+    /// The terminator's flood-limit drops when last logged, and when.
+    limited_said: (u64, Option<Instant>),
+    /// The terminator's flood-limit drops already in the counters.
+    limited_counted: u64,
 }
 
 /// The connector's policy check of one agent's new (or re-checked) flow.
@@ -103,6 +114,34 @@ struct Gate<'a> {
     events: &'a mut VecDeque<Event>,
     counters: &'a mut NodeCounters,
     unix_nanos: i128,
+}
+
+impl<T: Terminator> Session<T> {
+    /// Resolves the agent's groups again (a new policy, or a renewed certificate) and puts
+    /// every open flow to the policy again; returns how many it cut.
+    fn recheck(
+        &mut self,
+        policy: &Policy,
+        me: &str,
+        events: &mut VecDeque<Event>,
+        counters: &mut NodeCounters,
+        unix_nanos: i128,
+    ) -> usize {
+        self.subject = self
+            .tunnel
+            .remote()
+            .map(|id| policy.subject(&id.name, &id.groups));
+        let mut gate = Gate {
+            policy,
+            subject: self.subject.as_ref(),
+            me,
+            device: &self.device,
+            events,
+            counters,
+            unix_nanos,
+        };
+        self.terminator.recheck(&mut gate)
+    }
 }
 
 impl FlowGate for Gate<'_> {
@@ -162,6 +201,8 @@ impl<T> Tunnels for SessionTunnels<'_, T> {
 
 pub struct Connector<T> {
     link: ControlLink,
+    /// When each agent last heard [`TUNNEL_GONE`] from us.
+    gone_said: HashMap<PeerId, Instant>,
     tunnel_cfg: quiche::Config,
     /// One per agent with a tunnel here; `index` finds them by peer id.
     sessions: Vec<Session<T>>,
@@ -186,6 +227,14 @@ pub struct Connector<T> {
     /// Scratch for packets from a terminator into a tunnel (with the tunnel header's headroom).
     ip_buf: Vec<u8>,
     counters: NodeCounters,
+    /// The list the tunnels' TLS config checks at every handshake (shared with the
+    /// credentials), from the host's file or the relay, whichever is newer.
+    revocations: Revocations,
+    /// What revocation lists must be signed with; None if the CA certificate is unusable
+    /// (then every list is refused, loudly).
+    ca_key: Result<CaKey, RevocationError>,
+    /// Checks agents' renewed certificates.
+    peer_check: tls::PeerCheck,
 }
 
 impl<T: Terminator> Connector<T> {
@@ -200,6 +249,7 @@ impl<T: Terminator> Connector<T> {
         let control_cfg = tls::quic_config(creds, &[Role::Relay], &QuicParams::control())?;
         let tunnel_cfg = tls::quic_config(creds, &[Role::Agent], &QuicParams::tunnel())?;
         let mut c = Connector {
+            gone_said: HashMap::new(),
             link: ControlLink::new(
                 control_cfg,
                 config.local,
@@ -224,6 +274,9 @@ impl<T: Terminator> Connector<T> {
             relayed: vec![0u8; 65_536],
             ip_buf: vec![0u8; TUNNEL_IP_OVERHEAD + 65_536],
             counters: NodeCounters::default(),
+            revocations: creds.revocations.clone(),
+            ca_key: creds.ca_key(),
+            peer_check: creds.peer_check()?,
         };
         c.after_link();
         Ok(c)
@@ -331,7 +384,9 @@ impl<T: Terminator> Connector<T> {
         self.link.on_timeout(now);
         self.after_link();
         self.link_events(now);
+        let relay_silent = self.link.relay_silent(now);
         for s in &mut self.sessions {
+            s.tunnel.set_network_silent(relay_silent);
             s.tunnel.run_timers(now, &mut s.next_keepalive);
         }
     }
@@ -369,20 +424,13 @@ impl<T: Terminator> Connector<T> {
         let unix_nanos = self.clock.unix_nanos(now);
         let mut total = 0;
         for s in &mut self.sessions {
-            s.subject = s
-                .tunnel
-                .remote()
-                .map(|id| self.policy.subject(&id.name, &id.groups));
-            let mut gate = Gate {
-                policy: &self.policy,
-                subject: s.subject.as_ref(),
-                me: &self.me,
-                device: &s.device,
-                events: &mut self.events,
-                counters: &mut self.counters,
+            let cut = s.recheck(
+                &self.policy,
+                &self.me,
+                &mut self.events,
+                &mut self.counters,
                 unix_nanos,
-            };
-            let cut = s.terminator.recheck(&mut gate);
+            );
             if cut > 0 {
                 tracing::info!(
                     "policy reload cut {cut} flow(s) of agent peer {}",
@@ -392,6 +440,81 @@ impl<T: Terminator> Connector<T> {
             total += cut;
         }
         total
+    }
+
+    /// A revocation list (its signed bytes) from `source` (the host's file, or the relay):
+    /// once verified, and if newer than the one in force, it is put in force and the tunnel of
+    /// every agent it revokes closes now (new handshakes check it already).
+    pub fn handle_revocations(
+        &mut self,
+        bytes: &[u8],
+        source: &str,
+        now: Instant,
+    ) -> Result<Offered, RevocationError> {
+        let ca = self.ca_key.as_ref().map_err(|e| {
+            tracing::warn!("revocation list from {source} refused: {e}");
+            e.clone()
+        })?;
+        let offered = self
+            .revocations
+            .load(bytes, ca, source, self.clock.unix(now))?;
+        if let (Offered::Installed { .. }, Some(list)) = (offered, self.revocations.current()) {
+            for s in &mut self.sessions {
+                let Some(id) = s.tunnel.remote() else {
+                    continue;
+                };
+                if let Some(why) = list.revokes(id) {
+                    tracing::warn!(
+                        "closing the tunnel of {id}: certificate revoked ({why} is on revocation list #{}); its {} flow(s) end",
+                        list.sequence,
+                        s.terminator.flows()
+                    );
+                    let reason =
+                        format!("certificate revoked (revocation list #{})", list.sequence);
+                    s.tunnel.revoke(&reason);
+                }
+            }
+        }
+        Ok(offered)
+    }
+
+    /// This connector's certificate file changed: new tunnels and relay connections present
+    /// `creds`. With the same key (a renewal, `sluice ca renew`) every live tunnel and the
+    /// relay connection present the new certificate in place, so no flow is dropped; with a
+    /// new key that cannot be done (the handshake proved the old one), and the live ones go on
+    /// until the old certificate expires.
+    pub fn set_credentials(&mut self, creds: &Credentials) -> Result<(), ConnectorError> {
+        let control_cfg = tls::quic_config(creds, &[Role::Relay], &QuicParams::control())?;
+        self.tunnel_cfg = tls::quic_config(creds, &[Role::Agent], &QuicParams::tunnel())?;
+        self.peer_check = creds.peer_check()?;
+        self.ca_key = creds.ca_key();
+        self.revocations = creds.revocations.clone();
+        let same_key = creds.identity.peer_id == self.peer_id;
+        let der = if same_key {
+            Some(creds.certificate_der()?)
+        } else {
+            tracing::warn!(
+                "the new certificate has another key (peer {}): new connections use it, but the relay and agents know this connector by peer {} until it restarts; renew with `sluice ca renew` to keep the key",
+                creds.identity.peer_id.short(),
+                self.peer_id.short()
+            );
+            None
+        };
+        self.link.renew(control_cfg, der.clone());
+        if let Some(der) = der {
+            let msg = ControlMessage::Certificate(der);
+            for s in &mut self.sessions {
+                if s.tunnel.is_up() {
+                    if let Err(e) = s.tunnel.send_message(&msg) {
+                        tracing::warn!(
+                            "cannot present the renewed certificate to agent peer {}: {e}",
+                            s.tunnel.peer().short()
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The host's interface addresses now: a change is a network change for direct paths.
@@ -428,6 +551,24 @@ impl<T: Terminator> Connector<T> {
             }
             let peer = s.tunnel.peer();
             s.terminator.advance(now, self.epoch);
+            let limited = s.terminator.rate_limited();
+            self.counters.drops.add_n(
+                DropReason::RateLimited,
+                limited.saturating_sub(s.limited_counted),
+            );
+            s.limited_counted = limited;
+            if limited > s.limited_said.0
+                && s.limited_said
+                    .1
+                    .is_none_or(|t| now.saturating_duration_since(t) >= LIMIT_SAY_EVERY)
+            {
+                tracing::warn!(
+                    "agent peer {} opens flows faster than its limits (`new_flows_per_agent`, `dialing_per_agent`): dropped {} packet(s) that would have opened one",
+                    s.device,
+                    limited - s.limited_said.0
+                );
+                s.limited_said = (limited, Some(now));
+            }
             services.carry_out(peer, &mut s.terminator);
             services.pump(peer, &mut s.terminator);
             s.terminator.advance(now, self.epoch);
@@ -525,12 +666,19 @@ impl<T: Terminator> Connector<T> {
     /// The relay sees us at a new address: new direct-path candidates for every tunnel.
     fn link_events(&mut self, now: Instant) {
         while let Some(ev) = self.link.poll_event() {
-            if let ControlEvent::ObservedAddr(a) = ev {
-                if let Some(c) = self.direct.set_observed(a) {
-                    for s in &mut self.sessions {
-                        s.tunnel.set_candidates(c.clone(), now);
+            match ev {
+                ControlEvent::ObservedAddr(a) => {
+                    if let Some(c) = self.direct.set_observed(a) {
+                        for s in &mut self.sessions {
+                            s.tunnel.set_candidates(c.clone(), now);
+                        }
                     }
                 }
+                ControlEvent::Revocations(list) => {
+                    // Logged by handle_revocations either way.
+                    let _ = self.handle_revocations(&list, "the relay", now);
+                }
+                _ => {}
             }
         }
     }
@@ -600,6 +748,7 @@ impl<T: Terminator> Connector<T> {
             Some(i) => *i,
             None => {
                 if initial.is_none() {
+                    self.say_gone(peer, now);
                     return;
                 }
                 let path = self.paths.addr_of(peer);
@@ -617,6 +766,8 @@ impl<T: Terminator> Connector<T> {
                     subject: None,
                     device: peer.short(),
                     dns_in_flight: HashMap::new(),
+                    limited_said: (0, None),
+                    limited_counted: 0,
                 });
                 let i = self.sessions.len() - 1;
                 self.index.insert(peer, i);
@@ -625,6 +776,31 @@ impl<T: Terminator> Connector<T> {
         };
         self.sessions[i].tunnel.recv_relayed(data);
         self.deliver(i, now);
+    }
+
+    /// Tells agent `peer`, whose tunnel packets reach us with no tunnel to take them (this
+    /// connector restarted), that its tunnel is gone, so it opens a new one now rather than
+    /// after its silence limit. At most every [`GONE_EVERY`] per agent.
+    fn say_gone(&mut self, peer: PeerId, now: Instant) {
+        if self
+            .gone_said
+            .get(&peer)
+            .is_some_and(|t| now.saturating_duration_since(*t) < GONE_EVERY)
+        {
+            return;
+        }
+        if self.gone_said.len() >= 4096 {
+            self.gone_said
+                .retain(|_, t| now.saturating_duration_since(*t) < GONE_EVERY);
+        }
+        self.gone_said.insert(peer, now);
+        let mut buf = [0u8; RELAY_FORWARD_OVERHEAD + TUNNEL_GONE.len()];
+        buf[RELAY_FORWARD_OVERHEAD..].copy_from_slice(&TUNNEL_GONE);
+        if let Some(c) = self.link.connected() {
+            if c.send_forward(&peer, &mut buf).is_ok() {
+                tracing::debug!("told agent peer {} that its tunnel is gone", peer.short());
+            }
+        }
     }
 
     /// Takes the IP packets session `i`'s tunnel received into its terminator.
@@ -664,13 +840,17 @@ impl<T: Terminator> Connector<T> {
         while let Some(ev) = s.tunnel.poll_event() {
             match ev {
                 TunnelEvent::Up(id) => {
+                    // TLS refused revoked agents; a list that came during the handshake is
+                    // checked here.
+                    if let Some((seq, why)) = self.revocations.revokes(&id) {
+                        tracing::warn!("refusing the tunnel of {id}: certificate revoked ({why} is on revocation list #{seq})");
+                        s.tunnel
+                            .revoke(&format!("certificate revoked (revocation list #{seq})"));
+                        continue;
+                    }
                     tracing::info!(
                         "tunnel from {id} is up via the relay (groups: {})",
-                        if id.groups.is_empty() {
-                            "none".into()
-                        } else {
-                            id.groups.join(",")
-                        }
+                        crate::identity::groups_text(&id.groups)
                     );
                     s.tunnel.enable_direct(
                         self.direct.me,
@@ -716,6 +896,31 @@ impl<T: Terminator> Connector<T> {
                             );
                         }
                         dns::Admission::Ignore => self.counters.dns.dropped(DnsKind::Lookup),
+                    }
+                }
+                TunnelEvent::Message(ControlMessage::Certificate(der)) => {
+                    let Some(current) = s.tunnel.remote().cloned() else {
+                        continue;
+                    };
+                    match self.peer_check.renewed(&current, &der, unix) {
+                        Ok(id) => {
+                            tracing::info!(
+                                "{id} renewed its certificate in place (groups: {})",
+                                crate::identity::groups_text(&id.groups)
+                            );
+                            s.tunnel.peer_renewed(id);
+                            // New groups may deny what the old ones allowed.
+                            s.recheck(
+                                &self.policy,
+                                &self.me,
+                                &mut self.events,
+                                &mut self.counters,
+                                self.clock.unix_nanos(now),
+                            );
+                        }
+                        Err(e) => tracing::warn!(
+                            "{current}: renewed certificate refused: {e}; the tunnel lasts until its certificate expires"
+                        ),
                     }
                 }
                 TunnelEvent::Message(other) => {

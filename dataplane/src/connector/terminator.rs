@@ -59,6 +59,10 @@ pub trait Terminator {
     fn recheck(&mut self, gate: &mut dyn FlowGate) -> usize;
     /// Flows open now (TCP connections, UDP flows, pings), for metrics.
     fn flows(&self) -> usize;
+    /// Packets that would have opened a flow, dropped by the agent's flood limits so far.
+    fn rate_limited(&self) -> u64 {
+        0
+    }
 }
 
 /// The host's side of the flows: dialling the services and moving bytes to and from them.

@@ -46,6 +46,7 @@ use crate::nat::traversal::RETRY_AFTER;
 use crate::packet::{
     self, PacketInfo, Unreachable, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP,
 };
+use crate::revocation::{CaKey, Offered, RevocationError, Revocations};
 use crate::session::QuicSession;
 use crate::status::{
     millis, secs, AgentStatus, CandidatePair, PathKind, TunnelState, TunnelStatus,
@@ -53,7 +54,7 @@ use crate::status::{
 use crate::tls::{self, Credentials, QuicParams};
 use crate::tunnel::{Path, Tunnel, TunnelError, TunnelEvent, VirtualPaths};
 use crate::wall_clock::WallClock;
-use crate::wire::{named_ip_overhead, ControlMessage, TUNNEL_IP_OVERHEAD};
+use crate::wire::{named_ip_overhead, ControlMessage, TUNNEL_GONE, TUNNEL_IP_OVERHEAD};
 
 pub use dns::DnsClient;
 
@@ -403,6 +404,12 @@ pub struct Engine {
     tx_round: TransmitRound,
     /// A slot's state may have changed since the host was last told.
     slots_changed: bool,
+    /// Checks connectors' renewed certificates.
+    peer_check: tls::PeerCheck,
+    /// The revocation list every tunnel handshake checks (shared with the TLS config), which
+    /// the relay hands on; and the CA key it must be signed by.
+    revocations: Revocations,
+    ca_key: Result<CaKey, RevocationError>,
 }
 
 /// The slots' tunnels, by slot index, for [`TransmitRound`].
@@ -495,6 +502,9 @@ impl Engine {
             asleep: false,
             tx_round: TransmitRound::default(),
             slots_changed: true,
+            peer_check: creds.peer_check()?,
+            revocations: creds.revocations.clone(),
+            ca_key: creds.ca_key(),
             policy,
             generation: 1,
         };
@@ -713,7 +723,11 @@ impl Engine {
                 continue;
             };
             if let Some(t) = &mut self.slots[i].tunnel {
-                t.recv_relayed(data);
+                if *data == TUNNEL_GONE {
+                    t.peer_restarted();
+                } else {
+                    t.recv_relayed(data);
+                }
             }
             self.deliver(i);
             self.tunnel_events(i, now);
@@ -733,9 +747,11 @@ impl Engine {
             let unix = self.clock.unix(now).max(0) as u64;
             self.live.sweep(&mut self.pool, unix);
         }
+        let relay_silent = self.link.relay_silent(now);
         for i in 0..self.slots.len() {
             let slot = &mut self.slots[i];
             if let Some(t) = &mut slot.tunnel {
+                t.set_network_silent(relay_silent);
                 t.run_timers(now, &mut slot.next_keepalive);
             }
             if slot.tunnel.is_none()
@@ -787,6 +803,54 @@ impl Engine {
         self.policy = policy;
         self.resource_slots.clear();
         self.update_settings();
+        self.pump(now);
+        Ok(())
+    }
+
+    /// This agent's certificate file changed: new tunnels and relay connections present
+    /// `creds`. With the same key (a renewal: `sluice ca renew`, or `sluice login` keeping the
+    /// device key) the live tunnels and the relay connection present the new certificate in
+    /// place, so no flow is dropped; its groups count from now on. With a new key that cannot
+    /// be done (their handshakes proved the old key): they go on until the old certificate
+    /// expires, and new ones use the new key.
+    pub fn set_credentials(
+        &mut self,
+        creds: &Credentials,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let control_cfg = tls::quic_config(creds, &[Role::Relay], &QuicParams::control())?;
+        self.tunnel_cfg = tls::quic_config(creds, &[Role::Connector], &QuicParams::tunnel())?;
+        self.peer_check = creds.peer_check()?;
+        self.revocations = creds.revocations.clone();
+        self.ca_key = creds.ca_key();
+        let id = &creds.identity;
+        let der = if id.peer_id == self.peer_id {
+            Some(creds.certificate_der()?)
+        } else {
+            tracing::warn!(
+                "the new certificate has another key (peer {}): new tunnels use it; the open ones keep the old certificate until it expires (renew with `sluice ca renew` to keep the key)",
+                id.peer_id.short()
+            );
+            None
+        };
+        self.link.renew(control_cfg, der.clone());
+        if let Some(der) = der {
+            let msg = ControlMessage::Certificate(der);
+            for slot in &mut self.slots {
+                if let Some(t) = slot.tunnel.as_mut().filter(|t| t.is_up()) {
+                    if let Err(e) = t.send_message(&msg) {
+                        tracing::warn!(
+                            "cannot present the renewed certificate to {}: {e}",
+                            slot.name
+                        );
+                    }
+                }
+            }
+        }
+        self.cert_groups = id.groups.clone();
+        self.subject = self.policy.subject(&id.name, &self.cert_groups);
+        // Flow decisions cached under the old groups are made again.
+        self.generation += 1;
         self.pump(now);
         Ok(())
     }
@@ -1298,9 +1362,50 @@ impl Engine {
                         self.set_candidates(&c, now);
                     }
                 }
+                ControlEvent::Revocations(list) => self.handle_revocations(&list, now),
                 ControlEvent::Closed(_) => {}
             }
         }
+    }
+
+    /// A revocation list from the relay: once verified, and if newer than the one in force, it
+    /// is put in force (new tunnel handshakes check it) and every tunnel to a connector it
+    /// revokes closes now, direct ones too.
+    fn handle_revocations(&mut self, bytes: &[u8], now: Instant) {
+        let ca = match &self.ca_key {
+            Ok(ca) => ca,
+            Err(e) => {
+                tracing::warn!("revocation list from the relay refused: {e}");
+                return;
+            }
+        };
+        let Ok(Offered::Installed { .. }) =
+            self.revocations
+                .load(bytes, ca, "the relay", self.clock.unix(now))
+        else {
+            return;
+        };
+        let Some(list) = self.revocations.current() else {
+            return;
+        };
+        for slot in &mut self.slots {
+            let Some(t) = slot.tunnel.as_mut() else {
+                continue;
+            };
+            let Some(why) = t.remote().and_then(|id| list.revokes(id)) else {
+                continue;
+            };
+            tracing::warn!(
+                "closing the tunnel to connector {:?}: its certificate is revoked ({why} is on revocation list #{})",
+                slot.name,
+                list.sequence
+            );
+            t.revoke(&format!(
+                "certificate revoked (revocation list #{})",
+                list.sequence
+            ));
+        }
+        self.pump(now);
     }
 
     /// The relay says connector `i` is not connected: what waits for it is refused.
@@ -1388,6 +1493,20 @@ impl Engine {
                 }
                 TunnelEvent::Message(ControlMessage::DnsAnswer { id, message }) => {
                     self.resolver.connector_answer(id, message, now);
+                }
+                TunnelEvent::Message(ControlMessage::Certificate(der)) => {
+                    let Some(current) = t.remote().cloned() else {
+                        continue;
+                    };
+                    match self.peer_check.renewed(&current, &der, self.clock.unix(now)) {
+                        Ok(id) => {
+                            tracing::info!("{id} renewed its certificate in place");
+                            t.peer_renewed(id);
+                        }
+                        Err(e) => tracing::warn!(
+                            "{current}: renewed certificate refused: {e}; the tunnel lasts until its certificate expires"
+                        ),
+                    }
                 }
                 TunnelEvent::Message(other) => {
                     tracing::debug!("tunnel to {}: unexpected message {other:?}", slot.name);

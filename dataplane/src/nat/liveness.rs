@@ -26,6 +26,9 @@ pub struct Liveness {
     /// The path's probe-timeout count at `baseline_at`, a recent receive.
     pto_at_rx: usize,
     baseline_at: Instant,
+    /// When an unanswered probe since `last_rx` was first noticed, for an owner that calls
+    /// [`Liveness::note_probe`]: the silence then counts from there, not from `last_rx`.
+    probe_at: Option<Instant>,
 }
 
 impl Liveness {
@@ -41,12 +44,14 @@ impl Liveness {
             last_rx: now,
             pto_at_rx: pto_total,
             baseline_at: now,
+            probe_at: None,
         }
     }
 
     /// A packet arrived on the path; `pto_total` is asked for at most every 100 ms.
     pub fn on_recv(&mut self, now: Instant, pto_total: impl FnOnce() -> usize) {
         self.last_rx = now;
+        self.probe_at = None;
         if now.saturating_duration_since(self.baseline_at) >= BASELINE_EVERY {
             self.pto_at_rx = pto_total();
             self.baseline_at = now;
@@ -56,11 +61,35 @@ impl Liveness {
     /// When the path counts as dead unless something arrives first: only once a probe timed
     /// out since the last packet received.
     pub fn deadline(&self, pto_total: usize) -> Option<Instant> {
-        (pto_total > self.pto_at_rx).then_some(self.last_rx + self.silence)
+        let from = self.probe_at.map_or(self.last_rx, |p| p.max(self.last_rx));
+        (pto_total > self.pto_at_rx).then_some(from + self.silence)
+    }
+
+    /// Notes when a probe went unanswered (call it when QUIC's timers ran): from then on the
+    /// path is dead only after `silence` more without a packet, however long it was idle
+    /// before. For a whole tunnel, whose peer must get the time to move to another path;
+    /// without it, a long-idle path whose keepalive goes unanswered is dead at once.
+    pub fn note_probe(&mut self, now: Instant, pto_total: usize) {
+        if self.probe_at.is_none() && pto_total > self.pto_at_rx {
+            self.probe_at = Some(now);
+        }
+    }
+
+    /// The silence so far does not count (its cause is known to be elsewhere): the path is
+    /// dead only after `silence` more from `now` without a packet.
+    pub fn defer(&mut self, now: Instant) {
+        self.probe_at = Some(now);
     }
 
     pub fn is_dead(&self, now: Instant, pto_total: usize) -> bool {
         self.deadline(pto_total).is_some_and(|d| now >= d)
+    }
+
+    /// The probe count now comes from another path (whose count so far is `pto_total`):
+    /// only its probes from now on count; the last packet received stays what it was.
+    pub fn rebase(&mut self, pto_total: usize) {
+        self.pto_at_rx = pto_total;
+        self.probe_at = None;
     }
 }
 
@@ -86,6 +115,18 @@ mod tests {
         assert!(!l.is_dead(t1 + Duration::from_secs(60), 5));
         // A long-idle path whose keepalive goes unanswered is dead at once.
         assert!(l.is_dead(t1 + Duration::from_secs(15), 6));
+        // Counted on another path from now on (which has had 2 probes): only its next counts.
+        l.rebase(2);
+        assert!(!l.is_dead(t1 + Duration::from_secs(15), 2));
+        assert!(l.is_dead(t1 + Duration::from_secs(15), 3));
+        // With the probe noted when it fired, the silence counts from there.
+        let t2 = t1 + Duration::from_secs(15);
+        l.note_probe(t2, 3);
+        assert!(!l.is_dead(t2 + DIRECT_SILENCE - Duration::from_millis(1), 3));
+        assert!(l.is_dead(t2 + DIRECT_SILENCE, 4));
+        // Noted once: later probes do not move it.
+        l.note_probe(t2 + Duration::from_secs(1), 4);
+        assert_eq!(l.deadline(4), Some(t2 + DIRECT_SILENCE));
     }
 
     #[test]
