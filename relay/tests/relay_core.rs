@@ -2,6 +2,9 @@
 //! Address Discovery, connector lookup, opaque forwarding with the source's peer id, refusal of
 //! agent-to-agent forwarding, and indifference to garbage.
 
+mod common;
+use common::{load, params, pump, RELAY};
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -11,40 +14,15 @@ use sluice_dataplane::control::{ControlClient, ControlEvent};
 use sluice_dataplane::identity::{self, PemPair, Role};
 use sluice_dataplane::rate::Rate;
 use sluice_dataplane::session::QuicSession;
-use sluice_dataplane::tls::{self, Credentials, QuicParams};
+use sluice_dataplane::tls::{self, Credentials};
 use sluice_dataplane::wire::RELAY_FORWARD_OVERHEAD;
 use sluice_relay::limits::Limits;
 use sluice_relay::server::{Refusal, Relay};
 
-fn params() -> QuicParams {
-    QuicParams {
-        alpn: tls::ALPN_CONTROL,
-        max_udp_payload: 1452,
-        idle_timeout_ms: 5_000,
-        dgram_queue: 256,
-        streams: true,
-    }
-}
-
 fn creds(dir: &Path, ca: &PemPair, role: Role, name: &str) -> Credentials {
     let node = identity::issue(ca, role, name, &[], Duration::from_secs(3600)).unwrap();
-    let (c, k, a) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-        dir.join("ca.pem"),
-    );
-    std::fs::write(&c, &node.cert_pem).unwrap();
-    std::fs::write(&k, &node.key_pem).unwrap();
-    std::fs::write(&a, &ca.cert_pem).unwrap();
-    Credentials::load(
-        c.to_str().unwrap(),
-        k.to_str().unwrap(),
-        a.to_str().unwrap(),
-    )
-    .unwrap()
+    load(dir, ca, name, &node)
 }
-
-const RELAY: &str = "192.0.2.1:4433";
 
 struct Net {
     relay: Relay,
@@ -54,27 +32,7 @@ struct Net {
 impl Net {
     /// Moves packets until nobody has anything to send.
     fn pump(&mut self) {
-        let relay_addr: SocketAddr = RELAY.parse().unwrap();
-        let mut buf = vec![0u8; 2048];
-        for _ in 0..500 {
-            let mut moved = false;
-            for (addr, c) in &mut self.clients {
-                while let Some((n, to)) = c.send(&mut buf) {
-                    assert_eq!(to, relay_addr);
-                    self.relay.recv(&mut buf[..n], *addr);
-                    moved = true;
-                }
-            }
-            while let Some((n, to)) = self.relay.send(&mut buf) {
-                if let Some((_, c)) = self.clients.iter_mut().find(|(a, _)| *a == to) {
-                    c.recv(&mut buf[..n], relay_addr);
-                }
-                moved = true;
-            }
-            if !moved {
-                return;
-            }
-        }
+        pump(&mut self.relay, &mut self.clients, 500);
     }
 
     fn events(&mut self, i: usize) -> Vec<ControlEvent> {
@@ -93,10 +51,10 @@ fn setup(tag: &str) -> (Net, Vec<Credentials>) {
         creds(&dir, &ca, Role::Agent, "bob"),
     ];
     let _ = std::fs::remove_dir_all(&dir);
-    let rcfg = tls::quic_config(&relay, &[Role::Agent, Role::Connector], &params()).unwrap();
+    let rcfg = tls::quic_config(&relay, &[Role::Agent, Role::Connector], &params(5_000)).unwrap();
     let mut clients = Vec::new();
     for (i, n) in nodes.iter().enumerate() {
-        let mut cfg = tls::quic_config(n, &[Role::Relay], &params()).unwrap();
+        let mut cfg = tls::quic_config(n, &[Role::Relay], &params(5_000)).unwrap();
         let addr: SocketAddr = format!("198.51.100.{}:{}", i + 1, 5000 + i)
             .parse()
             .unwrap();

@@ -4,47 +4,19 @@
 //! refused at the handshake with TLS alert 44; a renewed certificate keeps a connection past
 //! the old one's expiry, and a renewal that does not fit is refused.
 
+mod common;
+use common::{load, params, pump, RELAY};
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use sluice_dataplane::control::{ControlClient, ControlEvent};
 use sluice_dataplane::identity::{self, PeerId, PemPair, Role};
 use sluice_dataplane::revocation::{CaKey, Draft, Offered, RevocationList};
 use sluice_dataplane::session::QuicSession;
-use sluice_dataplane::tls::{self, Credentials, QuicParams};
+use sluice_dataplane::tls::{self, Credentials};
 use sluice_dataplane::tunnel::{CLOSE_CERT_EXPIRED, CLOSE_REVOKED};
 use sluice_relay::server::{Refusal, Relay};
-
-const RELAY: &str = "192.0.2.1:4433";
-
-fn params() -> QuicParams {
-    QuicParams {
-        alpn: tls::ALPN_CONTROL,
-        max_udp_payload: 1452,
-        idle_timeout_ms: 10_000,
-        dgram_queue: 256,
-        streams: true,
-    }
-}
-
-/// Writes `pair` to files (Credentials read files) and loads it.
-fn load(dir: &Path, ca: &PemPair, name: &str, pair: &PemPair) -> Credentials {
-    let (c, k, a) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-        dir.join("ca.pem"),
-    );
-    std::fs::write(&c, &pair.cert_pem).unwrap();
-    std::fs::write(&k, &pair.key_pem).unwrap();
-    std::fs::write(&a, &ca.cert_pem).unwrap();
-    Credentials::load(
-        c.to_str().unwrap(),
-        k.to_str().unwrap(),
-        a.to_str().unwrap(),
-    )
-    .unwrap()
-}
 
 struct Net {
     relay: Relay,
@@ -71,8 +43,12 @@ impl Net {
         let pair =
             identity::issue(&ca, Role::Relay, "relay-1", &[], Duration::from_secs(3600)).unwrap();
         let relay_creds = load(&dir, &ca, "relay-1", &pair);
-        let cfg =
-            tls::quic_config(&relay_creds, &[Role::Agent, Role::Connector], &params()).unwrap();
+        let cfg = tls::quic_config(
+            &relay_creds,
+            &[Role::Agent, Role::Connector],
+            &params(10_000),
+        )
+        .unwrap();
         let mut relay = Relay::new(cfg, RELAY.parse().unwrap());
         relay.set_peer_check(relay_creds.peer_check().unwrap());
         relay.apply_revocations(&relay_creds.revocations);
@@ -93,7 +69,7 @@ impl Net {
     /// Connects a client with `pair`; returns its index.
     fn connect(&mut self, name: &str, pair: &PemPair) -> usize {
         let creds = load(&self.dir, &self.ca, name, pair);
-        let mut cfg = tls::quic_config(&creds, &[Role::Relay], &params()).unwrap();
+        let mut cfg = tls::quic_config(&creds, &[Role::Relay], &params(10_000)).unwrap();
         self.next_port += 1;
         let addr: SocketAddr = format!("198.51.100.{}:{}", self.clients.len() + 1, self.next_port)
             .parse()
@@ -112,27 +88,7 @@ impl Net {
 
     /// Moves packets until nobody has anything to send.
     fn pump(&mut self) {
-        let relay_addr: SocketAddr = RELAY.parse().unwrap();
-        let mut buf = vec![0u8; 2048];
-        for _ in 0..2000 {
-            let mut moved = false;
-            for (addr, c) in &mut self.clients {
-                while let Some((n, to)) = c.send(&mut buf) {
-                    assert_eq!(to, relay_addr);
-                    self.relay.recv(&mut buf[..n], *addr);
-                    moved = true;
-                }
-            }
-            while let Some((n, to)) = self.relay.send(&mut buf) {
-                if let Some((_, c)) = self.clients.iter_mut().find(|(a, _)| *a == to) {
-                    c.recv(&mut buf[..n], relay_addr);
-                }
-                moved = true;
-            }
-            if !moved {
-                return;
-            }
-        }
+        pump(&mut self.relay, &mut self.clients, 2000);
     }
 
     /// Runs timers and moves packets for `d` of real time (certificate expiry is wall time).
