@@ -882,7 +882,7 @@ fn relay_cuts_and_refuses_a_revoked_agent_and_the_connector_learns_the_list_from
 #[test]
 fn a_revoked_connector_loses_its_direct_tunnels_too() {
     let (lab, _) = lab_with(
-        "rvc-",
+        "rvk-",
         &[],
         Files {
             relay: true,
