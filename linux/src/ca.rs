@@ -132,18 +132,8 @@ pub fn issue_node(
     check_file_name(name)?;
     identity::validate_name(name).map_err(|e| anyhow!("--name: {e}"))?;
     let valid = validity(valid)?;
+    let ca = read_ca(dir)?;
     let (ca_cert, ca_key) = (dir.join("ca.pem"), dir.join("ca.key"));
-    let ca = PemPair {
-        cert_pem: fs::read_to_string(&ca_cert).with_context(|| {
-            format!(
-                "no CA in {} (run `sluice ca init --dir {}` first)",
-                dir.display(),
-                dir.display()
-            )
-        })?,
-        key_pem: fs::read_to_string(&ca_key)
-            .with_context(|| format!("cannot read {}", ca_key.display()))?,
-    };
     let (cert_path, key_path) = (
         out.join(format!("{name}.pem")),
         out.join(format!("{name}.key")),
