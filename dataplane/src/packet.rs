@@ -252,14 +252,31 @@ pub fn tcp_rst(info: &PacketInfo) -> Option<Vec<u8>> {
     if info.proto != PROTO_TCP || info.tcp.rst {
         return None;
     }
-    let b = ip_builder(info.dst, info.src)?;
-    let b = if info.tcp.ack {
-        b.tcp(info.dst_port, info.src_port, info.tcp_ack, 0).rst()
+    let answer = if info.tcp.ack {
+        RstTo::Acked(info.tcp_ack)
     } else {
         let seg_len = info.payload_len as u32 + u32::from(info.tcp.syn) + u32::from(info.tcp.fin);
-        b.tcp(info.dst_port, info.src_port, 0, 0)
-            .rst()
-            .ack(info.tcp_seq.wrapping_add(seg_len))
+        RstTo::Unacked(info.tcp_seq.wrapping_add(seg_len))
+    };
+    tcp_reset(info.dst_socket(), info.src_socket(), answer)
+}
+
+/// What a reset must carry to be accepted by the side it goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RstTo {
+    /// That side acknowledged up to here: the reset's sequence number (RFC 5961 accepts an
+    /// exact match at once).
+    Acked(u32),
+    /// That side acknowledged nothing yet (a SYN): the reset acknowledges up to here.
+    Unacked(u32),
+}
+
+/// A TCP RST from `from` to `to` (RFC 9293 §3.10.7.1), or None for mixed families.
+pub fn tcp_reset(from: SocketAddr, to: SocketAddr, answer: RstTo) -> Option<Vec<u8>> {
+    let b = ip_builder(from.ip(), to.ip())?;
+    let b = match answer {
+        RstTo::Acked(seq) => b.tcp(from.port(), to.port(), seq, 0).rst(),
+        RstTo::Unacked(ack) => b.tcp(from.port(), to.port(), 0, 0).rst().ack(ack),
     };
     finish(b.size(0), |o| b.write(o, &[]))
 }

@@ -3,7 +3,8 @@
 //!
 //! - 1 % loss (on the internet segment's bridge, as tc netem would make it) on the direct and
 //!   on the relayed path: a checksummed download arrives intact, and no flow is reset.
-//! - A connector restart: the app's flow is reset, and a new connection works within 5 s.
+//! - A connector restart (direct) or crash (relayed): the app's flow is reset, and a new
+//!   connection works within 5 s.
 //! - NAT rebinding (a conntrack flush in both NAT routers) during a direct transfer: nothing
 //!   lost, no reset, bytes flowing again within seconds.
 //! - The relay's capture while a known random file crosses the relayed tunnel both ways holds
@@ -297,14 +298,26 @@ fn one_percent_loss_on_the_relayed_path_loses_nothing() {
     one_percent_loss("flr-", &["--relay-only"], "relay");
 }
 
-/// A connector restart (SIGTERM, started again) in the middle of a download: the app sees
-/// a reset, and a new connection works within 5 s of the restart.
+/// A connector restart (SIGTERM, started again) in the middle of a direct download: the app
+/// sees a reset, and a new connection works within 5 s of the restart.
 #[test]
 fn a_connector_restart_resets_the_flow_and_a_new_one_works_within_5_s() {
+    connector_restart("fcr-", &[], "direct", "TERM");
+}
+
+/// A connector crash (SIGKILL: no goodbye) in the middle of a relayed download: the agent
+/// learns the tunnel is gone from the restarted connector and resets the app's flow itself,
+/// although the app only receives; a new connection works within 5 s.
+#[test]
+fn a_connector_crash_on_the_relayed_path_resets_the_flow_within_5_s() {
+    connector_restart("fck-", &["--relay-only"], "relay", "KILL");
+}
+
+fn connector_restart(prefix: &str, args: &[&str], path: &str, signal: &str) {
     require_root();
-    let lab = Lab::up("fcr-");
+    let lab = Lab::up_with(prefix, args);
     start_data_server(&lab);
-    wait_path(&lab, "direct", Duration::from_secs(10));
+    wait_path(&lab, path, Duration::from_secs(10));
     let progress = Arc::new(AtomicU64::new(0));
     let pace = Pace {
         rate: 4 << 20,
@@ -323,7 +336,7 @@ fn a_connector_restart_resets_the_flow_and_a_new_one_works_within_5_s() {
         "the download did not start"
     );
     let t_stop = Instant::now();
-    lab.stop("connector", "TERM");
+    lab.stop("connector", signal);
     lab.start("connector", "conn");
     let t_start = Instant::now();
     // New connections (1 MiB each), until one completes intact.
@@ -353,8 +366,8 @@ fn a_connector_restart_resets_the_flow_and_a_new_one_works_within_5_s() {
     pace.hurry.store(true, Ordering::Relaxed);
     let old = flow.join().unwrap();
     eprintln!(
-        "connector restart: the old flow ended with {:?} after {} MiB, {:.2} s after the stop; \
-         a new connection worked {:.2} s after the restart ({attempts} tries)",
+        "connector SIG{signal}, {path}: the old flow ended with {:?} after {} MiB, {:.2} s after \
+         the stop; a new connection worked {:.2} s after the restart ({attempts} tries)",
         old.error,
         old.bytes >> 20,
         old.end.saturating_duration_since(t_stop).as_secs_f64(),
@@ -364,6 +377,11 @@ fn a_connector_restart_resets_the_flow_and_a_new_one_works_within_5_s() {
         old.error,
         Some(std::io::ErrorKind::ConnectionReset),
         "the app must see a reset"
+    );
+    assert!(
+        old.end.saturating_duration_since(t_start) < Duration::from_secs(5),
+        "the reset came {:.2} s after the restart",
+        old.end.saturating_duration_since(t_start).as_secs_f64()
     );
     assert!(old.intact(23), "what arrived before the reset differs");
 }

@@ -16,6 +16,7 @@
 //! up), direct paths, synthetic DNS answers and the names behind synthetic addresses, the
 //! routes the device needs, and the status.
 
+mod carried;
 pub mod dns;
 pub mod dns_tcp;
 pub mod routes;
@@ -55,6 +56,7 @@ use crate::tls::{self, Credentials, QuicParams};
 use crate::tunnel::{Path, Tunnel, TunnelError, TunnelEvent, VirtualPaths};
 use crate::wall_clock::WallClock;
 use crate::wire::{named_ip_overhead, ControlMessage, TUNNEL_GONE, TUNNEL_IP_OVERHEAD};
+use carried::Carried;
 
 pub use dns::DnsClient;
 
@@ -299,6 +301,8 @@ struct Slot {
     next_keepalive: Instant,
     /// The state last told to the host.
     told: Option<(TunnelState, PathKind)>,
+    /// The app's TCP connections this tunnel carries, reset when it goes.
+    carried: Carried,
 }
 
 impl Slot {
@@ -607,6 +611,7 @@ impl Engine {
         if let Some(t) = slot.tunnel.as_mut().filter(|t| t.is_up()) {
             match send_packet(t, buf, name.as_deref(), &mut self.named_buf) {
                 Ok(()) => {
+                    slot.carried.note(&info, now);
                     let len = buf.len() - DEVICE_HEADROOM;
                     (self.stats.traffic).count(Direction::Sent, t.path_kind(), len);
                 }
@@ -746,6 +751,9 @@ impl Engine {
             self.next_housekeeping = now + HOUSEKEEPING;
             let unix = self.clock.unix(now).max(0) as u64;
             self.live.sweep(&mut self.pool, unix);
+            for s in &mut self.slots {
+                s.carried.sweep(now);
+            }
         }
         let relay_silent = self.link.relay_silent(now);
         for i in 0..self.slots.len() {
@@ -1280,6 +1288,7 @@ impl Engine {
             // Any instant: it is set when the slot's tunnel opens.
             next_keepalive: self.clock.set_at(),
             told: None,
+            carried: Carried::default(),
         });
         self.slots.len() - 1
     }
@@ -1537,6 +1546,21 @@ impl Engine {
         if t.is_closed() {
             slot.tunnel = None;
             self.slots_changed = true;
+            // Its connections ended with it (the connector's side of each is gone): the apps
+            // hear it now, even those that only receive and would otherwise wait for their
+            // own timeouts.
+            let resets = slot.carried.drain_resets();
+            if !resets.is_empty() {
+                tracing::info!(
+                    "tunnel to connector {:?}: resetting the {} TCP connection(s) it carried",
+                    slot.name,
+                    resets.len()
+                );
+            }
+            self.stats.resets += resets.len() as u64;
+            for r in resets {
+                self.push_device(&r);
+            }
         }
     }
 
