@@ -62,7 +62,7 @@ fi
 
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 [ -n "$(git status --porcelain 2>/dev/null | head -1)" ] && commit="$commit+dirty"
-[ -f fuzz/runs.tsv ] || printf 'date\ttarget\tseconds\texecutions\tcov\tft\tcorpus_files\tcorpus_bytes\tcrash\tsanitizer\tcommit\n' > fuzz/runs.tsv
+[ -f fuzz/runs.tsv ] || printf 'date\ttarget\tseconds\texecutions\tcov\tft\tcorpus_files\tcorpus_bytes\tcrash\tsanitizer\tcommit\tcpu_seconds\n' > fuzz/runs.tsv
 failed=()
 mkdir -p fuzz/logs
 for t in "${targets[@]}"; do
@@ -70,11 +70,16 @@ for t in "${targets[@]}"; do
   log="fuzz/logs/$t.log"
   echo "fuzz: $t for ${time_s}s"
   set +e
+  # The CPU time the fuzzer got (user + system), as well as the wall time: at the lowest
+  # priority it shares the machine with whatever else runs, and executions follow the CPU.
+  TIMEFORMAT='%U %S'
   # shellcheck disable=SC2086
-  (cd fuzz && nice -n 19 cargo +nightly fuzz run -s "$san" "$t" "corpus/$t" -- \
-     -max_total_time="$time_s" -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-}) >"$log" 2>&1
+  { time (cd fuzz && nice -n 19 cargo +nightly fuzz run -s "$san" "$t" "corpus/$t" -- \
+     -max_total_time="$time_s" -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-}) >"$log" 2>&1 ; } \
+     2>"fuzz/logs/$t.time"
   rc=$?
   set -e
+  cpu=$(awk '{ printf "%d", $1 + $2 }' "fuzz/logs/$t.time" 2>/dev/null || true)
   # libFuzzer's last status line ("#RUNS DONE cov: C ft: F corp: ...") and its final stats.
   status=$(grep -E '^#[0-9]+' "$log" | tail -1 || true)
   execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -95,9 +100,9 @@ for t in "${targets[@]}"; do
   fi
   files=$(find "fuzz/corpus/$t" -type f | wc -l)
   bytes=$(du -sb "fuzz/corpus/$t" | cut -f1)
-  echo "fuzz: $t: ${execs:-?} executions in ${time_s}s, cov ${cov:-?}, ft ${ft:-?}, corpus $files files / $bytes bytes, crash: $crash"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$time_s" \
-    "${execs:-}" "${cov:-}" "${ft:-}" "$files" "$bytes" "$crash" "$san" "$commit" >> fuzz/runs.tsv
+  echo "fuzz: $t: ${execs:-?} executions in ${time_s}s (${cpu:-?} s of CPU), cov ${cov:-?}, ft ${ft:-?}, corpus $files files / $bytes bytes, crash: $crash"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$(date -u +%FT%TZ)" "$t" "$time_s" \
+    "${execs:-}" "${cov:-}" "${ft:-}" "$files" "$bytes" "$crash" "$san" "$commit" "${cpu:-}" >> fuzz/runs.tsv
 done
 if [ ${#failed[@]} -gt 0 ]; then
   echo "fuzz: crashes in: ${failed[*]}" >&2
