@@ -28,6 +28,7 @@ use ring::signature::{self, Ed25519KeyPair, KeyPair as _, UnparsedPublicKey};
 use x509_parser::prelude::FromDer;
 
 use crate::identity::{validate_name, Identity, PeerId};
+use crate::reader::{Reader, Truncated};
 
 const MAGIC: &[u8; 4] = b"SLRL";
 pub const VERSION: u8 = 1;
@@ -155,27 +156,9 @@ impl fmt::Debug for RevocationList {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], RevocationError> {
-        if self.0.len() < n {
-            return Err(RevocationError::Truncated);
-        }
-        let (a, b) = self.0.split_at(n);
-        self.0 = b;
-        Ok(a)
-    }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N], RevocationError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
-    }
-    fn u16(&mut self) -> Result<u16, RevocationError> {
-        Ok(u16::from_be_bytes(self.array()?))
-    }
-    fn u64(&mut self) -> Result<u64, RevocationError> {
-        Ok(u64::from_be_bytes(self.array()?))
+impl From<Truncated> for RevocationError {
+    fn from(_: Truncated) -> Self {
+        RevocationError::Truncated
     }
 }
 

@@ -129,6 +129,13 @@ impl Credentials {
         }
     }
 
+    /// `msg` signed with this node's key (Ed25519, as `sluice ca` issues them): what a
+    /// connector puts on its registry record.
+    pub fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, TlsError> {
+        let mut signer = boring::sign::Signer::new_without_digest(&self.key)?;
+        Ok(signer.sign_oneshot_to_vec(msg)?)
+    }
+
     /// The trusted CA's key, which revocation lists must be signed with.
     pub fn ca_key(&self) -> Result<CaKey, RevocationError> {
         let der = (self.ca.to_der()).map_err(|e| RevocationError::CaKey(e.to_string()))?;
@@ -165,13 +172,13 @@ pub struct PeerCheck {
 }
 
 impl PeerCheck {
-    /// The renewed identity of the peer now known as `current`.
-    pub fn renewed(
+    /// A certificate (DER) checked as any peer's is: signed by our CA, valid at `now_unix`,
+    /// naming a sluice identity, not revoked. Also returns its public key.
+    pub fn certificate(
         &self,
-        current: &Identity,
         der: &[u8],
         now_unix: i64,
-    ) -> Result<Identity, RenewalError> {
+    ) -> Result<(Identity, PKey<boring::pkey::Public>), RenewalError> {
         let cert = X509::from_der(der).map_err(|_| RenewalError::NotACertificate)?;
         if !cert.verify(&self.ca).unwrap_or(false) {
             return Err(RenewalError::NotSignedByCa);
@@ -185,6 +192,23 @@ impl PeerCheck {
             });
         }
         let id = identity_from_der(der).map_err(|e| RenewalError::Identity(e.to_string()))?;
+        if let Some((seq, why)) = self.revocations.revokes(&id) {
+            return Err(RenewalError::Revoked(seq, why));
+        }
+        let key = cert
+            .public_key()
+            .map_err(|_| RenewalError::NotACertificate)?;
+        Ok((id, key))
+    }
+
+    /// The renewed identity of the peer now known as `current`.
+    pub fn renewed(
+        &self,
+        current: &Identity,
+        der: &[u8],
+        now_unix: i64,
+    ) -> Result<Identity, RenewalError> {
+        let (id, _) = self.certificate(der, now_unix)?;
         if id.peer_id != current.peer_id {
             return Err(RenewalError::OtherKey(id.peer_id.short()));
         }
@@ -193,9 +217,6 @@ impl PeerCheck {
                 got: format!("{} {:?}", id.role, id.name),
                 want: format!("{} {:?}", current.role, current.name),
             });
-        }
-        if let Some((seq, why)) = self.revocations.revokes(&id) {
-            return Err(RenewalError::Revoked(seq, why));
         }
         Ok(id)
     }

@@ -15,6 +15,7 @@ use std::str::FromStr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query};
 use hickory_proto::rr::{Name, RecordType};
+use sluice_dataplane::connector_record::{ConnectorRecord, RecordDraft};
 use sluice_dataplane::identity::PeerId;
 use sluice_dataplane::nat::candidate::{Candidate, Kind};
 use sluice_dataplane::packet;
@@ -59,6 +60,7 @@ fn main() {
     dns(&mut s);
     packets(&mut s);
     revocation(&mut s);
+    connector_records(&mut s);
     if let Some(i) = args.iter().position(|a| a == "--pcap") {
         let dir = PathBuf::from(args.get(i + 1).expect("--pcap DIR"));
         lab(&mut s, &dir);
@@ -453,6 +455,24 @@ fn revocation_list(peers: u8) -> Vec<u8> {
 fn revocation(s: &mut Seeds) {
     s.add("revocation", "two-peers", &revocation_list(2));
     s.add("revocation", "empty", &revocation_list(0));
+}
+
+fn connector_records(s: &mut Seeds) {
+    let f = fixtures::get();
+    for (label, relay, sequence) in [
+        ("home-a", "relay-a", 1),
+        ("home-b", "relay-eu-2.example", 1_800_000_000_000_000),
+    ] {
+        let draft = RecordDraft {
+            name: f.connector.identity.name.clone(),
+            home_relay: relay.into(),
+            sequence,
+            // Far ahead: the seed verifies for as long as the fixtures' certificates do.
+            expires_at: 4_000_000_000,
+        };
+        let rec = ConnectorRecord::sign(&draft, &f.connector).expect("signs");
+        s.add("connector_record", label, rec.encoded());
+    }
 }
 
 /// Packets from a lab capture (fuzz/capture-lab.sh).

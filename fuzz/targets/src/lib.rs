@@ -10,6 +10,7 @@
 //! Stateful targets read their input as a sequence of operations ([`Ops`]).
 
 pub mod config;
+pub mod connector_record;
 pub mod dns;
 pub mod engine;
 pub mod packet;
@@ -24,6 +25,7 @@ pub mod fixtures;
 // Each target at the crate's root, as the fuzzers call it (a function and its module share a
 // name: they live in different namespaces).
 pub use config::config;
+pub use connector_record::connector_record;
 pub use dns::dns;
 pub use engine::engine_device;
 pub use packet::packet;
@@ -50,6 +52,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("policy", policy::policy),
     ("config", config::config),
     ("revocation", revocation::revocation),
+    ("connector_record", connector_record::connector_record),
 ];
 
 /// A stateful target's input: operations `[tag u8][length u16 BE][length bytes]`, the last

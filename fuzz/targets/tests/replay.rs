@@ -91,4 +91,5 @@ replay_tests!(
     policy,
     config,
     revocation,
+    connector_record,
 );
