@@ -74,8 +74,9 @@ for t in "${targets[@]}"; do
   # priority it shares the machine with whatever else runs, and executions follow the CPU.
   TIMEFORMAT='%U %S'
   # shellcheck disable=SC2086
-  { time (cd fuzz && nice -n 19 cargo +nightly fuzz run -s "$san" "$t" "corpus/$t" -- \
-     -max_total_time="$time_s" -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-}) >"$log" 2>&1 ; } \
+  # (The inner braces keep the redirections off `time`'s own report.)
+  { time { (cd fuzz && nice -n 19 cargo +nightly fuzz run -s "$san" "$t" "corpus/$t" -- \
+     -max_total_time="$time_s" -timeout=10 -print_final_stats=1 ${FUZZ_ARGS:-}) >"$log" 2>&1 ; } ; } \
      2>"fuzz/logs/$t.time"
   rc=$?
   set -e

@@ -3,5 +3,6 @@
 //! opaque packets of end-to-end tunnels between control connections. It never holds tunnel keys.
 
 pub mod limits;
+pub mod registry;
 pub mod retry;
 pub mod server;
