@@ -173,8 +173,6 @@ impl Registry {
     ) -> (Vec<Change>, Vec<RegistryError>) {
         let mut changes = Vec::new();
         let mut errors = Vec::new();
-        let before_relays: Vec<String> = self.relays.keys().cloned().collect();
-        let before_homed: Vec<String> = self.homed.keys().cloned().collect();
         let old_relays = std::mem::take(&mut self.relays);
         let old_homed = std::mem::take(&mut self.homed);
         for (key, value, _) in kvs {
@@ -190,12 +188,12 @@ impl Registry {
             Change::ConnectorHomed { name, relay } => old_homed.get(name) != Some(relay),
             _ => true,
         });
-        for name in before_relays {
+        for name in old_relays.into_keys() {
             if !self.relays.contains_key(&name) {
                 changes.push(Change::RelayGone(name));
             }
         }
-        for name in before_homed {
+        for name in old_homed.into_keys() {
             if !self.homed.contains_key(&name) {
                 changes.push(Change::ConnectorGone(name));
             }
@@ -328,13 +326,12 @@ impl Registry {
 mod tests {
     use super::*;
     use sluice_dataplane::connector_record::RecordDraft;
-    use sluice_dataplane::identity::{create_ca, issue, unix_now, PemPair, Role};
+    use sluice_dataplane::identity::{create_ca, issue, unix_now, Role};
     use sluice_dataplane::tls::Credentials;
     use std::sync::OnceLock;
     use std::time::Duration;
 
     struct Org {
-        ca: PemPair,
         db: Credentials,
     }
 
@@ -350,12 +347,11 @@ mod tests {
                 ["cert", "key", "ca"],
             )
             .unwrap();
-            Org { ca, db }
+            Org { db }
         })
     }
 
     fn registry() -> Registry {
-        let _ = &org().ca;
         Registry::new("/sluice/", org().db.peer_check().unwrap())
     }
 
