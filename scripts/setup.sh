@@ -24,7 +24,8 @@ need() { [[ " ${need_pkgs[*]} " == *" $1 "* ]] || need_pkgs+=("$1"); }
 # namespace, and the pod's demo app is busybox's httpd (the static build: the image has no libc).
 # The fault lab (linux/tests/fault_lab.rs, bench/fault_matrix.py): nftables drops and delays
 # packets (these kernels have no netem), conntrack flushes the NAT routers' mappings, tcpdump
-# captures what the relay sees.
+# captures what the relay sees. Relays sharing a registry (linux/tests/relays_lab.rs): etcd and
+# etcdctl; protoc compiles the etcd client's gRPC definitions (etcd-client's build script).
 tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
        ip:iproute2 iptables:iptables iperf3:iperf3 curl:curl dig:dnsutils
        dnsmasq:dnsmasq-base nft:nftables python3:python3 ping:iputils-ping
@@ -33,7 +34,8 @@ tools=(cc:gcc c++:g++ make:make cmake:cmake git:git
        valgrind:valgrind systemd-analyze:systemd debootstrap:debootstrap
        dpkg-shlibdeps:dpkg-dev promtool:prometheus
        podman:podman buildah:buildah runc:runc nsenter:util-linux busybox:busybox-static
-       tc:iproute2 conntrack:conntrack tcpdump:tcpdump)
+       tc:iproute2 conntrack:conntrack tcpdump:tcpdump
+       etcd:etcd-server etcdctl:etcd-client protoc:protobuf-compiler base64:coreutils)
 for pair in "${tools[@]}"; do
   have "${pair%%:*}" || need "${pair#*:}"
 done

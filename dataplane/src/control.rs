@@ -36,6 +36,11 @@ pub enum ControlEvent {
     /// The relay's revocation list (signed bytes, not yet verified: the receiver checks them
     /// against its CA).
     Revocations(Vec<u8>),
+    /// The relay cannot reach this peer (see [`ControlMessage::PeerGone`]).
+    PeerGone(PeerId),
+    /// The relay shares a registry with others and asks a connector for its signed record
+    /// (an empty [`ControlMessage::ConnectorRecord`]).
+    RecordWanted,
     /// The connection is gone; the reason in words.
     Closed(String),
 }
@@ -184,6 +189,15 @@ impl ControlClient {
         Ok(())
     }
 
+    /// Hands the relay a connector's signed record (`crate::connector_record`) for the
+    /// relays' registry.
+    pub fn publish_record(&mut self, record: Vec<u8>) -> Result<(), ControlError> {
+        self.stream
+            .queue(&ControlMessage::ConnectorRecord(record))?;
+        self.flush_stream();
+        Ok(())
+    }
+
     pub fn lookup(&mut self, name: &str) -> Result<(), ControlError> {
         self.stream
             .queue(&ControlMessage::Lookup { name: name.into() })?;
@@ -260,6 +274,12 @@ impl ControlClient {
                     .push_back(ControlEvent::LookupReply { name, peer }),
                 Ok(ControlMessage::Revocations(list)) => {
                     self.events.push_back(ControlEvent::Revocations(list))
+                }
+                Ok(ControlMessage::PeerGone(peer)) => {
+                    self.events.push_back(ControlEvent::PeerGone(peer))
+                }
+                Ok(ControlMessage::ConnectorRecord(b)) if b.is_empty() => {
+                    self.events.push_back(ControlEvent::RecordWanted)
                 }
                 Ok(other) => tracing::debug!("control: unexpected message {other:?}"),
                 Err(e) => {

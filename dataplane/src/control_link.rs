@@ -464,7 +464,10 @@ impl ControlLink {
                         tracing::debug!("relay connection closed: {why} (attempt {n})");
                     }
                 }
-                ControlEvent::LookupReply { .. } | ControlEvent::Revocations(_) => {}
+                ControlEvent::LookupReply { .. }
+                | ControlEvent::Revocations(_)
+                | ControlEvent::PeerGone(_)
+                | ControlEvent::RecordWanted => {}
             }
             self.events.push(ev);
         }

@@ -152,6 +152,33 @@ pub struct RelayNodeStatus {
     /// Tunnel packets forwarded since it started (bytes of the end-to-end packets).
     pub forwarded_packets: u64,
     pub forwarded_bytes: u64,
+    /// The registry shared with other relays (none for a relay on its own).
+    #[serde(default)]
+    pub registry: Option<RegistryStatus>,
+}
+
+/// What a relay of several knows of the others, from the shared registry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryStatus {
+    /// Whether etcd answered last time it was asked (the relay serves from its cache if not).
+    pub etcd_up: bool,
+    /// Every relay with a record, this one included, by name.
+    pub relays: Vec<RegistryRelayStatus>,
+    /// Every connector with a record, by name, and the relay it is homed on.
+    pub connectors: Vec<RegistryConnectorStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryRelayStatus {
+    pub name: String,
+    pub region: String,
+    pub addr: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryConnectorStatus {
+    pub name: String,
+    pub home: String,
 }
 
 /// One node connected to a relay.

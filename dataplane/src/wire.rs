@@ -42,6 +42,10 @@ pub const VERSION: u8 = 1;
 pub const DGRAM_TUNNEL_IP: u8 = 0x11;
 pub const DGRAM_RELAY_FORWARD: u8 = 0x12;
 pub const DGRAM_TUNNEL_NAMED_IP: u8 = 0x13;
+/// On a relay-to-relay link: route number (u32), then the end-to-end packet (relay/src/mesh.rs).
+pub const DGRAM_MESH_FORWARD: u8 = 0x16;
+/// Its header: the type and the route number.
+pub const MESH_FORWARD_OVERHEAD: usize = 1 + 4;
 pub const MSG_OBSERVED_ADDR: u8 = 0x21;
 pub const MSG_LOOKUP: u8 = 0x22;
 pub const MSG_LOOKUP_REPLY: u8 = 0x23;
@@ -51,6 +55,11 @@ pub const MSG_DNS_ANSWER: u8 = 0x26;
 pub const MSG_CANDIDATES: u8 = 0x27;
 pub const MSG_REVOCATIONS: u8 = 0x28;
 pub const MSG_CERTIFICATE: u8 = 0x29;
+pub const MSG_CONNECTOR_RECORD: u8 = 0x2a;
+pub const MSG_PEER_GONE: u8 = 0x2b;
+pub const MSG_MESH_ROUTE: u8 = 0x2c;
+pub const MSG_MESH_UNROUTE: u8 = 0x2d;
+pub const MSG_MESH_GONE: u8 = 0x2e;
 pub const PUNCH: u8 = 0x14;
 pub const PUNCH_ACK: u8 = 0x15;
 /// Length of a punch packet.
@@ -82,8 +91,8 @@ pub const TUNNEL_UDP_PAYLOAD: usize =
 /// Bytes the tunnel header adds in front of an IP packet.
 pub const TUNNEL_IP_OVERHEAD: usize = 1;
 /// Largest message body a relay accepts on a control stream: a renewed certificate with
-/// dozens of groups fits.
-pub const MAX_CONTROL_MESSAGE: usize = 4096;
+/// dozens of groups fits, and so does a connector record of its largest size.
+pub const MAX_CONTROL_MESSAGE: usize = 1 + crate::connector_record::MAX_ENCODED;
 /// Largest message body on a tunnel's stream: a whole DNS message (64 KiB, as over TCP) fits.
 pub const MAX_TUNNEL_MESSAGE: usize = u16::MAX as usize;
 
@@ -123,6 +132,12 @@ fn check_type(b: u8) -> Result<u8, WireError> {
         | MSG_CANDIDATES
         | MSG_REVOCATIONS
         | MSG_CERTIFICATE
+        | MSG_CONNECTOR_RECORD
+        | MSG_PEER_GONE
+        | MSG_MESH_ROUTE
+        | MSG_MESH_UNROUTE
+        | MSG_MESH_GONE
+        | DGRAM_MESH_FORWARD
         | PUNCH
         | PUNCH_ACK => Ok(b),
         _ if !(0x10..0x30).contains(&b) => Err(WireError::Version(b >> 4)),
@@ -136,6 +151,7 @@ pub enum Datagram<'a> {
     TunnelIp(&'a [u8]),
     NamedIp { name: &'a str, packet: &'a [u8] },
     RelayForward { peer: PeerId, packet: &'a [u8] },
+    MeshForward { route: u32, packet: &'a [u8] },
 }
 
 impl<'a> Datagram<'a> {
@@ -161,6 +177,14 @@ impl<'a> Datagram<'a> {
                 let (id, packet) = rest.split_at(PeerId::LEN);
                 let peer = PeerId::from_slice(id).ok_or(WireError::Truncated)?;
                 Ok(Datagram::RelayForward { peer, packet })
+            }
+            DGRAM_MESH_FORWARD => {
+                if rest.len() < 4 {
+                    return Err(WireError::Truncated);
+                }
+                let (id, packet) = rest.split_at(4);
+                let route = u32::from_be_bytes([id[0], id[1], id[2], id[3]]);
+                Ok(Datagram::MeshForward { route, packet })
             }
             other => Err(WireError::UnknownType(other)),
         }
@@ -230,6 +254,31 @@ pub enum ControlMessage {
     /// The sender's renewed certificate (DER), on a connection its previous one authenticated:
     /// the same key, a new validity (and maybe new groups).
     Certificate(Vec<u8>),
+    /// A connector's signed record (`crate::connector_record`, SLCR), to its home relay,
+    /// which puts it in the relays' shared registry. Empty, from a relay: the relay shares a
+    /// registry and asks for the record (a relay on its own never sends it, so a connector
+    /// of this version works with older relays; a relay sharing a registry needs connectors
+    /// that know the message).
+    ConnectorRecord(Vec<u8>),
+    /// From a relay: it cannot reach this peer (no such peer is connected to it, nor to any
+    /// relay it knows of), so packets to it are dropped. Said instead of silence, at most
+    /// every half second per sender and peer.
+    PeerGone(PeerId),
+    /// Relay to relay: packets numbered `id` on this link go to `dst`, from `src`.
+    MeshRoute {
+        id: u32,
+        dst: PeerId,
+        src: PeerId,
+    },
+    /// Relay to relay: route `id` is withdrawn.
+    MeshUnroute {
+        id: u32,
+    },
+    /// Relay to relay: `dst` is not connected here, so packets from `src` to it are dropped.
+    MeshGone {
+        dst: PeerId,
+        src: PeerId,
+    },
 }
 
 /// A connectivity check (or its answer) between the peers of a tunnel. Its `Debug` leaves out
@@ -285,6 +334,25 @@ impl fmt::Debug for ControlMessage {
             ControlMessage::Certificate(b) => f
                 .debug_struct("Certificate")
                 .field("bytes", &b.len())
+                .finish(),
+            ControlMessage::ConnectorRecord(b) => f
+                .debug_struct("ConnectorRecord")
+                .field("bytes", &b.len())
+                .finish(),
+            ControlMessage::PeerGone(p) => f.debug_tuple("PeerGone").field(p).finish(),
+            ControlMessage::MeshRoute { id, dst, src } => f
+                .debug_struct("MeshRoute")
+                .field("id", id)
+                .field("dst", dst)
+                .field("src", src)
+                .finish(),
+            ControlMessage::MeshUnroute { id } => {
+                f.debug_struct("MeshUnroute").field("id", id).finish()
+            }
+            ControlMessage::MeshGone { dst, src } => f
+                .debug_struct("MeshGone")
+                .field("dst", dst)
+                .field("src", src)
                 .finish(),
         }
     }
@@ -411,6 +479,9 @@ impl<'a> Reader<'a> {
         let p = self.take(2)?;
         Ok(SocketAddr::new(ip, u16::from_be_bytes([p[0], p[1]])))
     }
+    fn peer(&mut self) -> Result<PeerId, WireError> {
+        PeerId::from_slice(self.take(PeerId::LEN)?).ok_or(WireError::Truncated)
+    }
     fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.0)
     }
@@ -495,6 +566,29 @@ impl ControlMessage {
                 out.push(MSG_CERTIFICATE);
                 out.extend_from_slice(der);
             }
+            ControlMessage::ConnectorRecord(rec) => {
+                out.push(MSG_CONNECTOR_RECORD);
+                out.extend_from_slice(rec);
+            }
+            ControlMessage::PeerGone(p) => {
+                out.push(MSG_PEER_GONE);
+                out.extend_from_slice(&p.0);
+            }
+            ControlMessage::MeshRoute { id, dst, src } => {
+                out.push(MSG_MESH_ROUTE);
+                out.extend_from_slice(&id.to_be_bytes());
+                out.extend_from_slice(&dst.0);
+                out.extend_from_slice(&src.0);
+            }
+            ControlMessage::MeshUnroute { id } => {
+                out.push(MSG_MESH_UNROUTE);
+                out.extend_from_slice(&id.to_be_bytes());
+            }
+            ControlMessage::MeshGone { dst, src } => {
+                out.push(MSG_MESH_GONE);
+                out.extend_from_slice(&dst.0);
+                out.extend_from_slice(&src.0);
+            }
         }
         let len = out.len() - start - 2;
         if len > MAX_TUNNEL_MESSAGE {
@@ -563,6 +657,18 @@ impl ControlMessage {
             },
             MSG_REVOCATIONS => ControlMessage::Revocations(r.rest().to_vec()),
             MSG_CERTIFICATE => ControlMessage::Certificate(r.rest().to_vec()),
+            MSG_CONNECTOR_RECORD => ControlMessage::ConnectorRecord(r.rest().to_vec()),
+            MSG_PEER_GONE => ControlMessage::PeerGone(r.peer()?),
+            MSG_MESH_ROUTE => ControlMessage::MeshRoute {
+                id: r.u32()?,
+                dst: r.peer()?,
+                src: r.peer()?,
+            },
+            MSG_MESH_UNROUTE => ControlMessage::MeshUnroute { id: r.u32()? },
+            MSG_MESH_GONE => ControlMessage::MeshGone {
+                dst: r.peer()?,
+                src: r.peer()?,
+            },
             other => return Err(WireError::UnknownType(other)),
         };
         r.finish()?;
@@ -667,6 +773,18 @@ mod tests {
         });
         roundtrip(ControlMessage::Revocations(vec![9; 60_000]));
         roundtrip(ControlMessage::Certificate(vec![0x30; 700]));
+        roundtrip(ControlMessage::ConnectorRecord(b"SLCR\x01".to_vec()));
+        roundtrip(ControlMessage::PeerGone(PeerId([3; 32])));
+        roundtrip(ControlMessage::MeshRoute {
+            id: 0xdead_beef,
+            dst: PeerId([1; 32]),
+            src: PeerId([2; 32]),
+        });
+        roundtrip(ControlMessage::MeshUnroute { id: 1 });
+        roundtrip(ControlMessage::MeshGone {
+            dst: PeerId([4; 32]),
+            src: PeerId([5; 32]),
+        });
         roundtrip(ControlMessage::Candidates {
             generation: 3,
             secret: 0x0123_4567_89ab_cdef,

@@ -61,6 +61,72 @@ pub struct RelayConfig {
     /// Flood limits (see configs/relay.yaml).
     #[serde(default)]
     pub limits: RelayLimits,
+    /// The registry this relay shares with other relays (etcd); none: a relay on its own.
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+}
+
+/// Where several relays keep their shared registry, and what this one says of itself there.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// etcd's client URLs (`http://HOST:2379`), one or more members of one cluster.
+    pub etcd: Vec<String>,
+    /// The keys' prefix in etcd (ending in `/`); every relay of one deployment uses the same.
+    #[serde(default = "default_registry_prefix")]
+    pub prefix: String,
+    /// This relay's region, by name (`eu-west`), for people and for homing.
+    pub region: String,
+    /// The address agents, connectors and other relays reach this relay at (the listening
+    /// address is often not it: `0.0.0.0`, or behind a load balancer).
+    pub advertise: SocketAddr,
+}
+
+fn default_registry_prefix() -> String {
+    "/sluice/".into()
+}
+
+impl RegistryConfig {
+    /// Refuses what etcd would take but the relays could not use.
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        if self.etcd.is_empty() {
+            return Err(ConfigError(format!(
+                "{origin}: `registry.etcd` lists no etcd endpoint (e.g. http://10.0.0.5:2379)"
+            )));
+        }
+        for e in &self.etcd {
+            if !(e.starts_with("http://") || e.starts_with("https://")) || e.len() < 10 {
+                return Err(ConfigError(format!(
+                    "{origin}: `registry.etcd` endpoint {e:?} is not a URL like http://10.0.0.5:2379"
+                )));
+            }
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') {
+            return Err(ConfigError(format!(
+                "{origin}: `registry.prefix` {:?} must start and end with `/` (e.g. /sluice/)",
+                self.prefix
+            )));
+        }
+        if self.region.is_empty()
+            || self.region.len() > 63
+            || !self
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(ConfigError(format!(
+                "{origin}: `registry.region` {:?} must be 1-63 letters, digits, `-`, `_` or `.`",
+                self.region
+            )));
+        }
+        if self.advertise.ip().is_unspecified() || self.advertise.port() == 0 {
+            return Err(ConfigError(format!(
+                "{origin}: `registry.advertise` {} must be an address others can reach (not 0.0.0.0, not port 0)",
+                self.advertise
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// A rate in a config file: `per_second` on average, `burst` at once (default: one second's
@@ -548,13 +614,18 @@ mod tests {
     /// The commented-out `limits:` blocks of configs/ are what a user uncomments: they must
     /// parse, and mean what they say.
     fn uncommented_limits(file: &str) -> String {
+        uncommented(file, "limits")
+    }
+
+    /// The commented-out block `# KEY:` of configs/FILE, uncommented.
+    fn uncommented(file: &str, key: &str) -> String {
         let text =
             std::fs::read_to_string(format!("{}/../configs/{file}", env!("CARGO_MANIFEST_DIR")))
                 .unwrap();
         let mut out = String::new();
         let mut inside = false;
         for line in text.lines() {
-            if line == "# limits:" {
+            if line == format!("# {key}:") {
                 inside = true;
             } else if inside && !line.starts_with("#   ") {
                 inside = false;
@@ -602,6 +673,67 @@ mod tests {
         .unwrap_err()
         .0;
         assert!(e.contains("limits.peer_packets.per_second"), "{e}");
+    }
+
+    #[test]
+    fn the_documented_registry_parses_and_bad_ones_are_refused() {
+        let base = "cert: a\nkey: b\nca: c\n";
+        let r: RelayConfig = parse(
+            &format!("{base}{}", uncommented("relay.yaml", "registry")),
+            "r.yaml",
+        )
+        .unwrap();
+        let reg = r.registry.unwrap();
+        assert_eq!(reg.etcd.len(), 3);
+        assert_eq!(reg.prefix, "/sluice/");
+        assert_eq!(reg.region, "eu-west");
+        reg.validate("r.yaml").unwrap();
+        let bad = [
+            (
+                RegistryConfig {
+                    etcd: vec![],
+                    ..reg.clone()
+                },
+                "lists no etcd endpoint",
+            ),
+            (
+                RegistryConfig {
+                    etcd: vec!["10.0.0.5:2379".into()],
+                    ..reg.clone()
+                },
+                "is not a URL",
+            ),
+            (
+                RegistryConfig {
+                    prefix: "sluice".into(),
+                    ..reg.clone()
+                },
+                "must start and end",
+            ),
+            (
+                RegistryConfig {
+                    region: "eu west".into(),
+                    ..reg.clone()
+                },
+                "registry.region",
+            ),
+            (
+                RegistryConfig {
+                    advertise: "0.0.0.0:4433".parse().unwrap(),
+                    ..reg.clone()
+                },
+                "others can reach",
+            ),
+        ];
+        for (cfg, want) in bad {
+            let e = cfg.validate("r.yaml").unwrap_err().0;
+            assert!(e.starts_with("r.yaml: `registry."), "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+        let e = parse::<RelayConfig>(&format!("{base}registry:\n  etcd: []\n"), "r.yaml")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("region"), "{e}");
     }
 
     #[test]

@@ -100,11 +100,13 @@ pub struct Lab {
 
 const ROLES: [&str; 3] = ["relay", "connector", "agent"];
 /// Every process the lab starts, by the name of its log and pid files.
-const PROCESSES: [&str; 7] = [
+const PROCESSES: [&str; 9] = [
     "relay",
     "connector",
     "agent",
     "agent2",
+    "relay2",
+    "etcd",
     "http",
     "dns",
     "upstream-dns",
@@ -112,8 +114,9 @@ const PROCESSES: [&str; 7] = [
 const NAMESPACES: [&str; 5] = ["inet", "relay", "agent", "conn", "svc"];
 /// The NAT routers' namespaces, made only for the sides `--nat-*` puts behind one.
 const ROUTERS: [&str; 2] = ["nat-agent", "nat-conn"];
-/// Made only when asked for (`--second-agent`).
-const OPTIONAL: [&str; 1] = ["agent2"];
+/// Made only when asked for (`--second-agent`), or by tests of several relays (a second relay
+/// and etcd, linux/tests/relays_lab.rs).
+const OPTIONAL: [&str; 3] = ["agent2", "relay2", "etcd"];
 
 /// Every namespace a lab may have: what `down` looks for, whatever the lab was built with.
 fn all_namespaces() -> impl Iterator<Item = &'static str> {

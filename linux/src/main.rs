@@ -14,6 +14,7 @@ mod metrics;
 mod node;
 mod ops;
 mod policy_cmd;
+mod registry_etcd;
 mod relay;
 mod remote_dns;
 mod resolvconf;

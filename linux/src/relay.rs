@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use sluice_dataplane::identity::Role;
 use sluice_dataplane::revocation::{CaKey, Offered, Revocations};
 use sluice_dataplane::tls::{self, QuicParams};
-use sluice_relay::server::{Relay, RelayStats};
+use sluice_relay::registry::{Registry, RelayRecord, RELAY_RECORD_VERSION};
+use sluice_relay::server::{RegistryWrite, Relay, RelayStats};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -16,8 +17,12 @@ use crate::config::{self, RelayConfig};
 use crate::metrics::{CertExpiry, NodeRole, Sample};
 use crate::node;
 use crate::ops::{self, Ops};
+use crate::registry_etcd::{EtcdRegistry, Feed, Write};
 use crate::revocations::RevocationFile;
-use crate::status::{NodeStatus, RelayNodeStatus, RelayPeerStatus};
+use crate::status::{
+    NodeStatus, RegistryConnectorStatus, RegistryRelayStatus, RegistryStatus, RelayNodeStatus,
+    RelayPeerStatus,
+};
 use crate::udp_batch::{self, UdpReceiver, UdpSender};
 use crate::RelayArgs;
 
@@ -36,11 +41,16 @@ pub fn run(args: RelayArgs) -> Result<()> {
         Some(p) => Some(RevocationFile::open(p, &creds, &origin)?.0),
         None => None,
     };
-    let quic = tls::quic_config(
-        &creds,
-        &[Role::Agent, Role::Connector],
-        &QuicParams::control(),
-    )?;
+    if let Some(r) = &cfg.registry {
+        r.validate(&origin)?;
+    }
+    // A relay of several also takes the links other relays open, and dials its own.
+    let accept: &'static [Role] = match cfg.registry {
+        Some(_) => &[Role::Agent, Role::Connector, Role::Relay],
+        None => &[Role::Agent, Role::Connector],
+    };
+    let quic = tls::quic_config(&creds, accept, &QuicParams::control())?;
+    let dial = tls::quic_config(&creds, &[Role::Relay], &QuicParams::control())?;
     let rt = node::runtime()?;
     rt.block_on(async move {
         let socket = node::bind_udp(cfg.listen)
@@ -65,18 +75,45 @@ pub fn run(args: RelayArgs) -> Result<()> {
             peers: Vec::new(),
             forwarded_packets: 0,
             forwarded_bytes: 0,
+            registry: None,
         };
         let (status_tx, status_rx) = watch::channel(NodeStatus::Relay(me.clone()));
         // Held until the relay stops, which removes the socket file.
         let _status_server = crate::status::serve_or_warn(&cfg.status_socket, status_rx, "relay");
-        let status = Status { me, tx: status_tx };
+        let status = Status {
+            me,
+            tx: status_tx,
+            etcd_up: false,
+        };
         let lists = Lists {
             file: revocations,
             handle: creds.revocations.clone(),
             ca: creds.ca_key()?,
             peer_check: creds.peer_check()?,
         };
-        serve(socket, quic, ops, certs, reload, status, lists)
+        let shared = cfg.registry.as_ref().map(|r| {
+            let registry = Registry::new(&r.prefix, lists.peer_check.clone());
+            let record = RelayRecord {
+                version: RELAY_RECORD_VERSION,
+                name: creds.identity.name.clone(),
+                region: r.region.clone(),
+                mesh_addr: r.advertise,
+                client_addr: r.advertise,
+                peer_id: creds.identity.peer_id.to_string(),
+            };
+            tracing::info!(
+                "relay {:?}: sharing the registry under {} on etcd {} (region {}, reached at {})",
+                creds.identity.name,
+                r.prefix,
+                r.etcd.join(", "),
+                r.region,
+                r.advertise
+            );
+            let own = (registry.relay_key(&record.name), record.encode());
+            let etcd = EtcdRegistry::start(r.etcd.clone(), r.prefix.clone(), own);
+            (creds.identity.name.clone(), registry, etcd, dial)
+        });
+        serve(socket, quic, ops, certs, reload, status, lists, shared)
             .await
             .context("relay failed")?;
         Ok(())
@@ -87,10 +124,36 @@ pub fn run(args: RelayArgs) -> Result<()> {
 struct Status {
     me: RelayNodeStatus,
     tx: watch::Sender<NodeStatus>,
+    /// Whether etcd answered last (for a relay sharing a registry).
+    etcd_up: bool,
 }
 
 impl Status {
     fn publish(&mut self, relay: &Relay) {
+        self.me.registry = relay.registry().map(|reg| {
+            let mut relays: Vec<RegistryRelayStatus> = reg
+                .relays()
+                .map(|r| RegistryRelayStatus {
+                    name: r.name.clone(),
+                    region: r.region.clone(),
+                    addr: r.client_addr.to_string(),
+                })
+                .collect();
+            relays.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut connectors: Vec<RegistryConnectorStatus> = reg
+                .connectors()
+                .map(|(name, home)| RegistryConnectorStatus {
+                    name: name.to_string(),
+                    home: home.to_string(),
+                })
+                .collect();
+            connectors.sort_by(|a, b| a.name.cmp(&b.name));
+            RegistryStatus {
+                etcd_up: self.etcd_up,
+                relays,
+                connectors,
+            }
+        });
         let s = relay.stats();
         self.me.forwarded_packets = s.forwarded_packets;
         self.me.forwarded_bytes = s.forwarded_bytes;
@@ -174,6 +237,9 @@ impl Reload {
                 if new.limits != self.running.limits {
                     changed.push("limits");
                 }
+                if new.registry != self.running.registry {
+                    changed.push("registry");
+                }
                 if new.revocations != self.running.revocations {
                     changed.push("revocations (the file named now is read again on SIGHUP)");
                 }
@@ -203,6 +269,8 @@ impl Reload {
 
 /// Serves relay clients on `socket` until SIGINT or SIGTERM, then closes every connection so
 /// the clients know at once.
+// The loop's parts, each used by its own arms; bundling them would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     socket: UdpSocket,
     config: quiche::Config,
@@ -211,9 +279,17 @@ async fn serve(
     mut reload: Reload,
     mut status: Status,
     mut lists: Lists,
+    shared: Option<(String, Registry, EtcdRegistry, quiche::Config)>,
 ) -> std::io::Result<()> {
     let local = socket.local_addr()?;
     let mut relay = Relay::new(config, local);
+    let mut etcd = match shared {
+        Some((me, registry, etcd, dial)) => {
+            relay.share_registry(&me, registry, dial);
+            Some(etcd)
+        }
+        None => None,
+    };
     relay.apply_revocations(&lists.handle);
     relay.set_peer_check(lists.peer_check.clone());
     relay.set_limits(reload.running.limits.limits());
@@ -249,6 +325,22 @@ async fn serve(
                 }
             }
             _ = timer.fired() => relay.on_timeout(),
+            f = registry_feed(&mut etcd) => match f {
+                Feed::Loaded { kvs, revision } => relay.registry_loaded(kvs, revision),
+                Feed::Event(ev) => relay.registry_event(ev),
+                Feed::Up { lease } => {
+                    status.etcd_up = true;
+                    tracing::info!(
+                        "relay: registry: etcd answers; this relay's keys are under lease {lease:x}"
+                    );
+                }
+                Feed::Down(why) => {
+                    status.etcd_up = false;
+                    tracing::warn!(
+                        "relay: registry: etcd unreachable ({why}); forwarding goes on from what the relay knows, and it tries again"
+                    );
+                }
+            },
             _ = publish_tick.tick() => {
                 // Listening since before the loop: the relay is ready as long as it runs.
                 let mut s = Sample::starting(NodeRole::Relay, certs);
@@ -258,6 +350,7 @@ async fn serve(
                 ops.publish(s, true);
                 status.publish(&relay);
                 lists.check(&mut relay, false);
+                relay.sweep_registry();
             }
             _ = hangups.recv() => {
                 reload.run(&ops);
@@ -289,5 +382,24 @@ async fn serve(
             tx.send(&socket, &out[..n], to).await;
         }
         tx.flush(&socket).await;
+        if let Some(e) = &etcd {
+            while let Some(w) = relay.poll_registry_write() {
+                e.write(match w {
+                    RegistryWrite::Put { key, value } => Write::Put { key, value },
+                    RegistryWrite::Delete { key, value } => Write::Delete { key, value },
+                });
+            }
+        }
+    }
+}
+
+/// The next feed from etcd; never, for a relay on its own.
+async fn registry_feed(etcd: &mut Option<EtcdRegistry>) -> Feed {
+    match etcd {
+        Some(e) => match e.feeds.recv().await {
+            Some(f) => f,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }

@@ -434,6 +434,9 @@ pub fn render_relay(st: &RelayNodeStatus) -> String {
         human_bytes(st.forwarded_bytes),
         st.forwarded_packets
     );
+    if let Some(reg) = &st.registry {
+        out.push_str(&render_registry(reg));
+    }
     if st.peers.is_empty() {
         out.push_str("no peers connected\n");
         return out;
@@ -455,6 +458,38 @@ pub fn render_relay(st: &RelayNodeStatus) -> String {
     let head = ["PEER", "ROLE", "ID", "ADDRESS", "REGISTERED", "FORWARDED"];
     out.push_str(&table(head, &rows, &[5]));
     out
+}
+
+/// A relay's view of the shared registry: the relays, and where each connector is homed.
+fn render_registry(reg: &RegistryStatus) -> String {
+    let relays: Vec<String> = reg
+        .relays
+        .iter()
+        .map(|r| format!("{} ({}, {})", r.name, r.region, r.addr))
+        .collect();
+    let connectors: Vec<String> = reg
+        .connectors
+        .iter()
+        .map(|c| format!("{} on {}", c.name, c.home))
+        .collect();
+    format!(
+        "registry (etcd {}): relays {}; connectors {}\n",
+        if reg.etcd_up {
+            "up"
+        } else {
+            "unreachable, serving from cache"
+        },
+        if relays.is_empty() {
+            "none".into()
+        } else {
+            relays.join(", ")
+        },
+        if connectors.is_empty() {
+            "none".into()
+        } else {
+            connectors.join(", ")
+        },
+    )
 }
 
 /// The human form: a line about the agent and its relay, then one line per tunnel.
@@ -760,8 +795,9 @@ mod tests {
             ],
             forwarded_packets: 10,
             forwarded_bytes: 3 << 20,
+            registry: None,
         };
-        let text = render(&NodeStatus::Relay(r));
+        let text = render(&NodeStatus::Relay(r.clone()));
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines[0],

@@ -3,6 +3,7 @@
 //! opaque packets of end-to-end tunnels between control connections. It never holds tunnel keys.
 
 pub mod limits;
+pub mod mesh;
 pub mod registry;
 pub mod retry;
 pub mod server;

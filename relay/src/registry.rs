@@ -14,15 +14,16 @@
 //! A connector record is taken only when it verifies (our CA, a connector's certificate for
 //! that name, its own signature, not expired) and is newer than any seen for the name; one
 //! that was deleted (its relay's lease ran out) leaves its sequence number behind until it
-//! expires, so a replay of it is refused even then. Events at or below the revision already
-//! applied are skipped (a watch restarted from an older revision repeats them).
+//! expires, so a replay of it is refused even then. Events below the revision already applied
+//! are skipped (a watch restarted from an older revision repeats them); several at one
+//! revision (a lease that ran out deletes all its keys at once) all apply.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 use sluice_dataplane::connector_record::{ConnectorRecord, RecordBook, RecordError, Taken};
-use sluice_dataplane::identity::validate_name;
+use sluice_dataplane::identity::{validate_name, PeerId};
 use sluice_dataplane::tls::PeerCheck;
 
 pub const RELAYS: &str = "relays/";
@@ -129,6 +130,8 @@ pub struct Registry {
     homed: HashMap<String, String>,
     /// The newest verified record per connector, kept after its key goes (against replays).
     records: RecordBook,
+    /// Connectors whose key exists now, by the peer id of their record's certificate.
+    by_peer: HashMap<PeerId, String>,
     check: PeerCheck,
 }
 
@@ -142,6 +145,7 @@ impl Registry {
             relays: HashMap::new(),
             homed: HashMap::new(),
             records: RecordBook::default(),
+            by_peer: HashMap::new(),
             check,
         }
     }
@@ -175,6 +179,7 @@ impl Registry {
         let mut errors = Vec::new();
         let old_relays = std::mem::take(&mut self.relays);
         let old_homed = std::mem::take(&mut self.homed);
+        self.by_peer.clear();
         for (key, value, _) in kvs {
             match self.put(&key, &value, now_unix) {
                 Ok(Some(c)) => changes.push(c),
@@ -207,7 +212,10 @@ impl Registry {
         let rev = match &ev {
             Event::Put { mod_revision, .. } | Event::Delete { mod_revision, .. } => *mod_revision,
         };
-        if rev <= self.revision {
+        // Older than the cache: a watch restarted from an older revision repeats it. The
+        // same revision is no repeat: one transaction, or one lease running out, changes
+        // several keys at one revision (and applying an event twice changes nothing).
+        if rev < self.revision {
             return Ok(None);
         }
         self.revision = rev;
@@ -266,6 +274,7 @@ impl Registry {
                     }));
                 }
                 let relay = rec.home_relay.clone();
+                let peer = rec.peer_id;
                 // The same record put again (its relay registered it anew) is no replay.
                 let same = self
                     .records
@@ -277,6 +286,8 @@ impl Registry {
                         Err(e) => return Err(RegistryError::Connector(e)),
                     }
                 }
+                self.by_peer.retain(|_, n| n != name);
+                self.by_peer.insert(peer, name.to_string());
                 if self.homed.get(name) == Some(&relay) {
                     return Ok(None);
                 }
@@ -292,10 +303,12 @@ impl Registry {
     fn delete(&mut self, key: &[u8]) -> Result<Option<Change>, RegistryError> {
         Ok(match self.parse_key(key)? {
             Key::Relay(name) => self.relays.remove(name).map(|r| Change::RelayGone(r.name)),
-            Key::Connector(name) => self
-                .homed
-                .remove(name)
-                .map(|_| Change::ConnectorGone(name.to_string())),
+            Key::Connector(name) => {
+                self.by_peer.retain(|_, n| n != name);
+                self.homed
+                    .remove(name)
+                    .map(|_| Change::ConnectorGone(name.to_string()))
+            }
         })
     }
 
@@ -306,6 +319,21 @@ impl Registry {
         self.relays.get(&rec.home_relay)
     }
 
+    /// The relay the connector with this peer id is homed on, while its record holds.
+    pub fn home_of_peer(&self, peer: &PeerId, now_unix: i64) -> Option<&RelayRecord> {
+        let name = self.by_peer.get(peer)?;
+        let rec = self.records.get(name, now_unix)?;
+        if rec.peer_id != *peer {
+            return None;
+        }
+        self.home_of(name, now_unix)
+    }
+
+    /// A relay's record, by name.
+    pub fn relay(&self, name: &str) -> Option<&RelayRecord> {
+        self.relays.get(name)
+    }
+
     /// The connector's record in force (what an agent is handed to verify itself).
     pub fn record_of(&self, connector: &str, now_unix: i64) -> Option<&ConnectorRecord> {
         self.homed.get(connector)?;
@@ -314,6 +342,11 @@ impl Registry {
 
     pub fn relays(&self) -> impl Iterator<Item = &RelayRecord> {
         self.relays.values()
+    }
+
+    /// Every connector whose key is in the registry now, with the relay its record names.
+    pub fn connectors(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.homed.iter().map(|(c, r)| (c.as_str(), r.as_str()))
     }
 
     /// Forgets records past their expiry (their replays are refused as expired from then on).
@@ -424,17 +457,17 @@ mod tests {
             }))
         );
         assert_eq!(r.home_of("db", now).map(|x| x.name.as_str()), Some("a"));
-        // Its relay's lease ran out: both keys go.
+        // Its relay's lease ran out: both keys go, at one revision.
         assert_eq!(
             delete(&mut r, "connectors/db", 3),
             Some(Change::ConnectorGone("db".into()))
         );
         assert_eq!(
-            delete(&mut r, "relays/a", 4),
+            delete(&mut r, "relays/a", 3),
             Some(Change::RelayGone("a".into()))
         );
         assert!(r.home_of("db", now).is_none());
-        assert_eq!(r.revision(), 4);
+        assert_eq!(r.revision(), 3);
     }
 
     #[test]
@@ -502,7 +535,7 @@ mod tests {
         ));
         // A repeated event (a watch restarted from an older revision).
         put(&mut r, "relays/a", relay("a", 1).encode(), 6).unwrap();
-        assert_eq!(delete(&mut r, "relays/a", 6), None);
+        assert_eq!(delete(&mut r, "relays/a", 5), None);
         assert!(r.relays().any(|x| x.name == "a"));
     }
 

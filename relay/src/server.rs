@@ -4,21 +4,26 @@
 //! Forwarding rewrites only the 32-byte peer id of a relay forward DATAGRAM (destination in,
 //! source out); the end-to-end packet behind it is encrypted with keys the relay never has.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use sluice_dataplane::ack_hold::AckHold;
 use sluice_dataplane::control::{CLOSE_DUPLICATE, CONTROL_STREAM};
-use sluice_dataplane::identity::{identity_from_der, Identity, PeerId, Role};
+use sluice_dataplane::identity::{identity_from_der, unix_now, Identity, PeerId, Role};
 use sluice_dataplane::revocation::Revocations;
 use sluice_dataplane::tls;
 use sluice_dataplane::tunnel::{CLOSE_CERT_EXPIRED, CLOSE_GOODBYE, CLOSE_REVOKED};
 use sluice_dataplane::wire::{
-    ControlDecoder, ControlMessage, DGRAM_RELAY_FORWARD, RELAY_FORWARD_OVERHEAD,
+    ControlDecoder, ControlMessage, Datagram, DGRAM_MESH_FORWARD, DGRAM_RELAY_FORWARD,
+    MESH_FORWARD_OVERHEAD, RELAY_FORWARD_OVERHEAD,
 };
 
+use sluice_dataplane::connector_record::ConnectorRecord;
+
 use crate::limits::{Limits, PeerLimit, Sources};
+use crate::mesh::{GoneLimiter, Routes};
+use crate::registry::{Change, Event, Registry, RelayRecord};
 use crate::retry::RetryTokens;
 
 type Handle = u64;
@@ -121,6 +126,17 @@ struct Client {
     source: IpAddr,
     /// How fast its tunnel packets may be forwarded.
     limit: PeerLimit,
+    /// Set when the peer is another relay: this is a relay-to-relay link.
+    link: Option<Link>,
+}
+
+/// A relay-to-relay link (one QUIC connection, from either side).
+struct Link {
+    /// The other relay's name (its certificate's).
+    relay: String,
+    /// Whether this relay dialed it; then `peer_id` is who must answer.
+    dialed: Option<String>,
+    routes: Routes,
 }
 
 /// One connected client, for status displays.
@@ -159,6 +175,46 @@ pub struct Relay {
     peer_check: Option<tls::PeerCheck>,
     /// Connection limits per source address.
     sources: Sources,
+    /// The relays' shared registry (etcd), when this relay is one of several.
+    shared: Option<Shared>,
+    /// Links to other relays, by relay name.
+    links: HashMap<String, Handle>,
+    /// Agents connected to other relays that sent through a link, and which relay that was.
+    remote: HashMap<PeerId, (String, Instant)>,
+    /// Limits "peer gone" said to local clients.
+    gone: GoneLimiter,
+    /// Scratch for packets moved between a client's framing and a link's.
+    mesh_buf: Vec<u8>,
+}
+
+/// What a relay of several keeps of the shared registry.
+struct Shared {
+    /// This relay's name (its certificate's): what its connectors' records must name.
+    me: String,
+    registry: Registry,
+    /// The record of each connector connected here, as the registry should hold it.
+    local: HashMap<String, ConnectorRecord>,
+    /// What the store holds under each key, as read (refused values too): what tells this
+    /// relay that one of its connectors' keys holds something else.
+    stored: HashMap<Vec<u8>, Vec<u8>>,
+    /// Changes for the host to make in the registry.
+    writes: VecDeque<RegistryWrite>,
+    /// What links to other relays are dialed with (this relay's certificate, relays only).
+    dial: quiche::Config,
+}
+
+/// A change the relay wants in the shared registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistryWrite {
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    /// Delete `key` only if it still holds `value` (the connector did not move elsewhere).
+    Delete {
+        key: String,
+        value: Vec<u8>,
+    },
 }
 
 impl Relay {
@@ -180,6 +236,526 @@ impl Relay {
             revocations: Revocations::default(),
             peer_check: None,
             sources: Sources::new(Limits::default()),
+            shared: None,
+            links: HashMap::new(),
+            remote: HashMap::new(),
+            gone: GoneLimiter::default(),
+            mesh_buf: vec![0u8; 65_536],
+        }
+    }
+
+    /// Makes this relay one of several sharing `registry` (its host keeps the registry's keys
+    /// in etcd): `me` is this relay's name. Connectors' signed records are checked and put
+    /// there, and a connector that registered anew on another relay is closed here.
+    ///
+    /// `dial` is what links to other relays are opened with: this relay's certificate,
+    /// accepting relays only. The relay's own config must accept relays as well as agents and
+    /// connectors, for the links other relays open.
+    pub fn share_registry(&mut self, me: &str, registry: Registry, dial: quiche::Config) {
+        self.shared = Some(Shared {
+            me: me.to_string(),
+            registry,
+            local: HashMap::new(),
+            stored: HashMap::new(),
+            writes: VecDeque::new(),
+            dial,
+        });
+    }
+
+    pub fn registry(&self) -> Option<&Registry> {
+        self.shared.as_ref().map(|s| &s.registry)
+    }
+
+    /// The next change to make in the shared registry.
+    pub fn poll_registry_write(&mut self) -> Option<RegistryWrite> {
+        self.shared.as_mut()?.writes.pop_front()
+    }
+
+    /// The whole registry as read at `revision` (the first read, or a read again).
+    pub fn registry_loaded(&mut self, kvs: Vec<(Vec<u8>, Vec<u8>, i64)>, revision: i64) {
+        let Some(sh) = &mut self.shared else { return };
+        sh.stored = kvs.iter().map(|(k, v, _)| (k.clone(), v.clone())).collect();
+        let (changes, errors) = sh.registry.load(kvs, revision, unix_now());
+        for e in errors {
+            tracing::warn!("relay: registry: {e}");
+        }
+        for c in changes {
+            self.on_registry_change(c);
+        }
+        self.heal_registry();
+    }
+
+    /// One change the registry's watch reported.
+    pub fn registry_event(&mut self, ev: Event) {
+        let Some(sh) = &mut self.shared else { return };
+        let key = match &ev {
+            Event::Put { key, value, .. } => {
+                sh.stored.insert(key.clone(), value.clone());
+                key.clone()
+            }
+            Event::Delete { key, .. } => {
+                sh.stored.remove(key);
+                key.clone()
+            }
+        };
+        match sh.registry.apply(ev, unix_now()) {
+            Ok(Some(c)) => self.on_registry_change(c),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                "relay: registry: {} refused: {e}",
+                String::from_utf8_lossy(&key)
+            ),
+        }
+        self.heal_registry();
+    }
+
+    /// Puts back the record of every connector connected here whose key in the registry holds
+    /// something else that was refused (a replayed or forged record) or nothing at all.
+    fn heal_registry(&mut self) {
+        let Some(sh) = &mut self.shared else { return };
+        let now = unix_now();
+        for (name, rec) in &sh.local {
+            let key = sh.registry.connector_key(name);
+            if sh.stored.get(key.as_bytes()).map(Vec::as_slice) == Some(rec.encoded()) {
+                continue;
+            }
+            // Unless a newer registration (elsewhere) holds the key: then this one yields.
+            let newer = sh
+                .registry
+                .record_of(name, now)
+                .is_some_and(|r| r.sequence > rec.sequence);
+            if !newer {
+                let w = RegistryWrite::Put {
+                    key,
+                    value: rec.encoded().to_vec(),
+                };
+                if !sh.writes.contains(&w) {
+                    sh.writes.push_back(w);
+                }
+            }
+        }
+    }
+
+    fn on_registry_change(&mut self, c: Change) {
+        tracing::debug!("relay: registry: {c:?}");
+        let Some(sh) = &mut self.shared else { return };
+        let (name, relay) = match c {
+            Change::ConnectorHomed { name, relay } => (name, relay),
+            Change::RelayUp(r) => {
+                // One link per pair of relays: the one whose name sorts first dials at once;
+                // either dials when it has a packet for the other and no link.
+                if sh.me < r.name && !self.links.contains_key(&r.name) {
+                    self.dial(&r);
+                }
+                return;
+            }
+            Change::RelayGone(name) => {
+                if let Some(&h) = self.links.get(&name) {
+                    if let Some(c) = self.clients.get_mut(&h) {
+                        let _ = c.conn.close(true, CLOSE_GOODBYE, b"left the registry");
+                        self.dirty.insert(h);
+                    }
+                }
+                return;
+            }
+            Change::ConnectorGone(_) => return,
+        };
+        if relay == sh.me {
+            return;
+        }
+        // A newer record homes a connector connected here on another relay: it registered
+        // anew there (it moved, or a second process with its certificate started), and the
+        // newest registration wins.
+        let Some(ours) = sh.local.get(&name) else {
+            return;
+        };
+        let newer = sh
+            .registry
+            .record_of(&name, unix_now())
+            .is_some_and(|r| r.sequence > ours.sequence);
+        if !newer {
+            return;
+        }
+        sh.local.remove(&name);
+        let Some(peer) = self.connectors.get(&name).copied() else {
+            return;
+        };
+        let Some(&h) = self.by_peer.get(&peer) else {
+            return;
+        };
+        tracing::warn!(
+            "relay: closing connector {name:?}: it registered anew on relay {relay:?}, and the newest registration wins"
+        );
+        self.unregister(h);
+        if let Some(c) = self.clients.get_mut(&h) {
+            let reason = format!("replaced by a newer registration on relay {relay}");
+            let _ = c.conn.close(true, CLOSE_DUPLICATE, reason.as_bytes());
+            self.dirty.insert(h);
+        }
+    }
+
+    /// Forgets connector records past their expiry (call now and then; once a second does).
+    pub fn sweep_registry(&mut self) {
+        let Some(sh) = &mut self.shared else { return };
+        sh.registry.sweep(unix_now());
+        let now = Instant::now();
+        let links: Vec<Handle> = self.links.values().copied().collect();
+        for h in links {
+            let Some(c) = self.clients.get_mut(&h) else {
+                continue;
+            };
+            let Some(l) = c.link.as_mut() else { continue };
+            for m in l.routes.sweep(now) {
+                let _ = m.encode(&mut c.out);
+            }
+            // The dialer keeps the link alive (the idle timeout is the control connections').
+            if l.dialed.is_some() && c.identity.is_some() {
+                let _ = c.conn.send_ack_eliciting();
+            }
+            self.dirty.insert(h);
+            self.flush_stream(h);
+        }
+        self.remote
+            .retain(|_, (_, t)| now.saturating_duration_since(*t) < crate::mesh::ROUTE_IDLE);
+        self.gone.sweep(now);
+    }
+
+    /// A connector's signed record, from its control connection.
+    fn on_record(&mut self, handle: Handle, bytes: &[u8]) {
+        let Some(c) = self.clients.get(&handle) else {
+            return;
+        };
+        let (Some(id), true) = (c.identity.clone(), c.registered) else {
+            return;
+        };
+        let Some(sh) = &mut self.shared else {
+            tracing::debug!("relay: {id} sent its record; this relay shares no registry");
+            return;
+        };
+        let Some(check) = &self.peer_check else {
+            return;
+        };
+        let rec = match ConnectorRecord::verify(bytes, check, unix_now()) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!("relay: {id}: its record is refused: {e}");
+                return;
+            }
+        };
+        let wrong = if rec.name != id.name || rec.peer_id != id.peer_id {
+            Some("it is another connector's".to_string())
+        } else if rec.home_relay != sh.me {
+            Some(format!("it names relay {:?}", rec.home_relay))
+        } else {
+            sh.local
+                .get(&rec.name)
+                .filter(|old| old.sequence >= rec.sequence)
+                .map(|_| "it is not newer than the one it replaces".to_string())
+        };
+        if let Some(why) = wrong {
+            tracing::warn!("relay: {id}: its record is refused: {why}");
+            return;
+        }
+        tracing::debug!(
+            "relay: {id}: record #{} (until {})",
+            rec.sequence,
+            rec.expires_at
+        );
+        sh.writes.push_back(RegistryWrite::Put {
+            key: sh.registry.connector_key(&rec.name),
+            value: rec.encoded().to_vec(),
+        });
+        sh.local.insert(rec.name.clone(), rec);
+    }
+
+    /// Opens a link to relay `r` (address validation, then mutual TLS: relays only).
+    fn dial(&mut self, r: &RelayRecord) {
+        let Some(sh) = &mut self.shared else { return };
+        if r.name == sh.me {
+            return;
+        }
+        let mut scid = [0u8; quiche::MAX_CONN_ID_LEN];
+        rand::fill(&mut scid);
+        let conn = match quiche::connect(
+            None,
+            &quiche::ConnectionId::from_ref(&scid),
+            self.local,
+            r.mesh_addr,
+            &mut sh.dial,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(
+                    "relay: cannot dial relay {:?} at {}: {e}",
+                    r.name,
+                    r.mesh_addr
+                );
+                return;
+            }
+        };
+        tracing::info!(
+            "relay: opening a link to relay {:?} at {}",
+            r.name,
+            r.mesh_addr
+        );
+        let handle = self.next_handle;
+        self.next_handle += 1;
+        self.by_cid.insert(scid.to_vec(), handle);
+        self.links.insert(r.name.clone(), handle);
+        self.clients.insert(
+            handle,
+            Client {
+                conn,
+                identity: None,
+                reported: None,
+                peer_addr: r.mesh_addr,
+                decoder: ControlDecoder::default(),
+                out: Vec::new(),
+                // Ours to open: the dialer speaks first.
+                stream_open: true,
+                cids: vec![scid.to_vec()],
+                acks: AckHold::default(),
+                instance: 0,
+                registered: false,
+                expires: None,
+                refused: false,
+                forwarded_bytes: 0,
+                // Not counted against any source's limit (see reap).
+                source: IpAddr::from([0, 0, 0, 0]),
+                limit: PeerLimit::new(&Limits {
+                    peer_packets: None,
+                    peer_bytes: None,
+                    ..self.sources.limits()
+                }),
+                link: Some(Link {
+                    relay: r.name.clone(),
+                    dialed: Some(r.peer_id.clone()),
+                    routes: Routes::default(),
+                }),
+            },
+        );
+        self.dirty.insert(handle);
+    }
+
+    /// A handshake with another relay finished (`handle` dialed it, or it dialed us): the link
+    /// is up, or refused.
+    fn link_established(&mut self, handle: Handle, id: Identity) {
+        let shared = self.shared.is_some();
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        let refuse = match &c.link {
+            _ if !shared => Some("this relay shares no registry".to_string()),
+            Some(Link {
+                relay,
+                dialed: Some(peer),
+                ..
+            }) if (relay, peer) != (&id.name, &id.peer_id.to_string()) => Some(format!(
+                "the registry says {relay:?} with peer {}",
+                &peer[..peer.len().min(16)]
+            )),
+            _ => None,
+        };
+        if let Some(why) = refuse {
+            tracing::warn!(
+                "relay: refusing a link with {id} from {}: {why}",
+                c.peer_addr
+            );
+            let _ = c.conn.close(true, 0x1, why.as_bytes());
+            c.refused = true;
+            return;
+        }
+        if c.link.is_none() {
+            c.link = Some(Link {
+                relay: id.name.clone(),
+                dialed: None,
+                routes: Routes::default(),
+            });
+            // Another relay's traffic is everyone's: no per-peer rate.
+            c.limit = PeerLimit::new(&Limits {
+                peer_packets: None,
+                peer_bytes: None,
+                ..self.sources.limits()
+            });
+        }
+        tracing::info!("relay: link with {id} at {} is up", c.peer_addr);
+        c.identity = Some(id.clone());
+        c.acks.urgent();
+        // The newest link to a relay is the one packets go on; an older one still delivers.
+        self.links.insert(id.name, handle);
+    }
+
+    /// Hands an end-to-end packet (in `self.scratch[..n]`, client framing, from `src` of role
+    /// `role`) to the relay its destination is connected to. False if no relay has it.
+    fn forward_remote(&mut self, src: PeerId, role: Role, dst: PeerId, n: usize) -> bool {
+        let now = Instant::now();
+        let relay = match role {
+            // An agent sends to connectors: the registry says where each is.
+            Role::Agent => self.shared.as_ref().and_then(|sh| {
+                sh.registry
+                    .home_of_peer(&dst, unix_now())
+                    .filter(|r| r.name != sh.me)
+                    .cloned()
+            }),
+            // A connector answers agents that reached it through another relay.
+            _ => self.remote.get(&dst).and_then(|(name, _)| {
+                self.shared
+                    .as_ref()
+                    .and_then(|sh| sh.registry.relay(name).cloned())
+            }),
+        };
+        let Some(relay) = relay else { return false };
+        let link = match self.links.get(&relay.name) {
+            Some(&h) => h,
+            None => {
+                self.dial(&relay);
+                // This packet is lost; the tunnel resends once the link is up.
+                self.stats.dropped_packets += 1;
+                return true;
+            }
+        };
+        let Some(c) = self.clients.get_mut(&link) else {
+            return true;
+        };
+        let Some(l) = c.link.as_mut().filter(|_| c.identity.is_some()) else {
+            self.stats.dropped_packets += 1;
+            return true;
+        };
+        let (route, announce) = match l.routes.outbound((dst, src), now) {
+            Ok(r) => r,
+            Err(_) => {
+                self.stats.dropped_packets += 1;
+                return true;
+            }
+        };
+        if let Some(m) = announce {
+            if m.encode(&mut c.out).is_ok() {
+                if let Ok(w) = c.conn.stream_send(CONTROL_STREAM, &c.out, false) {
+                    c.out.drain(..w);
+                }
+            }
+        }
+        let payload = &self.scratch[RELAY_FORWARD_OVERHEAD..n];
+        let len = MESH_FORWARD_OVERHEAD + payload.len();
+        self.mesh_buf[0] = DGRAM_MESH_FORWARD;
+        self.mesh_buf[1..MESH_FORWARD_OVERHEAD].copy_from_slice(&route.to_be_bytes());
+        self.mesh_buf[MESH_FORWARD_OVERHEAD..len].copy_from_slice(payload);
+        match c.conn.dgram_send(&self.mesh_buf[..len]) {
+            Ok(()) => {
+                self.stats.forwarded_packets += 1;
+                self.stats.forwarded_bytes += payload.len() as u64;
+                self.dirty.insert(link);
+            }
+            Err(_) => self.stats.dropped_packets += 1,
+        }
+        true
+    }
+
+    /// Packets another relay forwarded on link `handle`, for clients connected here.
+    fn link_datagrams(&mut self, handle: Handle) {
+        let now = Instant::now();
+        loop {
+            let Some(c) = self.clients.get_mut(&handle) else {
+                return;
+            };
+            let n = match c.conn.dgram_recv(&mut self.scratch) {
+                Ok(n) => n,
+                Err(_) => return,
+            };
+            let Some(l) = c.link.as_mut() else { return };
+            let (route, packet) = match Datagram::parse(&self.scratch[..n]) {
+                Ok(Datagram::MeshForward { route, packet }) => (route, packet),
+                _ => {
+                    self.stats.bad_packets += 1;
+                    continue;
+                }
+            };
+            let Some((dst, src)) = l.routes.inbound(route) else {
+                // Its announcement is still on the way.
+                self.stats.dropped_packets += 1;
+                continue;
+            };
+            let from_relay = l.relay.clone();
+            let Some(&d) = self.by_peer.get(&dst) else {
+                if l.routes.should_say_gone((dst, src), now) {
+                    let _ = ControlMessage::MeshGone { dst, src }.encode(&mut c.out);
+                }
+                self.stats.dropped_packets += 1;
+                continue;
+            };
+            let len = RELAY_FORWARD_OVERHEAD + packet.len();
+            self.mesh_buf[0] = DGRAM_RELAY_FORWARD;
+            self.mesh_buf[1..RELAY_FORWARD_OVERHEAD].copy_from_slice(&src.0);
+            self.mesh_buf[RELAY_FORWARD_OVERHEAD..len].copy_from_slice(packet);
+            if !self.by_peer.contains_key(&src) {
+                self.remote.insert(src, (from_relay, now));
+            }
+            let Some(dc) = self.clients.get_mut(&d) else {
+                continue;
+            };
+            match dc.conn.dgram_send(&self.mesh_buf[..len]) {
+                Ok(()) => {
+                    self.stats.forwarded_packets += 1;
+                    self.stats.forwarded_bytes += (len - RELAY_FORWARD_OVERHEAD) as u64;
+                    self.dirty.insert(d);
+                }
+                Err(_) => self.stats.dropped_packets += 1,
+            }
+        }
+    }
+
+    /// A message on a link's control stream.
+    fn on_link_message(&mut self, handle: Handle, msg: ControlMessage) {
+        let Some(c) = self.clients.get_mut(&handle) else {
+            return;
+        };
+        let Some(l) = c.link.as_mut() else { return };
+        match msg {
+            ControlMessage::MeshRoute { id, dst, src } => {
+                if !l.routes.announce(id, (dst, src)) {
+                    tracing::warn!(
+                        "relay: closing the link with relay {:?}: too many routes",
+                        l.relay
+                    );
+                    let _ = c.conn.close(true, 0x1, b"too many routes");
+                }
+            }
+            ControlMessage::MeshUnroute { id } => l.routes.withdraw(id),
+            ControlMessage::MeshGone { dst, src } => {
+                // Not there (any more): forget our routes to it, and tell the sender.
+                for m in l.routes.forget(&dst) {
+                    let _ = m.encode(&mut c.out);
+                }
+                self.tell_gone(src, dst);
+            }
+            other => tracing::debug!("relay: unexpected message on a link: {other:?}"),
+        }
+    }
+
+    /// Tells local client `src` that `dst` cannot be reached (at most every half second).
+    fn tell_gone(&mut self, src: PeerId, dst: PeerId) {
+        let Some(&h) = self.by_peer.get(&src) else {
+            return;
+        };
+        if !self.gone.should_say((dst, src), Instant::now()) {
+            return;
+        }
+        if let Some(c) = self.clients.get_mut(&h) {
+            if ControlMessage::PeerGone(dst).encode(&mut c.out).is_ok() {
+                self.dirty.insert(h);
+                self.flush_stream(h);
+            }
+        }
+    }
+
+    /// A connector connected here is gone: its record leaves the registry, if it is still ours.
+    fn forget_record(&mut self, name: &str) {
+        let Some(sh) = &mut self.shared else { return };
+        if let Some(rec) = sh.local.remove(name) {
+            sh.writes.push_back(RegistryWrite::Delete {
+                key: sh.registry.connector_key(name),
+                value: rec.encoded().to_vec(),
+            });
         }
     }
 
@@ -265,6 +841,8 @@ impl Relay {
             self.by_peer.remove(&id.peer_id);
             if self.connectors.get(&id.name) == Some(&id.peer_id) {
                 self.connectors.remove(&id.name);
+                let name = id.name.clone();
+                self.forget_record(&name);
             }
         }
     }
@@ -467,6 +1045,7 @@ impl Relay {
                 forwarded_bytes: 0,
                 source: from.ip(),
                 limit: PeerLimit::new(&self.sources.limits()),
+                link: None,
             },
         );
         Some(handle)
@@ -475,8 +1054,12 @@ impl Relay {
     fn process(&mut self, handle: Handle) {
         self.check_established(handle);
         self.read_control(handle);
-        self.forward_datagrams(handle);
-        self.report_address(handle);
+        if self.clients.get(&handle).is_some_and(|c| c.link.is_some()) {
+            self.link_datagrams(handle);
+        } else {
+            self.forward_datagrams(handle);
+            self.report_address(handle);
+        }
         self.flush_stream(handle);
     }
 
@@ -500,6 +1083,9 @@ impl Relay {
                 return;
             }
         };
+        if id.role == Role::Relay || c.link.is_some() {
+            return self.link_established(handle, id);
+        }
         if let Some((seq, why)) = self.revocations.revokes(&id) {
             // TLS refuses these at the handshake; a list that came during it is caught here.
             tracing::warn!(
@@ -546,6 +1132,13 @@ impl Relay {
         // agents close their (direct) tunnels to revoked connectors.
         self.send_revocations(handle);
         if id.role == Role::Connector {
+            // A relay of several needs the connector's signed record for the registry.
+            if self.shared.is_some() {
+                if let Some(c) = self.clients.get_mut(&handle) {
+                    let _ = ControlMessage::ConnectorRecord(Vec::new()).encode(&mut c.out);
+                    self.flush_stream(handle);
+                }
+            }
             if let Some(prev) = self.connectors.insert(id.name.clone(), id.peer_id) {
                 if prev != id.peer_id {
                     tracing::warn!(
@@ -635,6 +1228,9 @@ impl Relay {
         let mut replies = Vec::new();
         let mut hello = None;
         let mut renewed = None;
+        let mut record = None;
+        let mut mesh = Vec::new();
+        let is_link = c.link.is_some();
         while let Some(msg) = c.decoder.next_message() {
             match msg {
                 Ok(ControlMessage::Hello { software, instance }) => {
@@ -642,8 +1238,20 @@ impl Relay {
                     hello = Some(instance);
                 }
                 Ok(ControlMessage::Certificate(der)) => renewed = Some(der),
+                Ok(ControlMessage::ConnectorRecord(b)) => record = Some(b),
+                Ok(
+                    m @ (ControlMessage::MeshRoute { .. }
+                    | ControlMessage::MeshUnroute { .. }
+                    | ControlMessage::MeshGone { .. }),
+                ) if is_link => mesh.push(m),
                 Ok(ControlMessage::Lookup { name }) => {
-                    let peer = self.connectors.get(&name).copied();
+                    // Here, or (for a relay of several) homed on another relay that is up.
+                    let peer = self.connectors.get(&name).copied().or_else(|| {
+                        let sh = self.shared.as_ref()?;
+                        let now = unix_now();
+                        sh.registry.home_of(&name, now)?;
+                        Some(sh.registry.record_of(&name, now)?.peer_id)
+                    });
                     replies.push(ControlMessage::LookupReply { name, peer });
                 }
                 Ok(other) => tracing::debug!("relay: unexpected message {other:?}"),
@@ -657,11 +1265,18 @@ impl Relay {
         for r in replies {
             let _ = r.encode(&mut c.out);
         }
+        for m in mesh {
+            self.on_link_message(handle, m);
+        }
         if let Some(der) = renewed {
             self.on_renewed(handle, &der);
         }
         if let Some(instance) = hello {
             self.on_hello(handle, instance);
+        }
+        // After the hello: the record counts only from the holder of the registration.
+        if let Some(b) = record {
+            self.on_record(handle, &b);
         }
     }
 
@@ -749,7 +1364,10 @@ impl Relay {
                 continue;
             };
             let Some(&dst) = self.by_peer.get(&dst_id) else {
-                self.stats.dropped_packets += 1;
+                if !self.forward_remote(src_id, src_role, dst_id, n) {
+                    self.stats.dropped_packets += 1;
+                    self.tell_gone(src_id, dst_id);
+                }
                 continue;
             };
             let Some(d) = self.clients.get_mut(&dst) else {
@@ -875,6 +1493,22 @@ impl Relay {
         let Some(c) = self.clients.remove(&h) else {
             return;
         };
+        if let Some(l) = &c.link {
+            if self.links.get(&l.relay) == Some(&h) {
+                self.links.remove(&l.relay);
+            }
+            if c.identity.is_some() {
+                tracing::info!("relay: link with relay {:?} closed", l.relay);
+            }
+            self.remote.retain(|_, (r, _)| r != &l.relay);
+            for cid in &c.cids {
+                self.by_cid.remove(cid);
+            }
+            if l.dialed.is_some() {
+                // A dialed link was never counted against a source.
+                return;
+            }
+        }
         self.sources.release(c.source);
         for cid in &c.cids {
             self.by_cid.remove(cid);
@@ -889,6 +1523,8 @@ impl Relay {
                     self.displaced.remove(&id.peer_id);
                     if self.connectors.get(&id.name) == Some(&id.peer_id) {
                         self.connectors.remove(&id.name);
+                        let name = id.name.clone();
+                        self.forget_record(&name);
                     }
                 }
             }

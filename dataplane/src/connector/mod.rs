@@ -15,6 +15,7 @@
 //! may have done here. It never opens a socket or a file and never reads a clock.
 
 pub mod dns;
+pub mod record;
 pub mod terminator;
 
 use std::collections::{HashMap, VecDeque};
@@ -233,6 +234,8 @@ pub struct Connector<T> {
     /// What revocation lists must be signed with; None if the CA certificate is unusable
     /// (then every list is refused, loudly).
     ca_key: Result<CaKey, RevocationError>,
+    /// The signed record that homes this connector on the relay it is connected to.
+    record: record::RecordPublisher,
     /// Checks agents' renewed certificates.
     peer_check: tls::PeerCheck,
 }
@@ -277,6 +280,7 @@ impl<T: Terminator> Connector<T> {
             revocations: creds.revocations.clone(),
             ca_key: creds.ca_key(),
             peer_check: creds.peer_check()?,
+            record: record::RecordPublisher::new(creds),
         };
         c.after_link();
         Ok(c)
@@ -489,6 +493,7 @@ impl<T: Terminator> Connector<T> {
         self.peer_check = creds.peer_check()?;
         self.ca_key = creds.ca_key();
         self.revocations = creds.revocations.clone();
+        self.record.set_credentials(creds);
         let same_key = creds.identity.peer_id == self.peer_id;
         let der = if same_key {
             Some(creds.certificate_der()?)
@@ -636,6 +641,9 @@ impl<T: Terminator> Connector<T> {
     /// next.
     pub fn poll_timeout(&mut self, now: Instant) -> Instant {
         let mut t = self.link.timeout(now);
+        if let Some(d) = self.record.timeout(now) {
+            t = t.min(d);
+        }
         for s in &mut self.sessions {
             if let Some(d) = s.tunnel.timeout() {
                 t = t.min(d);
@@ -678,8 +686,32 @@ impl<T: Terminator> Connector<T> {
                     // Logged by handle_revocations either way.
                     let _ = self.handle_revocations(&list, "the relay", now);
                 }
+                ControlEvent::Connected { relay } => self.record.on_connected(&relay),
+                ControlEvent::RecordWanted => {
+                    let unix_micros = (self.clock.unix_nanos(now) / 1000) as i64;
+                    let rec = self.record.on_wanted(now, unix_micros);
+                    self.publish_record(rec);
+                }
+                ControlEvent::Closed(_) => self.record.on_disconnected(),
                 _ => {}
             }
+        }
+        let unix_micros = (self.clock.unix_nanos(now) / 1000) as i64;
+        if let Some(rec) = self.record.due(now, unix_micros) {
+            self.publish_record(rec);
+        }
+    }
+
+    /// Hands our signed record to the relay (for the relays' shared registry).
+    fn publish_record(&mut self, rec: Result<Vec<u8>, crate::connector_record::RecordError>) {
+        let sent = rec
+            .map_err(|e| e.to_string())
+            .and_then(|b| match self.link.connected() {
+                Some(c) => c.publish_record(b).map_err(|e| e.to_string()),
+                None => Ok(()),
+            });
+        if let Err(e) = sent {
+            tracing::warn!("cannot publish this connector's signed record to the relay: {e}");
         }
     }
 

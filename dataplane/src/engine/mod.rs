@@ -1372,7 +1372,22 @@ impl Engine {
                     }
                 }
                 ControlEvent::Revocations(list) => self.handle_revocations(&list, now),
-                ControlEvent::Closed(_) => {}
+                ControlEvent::PeerGone(peer) => {
+                    // The tunnel stays: its connector may be on its way to another relay, and
+                    // the tunnel's own silence limit ends it if it does not come back.
+                    if let Some(slot) = self
+                        .slots
+                        .iter()
+                        .find(|s| s.tunnel.as_ref().is_some_and(|t| t.peer() == peer))
+                    {
+                        tracing::info!(
+                            "the relay cannot reach connector {:?} (peer {}) at the moment",
+                            slot.name,
+                            peer.short()
+                        );
+                    }
+                }
+                ControlEvent::RecordWanted | ControlEvent::Closed(_) => {}
             }
         }
     }

@@ -60,8 +60,8 @@ pub fn control_stream(data: &[u8]) {
     }
 }
 
-/// `datagram`: a DATAGRAM of a tunnel or of a control connection (tunnel IP packet, tunnel IP
-/// packet to a name, relay forward). The headers our senders write must give back the same
+/// `datagram`: a DATAGRAM of a tunnel, of a control connection or of a relay-to-relay link
+/// (tunnel IP packet, tunnel IP packet to a name, relay forward, mesh forward). The headers our senders write must give back the same
 /// datagram.
 pub fn datagram(data: &[u8]) {
     match Datagram::parse(data) {
@@ -78,6 +78,12 @@ pub fn datagram(data: &[u8]) {
             b[wire::RELAY_FORWARD_OVERHEAD..].copy_from_slice(packet);
             assert_eq!(b, data);
             assert_eq!(PeerId::from_slice(&data[1..33]), Some(peer));
+        }
+        Ok(Datagram::MeshForward { route, packet }) => {
+            let mut b = vec![wire::DGRAM_MESH_FORWARD];
+            b.extend_from_slice(&route.to_be_bytes());
+            b.extend_from_slice(packet);
+            assert_eq!(b, data);
         }
         Err(_) => {}
     }
