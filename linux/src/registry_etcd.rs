@@ -35,19 +35,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
-/// A change this relay wants in the registry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Write {
-    Put {
-        key: String,
-        value: Vec<u8>,
-    },
-    /// Delete `key` if it still holds `value`.
-    Delete {
-        key: String,
-        value: Vec<u8>,
-    },
-}
+/// A change this relay wants in the registry, as the relay core asks for it.
+pub use sluice_relay::server::RegistryWrite as Write;
 
 /// What the task tells the relay.
 #[derive(Debug)]

@@ -9,7 +9,7 @@ use sluice_dataplane::identity::Role;
 use sluice_dataplane::revocation::{CaKey, Offered, Revocations};
 use sluice_dataplane::tls::{self, QuicParams};
 use sluice_relay::registry::{Registry, RelayRecord, RELAY_RECORD_VERSION};
-use sluice_relay::server::{RegistryWrite, Relay, RelayStats};
+use sluice_relay::server::{Relay, RelayStats};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -17,7 +17,7 @@ use crate::config::{self, RelayConfig};
 use crate::metrics::{CertExpiry, NodeRole, Sample};
 use crate::node;
 use crate::ops::{self, Ops};
-use crate::registry_etcd::{EtcdRegistry, Feed, Write};
+use crate::registry_etcd::{EtcdRegistry, Feed};
 use crate::revocations::RevocationFile;
 use crate::status::{
     NodeStatus, RegistryConnectorStatus, RegistryRelayStatus, RegistryStatus, RelayNodeStatus,
@@ -384,10 +384,7 @@ async fn serve(
         tx.flush(&socket).await;
         if let Some(e) = &etcd {
             while let Some(w) = relay.poll_registry_write() {
-                e.write(match w {
-                    RegistryWrite::Put { key, value } => Write::Put { key, value },
-                    RegistryWrite::Delete { key, value } => Write::Delete { key, value },
-                });
+                e.write(w);
             }
         }
     }
