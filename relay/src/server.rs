@@ -240,7 +240,8 @@ impl Relay {
             links: HashMap::new(),
             remote: HashMap::new(),
             gone: GoneLimiter::default(),
-            mesh_buf: vec![0u8; 65_536],
+            // Room for the largest datagram with the longer of the two headers in front.
+            mesh_buf: vec![0u8; 65_536 + RELAY_FORWARD_OVERHEAD],
         }
     }
 
